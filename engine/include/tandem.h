@@ -1,0 +1,148 @@
+/* tandem.h — the one public header of the Tandem engine.
+ *
+ * Everything Python (harness/engine.py) or the tandem-engine launcher sees is declared here:
+ * opaque handles, status codes, a per-handle last-error string, key/value configuration and the
+ * training-step entry points. No struct crosses this boundary by value or by layout.
+ * Conventions: outputs first, then inputs, then sizes; shapes are given in comments with the
+ * project letters (B batch, T sequence, C channels, V vocab, L layers, NH heads).
+ */
+#ifndef TANDEM_H
+#define TANDEM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bumped whenever a declaration below changes meaning; the binding refuses a mismatch. */
+#define TD_ABI_VERSION 1
+
+typedef enum {
+    TD_OK = 0,
+    TD_ERR_ARG = 1,      /* a NULL or out-of-range argument */
+    TD_ERR_CONFIG = 2,   /* an unknown key or a bad configuration value */
+    TD_ERR_IO = 3,       /* a file could not be opened, read or written */
+    TD_ERR_FORMAT = 4,   /* a file was read but its contents are malformed */
+    TD_ERR_RANGE = 5,    /* a token id or index outside its valid range */
+    TD_ERR_STATE = 6,    /* a call made in the wrong order (e.g. step before build) */
+    TD_ERR_NOMEM = 7,    /* an allocation failed */
+    TD_ERR_COMM = 8,     /* a peer rank failed or a message did not match */
+    TD_ERR_INTERNAL = 9  /* a bug: please report it with the message */
+} td_status;
+
+/* One model stage: the whole model when stages = 1. Owns parameters, gradients, optimizer state
+ * and activation slots (one per micro-batch in flight). Not thread-safe; one handle per thread. */
+typedef struct td_model td_model;
+
+int32_t td_abi_version(void);
+/* Bytes of the engine's internal real type: 4 for the normal build, 8 for TD_FLOAT64. */
+int32_t td_real_bytes(void);
+const char *td_version_string(void);
+const char *td_status_name(td_status status);
+/* The message of the last failed call that had no handle to keep it (td_model_create, file
+ * helpers). Thread-local; valid until the next failing call on the same thread. */
+const char *td_last_error(void);
+
+/* ---- lifetime and configuration ------------------------------------------------------------- */
+
+td_status td_model_create(td_model **out_model);
+void td_model_free(td_model *model); /* NULL is fine */
+/* The message of the last failed call on this handle: what, where, the values, and a HINT. */
+const char *td_model_last_error(const td_model *model);
+
+/* Configuration before td_model_build. Integer keys: n_layer, n_embd, n_head, vocab_size,
+ * n_positions, seq_len (largest T), batch_size (largest micro-batch B), threads (0 = OpenMP
+ * default), stage, stages, layer_begin, layer_end (the stage's layers [begin, end); default: the
+ * whole model on one stage), slots (activation sets kept at once; default 1), split_backward
+ * (1 keeps per-slot gradients of activations so a backward can run as B then W; default 0).
+ * Float keys: lr, beta1, beta2, eps, weight_decay, grad_clip (0 = off).
+ * Optimizer keys may also be set after build. Unknown keys are TD_ERR_CONFIG. */
+td_status td_model_set_int(td_model *model, const char *key, int64_t value);
+td_status td_model_set_float(td_model *model, const char *key, double value);
+td_status td_model_get_int(const td_model *model, const char *key, int64_t *out_value);
+/* Validates the configuration, lays out the parameter table, allocates everything once. */
+td_status td_model_build(td_model *model);
+
+/* ---- parameter table ------------------------------------------------------------------------ */
+
+/* Number of tensors this stage owns (the whole table when stages = 1). */
+td_status td_model_num_params(const td_model *model, int32_t *out_count);
+/* Tensor `index` of this stage: its public GPT-2 name (owned by the handle), rank, shape
+ * (up to 4 dims, unused dims 1), element count, and whether AdamW weight decay applies. */
+td_status td_model_param_info(const td_model *model, int32_t index, const char **out_name,
+                              int32_t *out_ndim, int64_t out_shape[4], int64_t *out_numel,
+                              int32_t *out_decayed);
+/* Copy a parameter or gradient by name as fp32, `numel` elements. Losses and norms cross the
+ * ABI as double so that a float64 build of the kernels (TD_FLOAT64, used by the
+ * finite-difference tests) loses nothing; parameters and activations cross as fp32. */
+td_status td_model_get_param(td_model *model, float *out, const char *name, int64_t numel);
+td_status td_model_set_param(td_model *model, const char *name, const float *in, int64_t numel);
+td_status td_model_get_grad(td_model *model, float *out, const char *name, int64_t numel);
+td_status td_model_set_grad(td_model *model, const char *name, const float *in, int64_t numel);
+
+/* Safetensors: load every tensor this stage owns (names checked against the table; a
+ * "transformer." prefix and ".attn.bias"/".attn.masked_bias" buffers are tolerated, other
+ * unknown names are errors); save this stage's parameters as F32. */
+td_status td_model_load_safetensors(td_model *model, const char *path);
+td_status td_model_save_safetensors(td_model *model, const char *path);
+
+/* ---- one-stage training step ---------------------------------------------------------------- */
+
+/* Forward of the whole model (stages = 1). tokens_BT, targets_BT: int32 ids in [0, vocab_size).
+ * logits_BTV may be NULL; targets_BT may be NULL (then *out_loss is not written). B <= batch_size,
+ * 1 <= T <= seq_len. */
+td_status td_model_forward(td_model *model, float *logits_BTV, double *out_loss,
+                           const int32_t *tokens_BT, const int32_t *targets_BT, int32_t B,
+                           int32_t T);
+td_status td_model_zero_grad(td_model *model);
+/* Forward + backward of one micro-batch, ACCUMULATING into the gradients: d(loss)/d(theta) is
+ * multiplied by grad_scale (1/M for M equal micro-batches) before it is added. */
+td_status td_model_forward_backward(td_model *model, double *out_loss, const int32_t *tokens_BT,
+                                    const int32_t *targets_BT, int32_t B, int32_t T,
+                                    double grad_scale);
+/* AdamW on the accumulated gradients (see docs/optimizer.md for the exact update), then the step
+ * counter advances. out_grad_norm (may be NULL) gets the global L2 norm before clipping. For a
+ * pipelined model the norm must come from td_model_grad_sq_sum over all stages: pass it in
+ * through td_model_optimizer_step_with_norm instead. */
+td_status td_model_optimizer_step(td_model *model, double *out_grad_norm);
+td_status td_model_grad_sq_sum(td_model *model, double *out_sum);
+td_status td_model_optimizer_step_with_norm(td_model *model, double grad_norm);
+
+/* ---- stage-level passes (pipeline parallelism) ---------------------------------------------- */
+
+/* Which parts of a backward pass to run. */
+typedef enum {
+    TD_BWD_FULL = 0,   /* input gradient and weight gradient in one pass ("BW") */
+    TD_BWD_INPUT = 1,  /* "B": the gradient w.r.t. the stage input only (needs split_backward) */
+    TD_BWD_WEIGHT = 2  /* "W": the weight gradients of an earlier TD_BWD_INPUT on the same slot */
+} td_backward_part;
+
+/* Forward of this stage for one micro-batch in activation slot `slot`.
+ * First stage reads tokens_BT, others read in_BTC. The last stage needs targets_BT and writes
+ * *out_loss (mean cross-entropy of this micro-batch); others write out_BTC. */
+td_status td_stage_forward(td_model *model, float *out_BTC, double *out_loss, int32_t slot,
+                           const int32_t *tokens_BT, const float *in_BTC,
+                           const int32_t *targets_BT, int32_t B, int32_t T);
+/* Backward of the micro-batch held in `slot`. The last stage seeds d(loss) = grad_scale; other
+ * stages read dout_BTC. Non-first stages write din_BTC (for TD_BWD_FULL and TD_BWD_INPUT).
+ * Weight gradients accumulate. */
+td_status td_stage_backward(td_model *model, float *din_BTC, int32_t slot, const float *dout_BTC,
+                            double grad_scale, int32_t part);
+
+/* ---- token shards --------------------------------------------------------------------------- */
+
+/* Token shard layout (little-endian): 64-byte header { u32 magic 0x544E4454 ("TDNT"),
+ * u32 version 1, u32 bytes per token (2 or 4), u32 reserved 0, u64 count, 40 reserved zero
+ * bytes }, then `count` token ids. Reads the whole shard into a malloc'd int32 array that the
+ * caller releases with td_free. Values are checked against vocab_size (0 = no check).
+ * The writer lives in harness/data.py. */
+td_status td_tokens_read(int32_t **out_tokens, int64_t *out_count, const char *path,
+                         int64_t vocab_size);
+void td_free(void *ptr);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* TANDEM_H */

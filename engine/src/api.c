@@ -1,0 +1,459 @@
+/* api.c — the public ABI of tandem.h: argument checks, configuration, and the entry points that
+ * turn calls into model.c passes. Every failure returns a status and leaves a message on the
+ * handle ("function: what, the values. HINT: what to do"); nothing here exits or aborts.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "internal.h"
+
+#ifndef TD_VERSION
+#define TD_VERSION "0.1.0"
+#endif
+
+static _Thread_local char g_err[TD_ERR_LEN];
+
+td_status td_fail(td_model *m, td_status status, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m ? m->err : g_err, TD_ERR_LEN, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+td_status td_fail_global(td_status status, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_err, TD_ERR_LEN, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+int32_t td_abi_version(void) { return TD_ABI_VERSION; }
+int32_t td_real_bytes(void) { return (int32_t)sizeof(td_real); }
+
+const char *td_version_string(void) {
+#ifdef TD_FLOAT64
+    return TD_VERSION " (cpu, float64 kernels)";
+#else
+    return TD_VERSION " (cpu, fp32)";
+#endif
+}
+
+const char *td_last_error(void) { return g_err; }
+
+const char *td_status_name(td_status s) {
+    static const char *names[] = {"TD_OK",       "TD_ERR_ARG",   "TD_ERR_CONFIG",
+                                  "TD_ERR_IO",   "TD_ERR_FORMAT", "TD_ERR_RANGE",
+                                  "TD_ERR_STATE", "TD_ERR_NOMEM", "TD_ERR_COMM",
+                                  "TD_ERR_INTERNAL"};
+    return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "TD_ERR_UNKNOWN";
+}
+
+void td_free(void *ptr) { free(ptr); }
+
+void td_set_threads(const td_model *m) {
+#ifdef _OPENMP
+    if (m->threads > 0) omp_set_num_threads((int)m->threads);
+#else
+    (void)m;
+#endif
+}
+
+/* ---- configuration --------------------------------------------------------------------------- */
+
+typedef struct {
+    const char *key;
+    size_t offset;
+    int after_build; /* may change once built (optimizer hyper-parameters) */
+} key_entry;
+
+#define IKEY(k) {#k, offsetof(td_model, k), 0}
+static const key_entry INT_KEYS[] = {
+    IKEY(n_layer), IKEY(n_embd), IKEY(n_head), IKEY(vocab_size), IKEY(n_positions),
+    IKEY(seq_len), IKEY(batch_size), {"threads", offsetof(td_model, threads), 1}, IKEY(stage),
+    IKEY(stages), IKEY(layer_begin), IKEY(layer_end), IKEY(slots), IKEY(split_backward),
+};
+#define FKEY(k) {#k, offsetof(td_model, k), 1}
+static const key_entry FLOAT_KEYS[] = {FKEY(lr), FKEY(beta1), FKEY(beta2), FKEY(eps),
+                                       FKEY(weight_decay), FKEY(grad_clip)};
+#define NKEYS(a) (sizeof(a) / sizeof((a)[0]))
+
+static const key_entry *find_key(const key_entry *keys, size_t n, const char *key) {
+    for (size_t i = 0; i < n; i++)
+        if (!strcmp(keys[i].key, key)) return &keys[i];
+    return NULL;
+}
+
+static void list_keys(char *out, size_t cap, const key_entry *keys, size_t n) {
+    size_t len = 0;
+    out[0] = 0;
+    for (size_t i = 0; i < n && len < cap; i++)
+        len += (size_t)snprintf(out + len, cap - len, "%s%s", i ? ", " : "", keys[i].key);
+}
+
+td_status td_model_create(td_model **out) {
+    if (!out) return td_fail_global(TD_ERR_ARG, "td_model_create: out_model is NULL");
+    td_model *m = calloc(1, sizeof *m);
+    if (!m) return td_fail_global(TD_ERR_NOMEM, "td_model_create: out of memory");
+    m->stages = 1;
+    m->layer_begin = m->layer_end = -1; /* default: balanced split */
+    m->slots = 1;
+    m->lr = 1e-3, m->beta1 = 0.9, m->beta2 = 0.95, m->eps = 1e-8;
+    m->weight_decay = 0.1, m->grad_clip = 1.0;
+    *out = m;
+    return TD_OK;
+}
+
+void td_model_free(td_model *m) {
+    if (!m) return;
+    td_release(m);
+    free(m);
+}
+
+const char *td_model_last_error(const td_model *m) { return m ? m->err : g_err; }
+
+td_status td_model_set_int(td_model *m, const char *key, int64_t value) {
+    if (!m || !key) return td_fail(m, TD_ERR_ARG, "td_model_set_int: NULL model or key");
+    const key_entry *k = find_key(INT_KEYS, NKEYS(INT_KEYS), key);
+    if (!k) {
+        char keys[512];
+        list_keys(keys, sizeof keys, INT_KEYS, NKEYS(INT_KEYS));
+        if (find_key(FLOAT_KEYS, NKEYS(FLOAT_KEYS), key))
+            return td_fail(m, TD_ERR_CONFIG, "td_model_set_int: '%s' is a float key. HINT: use td_model_set_float", key);
+        return td_fail(m, TD_ERR_CONFIG, "td_model_set_int: unknown key '%s' (integer keys: %s)", key, keys);
+    }
+    if (m->built && !k->after_build)
+        return td_fail(m, TD_ERR_STATE, "td_model_set_int: '%s' cannot change after td_model_build (value %lld). HINT: create a new model", key, (long long)value);
+    *(int64_t *)((char *)m + k->offset) = value;
+    return TD_OK;
+}
+
+td_status td_model_get_int(const td_model *m, const char *key, int64_t *out) {
+    if (!m || !key || !out) return TD_ERR_ARG;
+    if (!strcmp(key, "step")) return *out = m->step, TD_OK;
+    if (!strcmp(key, "num_elements")) return *out = (int64_t)m->total, TD_OK;
+    const key_entry *k = find_key(INT_KEYS, NKEYS(INT_KEYS), key);
+    if (!k) return td_fail((td_model *)m, TD_ERR_CONFIG, "td_model_get_int: unknown key '%s'", key);
+    *out = *(const int64_t *)((const char *)m + k->offset);
+    return TD_OK;
+}
+
+td_status td_model_set_float(td_model *m, const char *key, double value) {
+    if (!m || !key) return td_fail(m, TD_ERR_ARG, "td_model_set_float: NULL model or key");
+    const key_entry *k = find_key(FLOAT_KEYS, NKEYS(FLOAT_KEYS), key);
+    if (!k) {
+        char keys[256];
+        list_keys(keys, sizeof keys, FLOAT_KEYS, NKEYS(FLOAT_KEYS));
+        return td_fail(m, TD_ERR_CONFIG, "td_model_set_float: unknown key '%s' (float keys: %s)", key, keys);
+    }
+    int ok = isfinite(value);
+    if (!strcmp(key, "beta1") || !strcmp(key, "beta2")) ok = ok && value >= 0 && value < 1;
+    else if (!strcmp(key, "eps")) ok = ok && value > 0;
+    else ok = ok && value >= 0;
+    if (!ok)
+        return td_fail(m, TD_ERR_CONFIG, "td_model_set_float: %s=%g is out of range. HINT: lr, weight_decay, grad_clip >= 0; 0 <= beta < 1; eps > 0", key, value);
+    *(double *)((char *)m + k->offset) = value;
+    return TD_OK;
+}
+
+#define REQUIRE_POSITIVE(k)                                                                      \
+    if (m->k <= 0)                                                                               \
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: " #k "=%lld must be > 0", (long long)m->k);
+
+td_status td_model_build(td_model *m) {
+    if (!m) return td_fail_global(TD_ERR_ARG, "td_model_build: model is NULL");
+    if (m->built) return td_fail(m, TD_ERR_STATE, "td_model_build: already built");
+    REQUIRE_POSITIVE(n_layer);
+    REQUIRE_POSITIVE(n_embd);
+    REQUIRE_POSITIVE(n_head);
+    REQUIRE_POSITIVE(vocab_size);
+    REQUIRE_POSITIVE(n_positions);
+    REQUIRE_POSITIVE(seq_len);
+    REQUIRE_POSITIVE(batch_size);
+    REQUIRE_POSITIVE(stages);
+    REQUIRE_POSITIVE(slots);
+    if (m->n_embd % m->n_head)
+        return td_fail(m, TD_ERR_CONFIG,
+                       "td_model_build: n_embd=%lld is not divisible by n_head=%lld. HINT: the head "
+                       "size n_embd/n_head must be a whole number",
+                       (long long)m->n_embd, (long long)m->n_head);
+    if (m->seq_len > m->n_positions)
+        return td_fail(m, TD_ERR_CONFIG,
+                       "td_model_build: seq_len=%lld exceeds n_positions=%lld. HINT: the position "
+                       "table has n_positions rows",
+                       (long long)m->seq_len, (long long)m->n_positions);
+    if (m->vocab_size > INT32_MAX || m->n_embd > (1 << 20) || m->seq_len > (1 << 20) ||
+        m->batch_size > (1 << 20) || m->n_layer > 4096)
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: a size is beyond what this engine supports (vocab_size=%lld, n_embd=%lld, seq_len=%lld, batch_size=%lld, n_layer=%lld)",
+                       (long long)m->vocab_size, (long long)m->n_embd, (long long)m->seq_len, (long long)m->batch_size, (long long)m->n_layer);
+    if (m->stage < 0 || m->stage >= m->stages)
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: stage=%lld is outside [0, stages=%lld)", (long long)m->stage, (long long)m->stages);
+    if (m->threads < 0) return td_fail(m, TD_ERR_CONFIG, "td_model_build: threads=%lld must be >= 0", (long long)m->threads);
+    if (m->layer_begin < 0 && m->layer_end < 0) { /* balanced: the first n_layer % stages get one more */
+        int64_t base = m->n_layer / m->stages, extra = m->n_layer % m->stages;
+        m->layer_begin = m->stage * base + (m->stage < extra ? m->stage : extra);
+        m->layer_end = m->layer_begin + base + (m->stage < extra ? 1 : 0);
+    }
+    if (m->layer_begin < 0 || m->layer_end < m->layer_begin || m->layer_end > m->n_layer)
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: layers [%lld, %lld) are not a range inside [0, n_layer=%lld)",
+                       (long long)m->layer_begin, (long long)m->layer_end, (long long)m->n_layer);
+    if (m->stages == 1 && (m->layer_begin != 0 || m->layer_end != m->n_layer))
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: a single stage must hold every layer, got [%lld, %lld) of %lld",
+                       (long long)m->layer_begin, (long long)m->layer_end, (long long)m->n_layer);
+    td_status st = td_model_layout(m);
+    if (st != TD_OK) {
+        td_release(m);
+        return st;
+    }
+    m->built = 1;
+    return TD_OK;
+}
+
+#define REQUIRE_BUILT(fn)                                                                        \
+    if (!m) return td_fail_global(TD_ERR_ARG, fn ": model is NULL");                             \
+    if (!m->built) return td_fail((td_model *)m, TD_ERR_STATE, fn ": call td_model_build first");
+
+/* ---- parameter table ------------------------------------------------------------------------- */
+
+td_status td_model_num_params(const td_model *m, int32_t *out) {
+    REQUIRE_BUILT("td_model_num_params");
+    if (!out) return td_fail((td_model *)m, TD_ERR_ARG, "td_model_num_params: out is NULL");
+    *out = m->nparams;
+    return TD_OK;
+}
+
+td_status td_model_param_info(const td_model *m, int32_t index, const char **name, int32_t *ndim,
+                              int64_t shape[4], int64_t *numel, int32_t *decayed) {
+    REQUIRE_BUILT("td_model_param_info");
+    if (index < 0 || index >= m->nparams)
+        return td_fail((td_model *)m, TD_ERR_RANGE, "td_model_param_info: index %d outside [0, %d)", index, m->nparams);
+    const td_param *p = &m->params[index];
+    if (name) *name = p->name;
+    if (ndim) *ndim = p->ndim;
+    if (shape) memcpy(shape, p->shape, sizeof p->shape);
+    if (numel) *numel = p->numel;
+    if (decayed) *decayed = p->decayed;
+    return TD_OK;
+}
+
+static td_status lookup(td_model *m, const char *fn, const char *name, int64_t numel, td_param **out) {
+    if (!name) return td_fail(m, TD_ERR_ARG, "%s: name is NULL", fn);
+    td_param *p = td_find_param(m, name);
+    if (!p)
+        return td_fail(m, TD_ERR_ARG, "%s: no parameter '%s' on stage %lld (layers [%lld, %lld)). HINT: td_model_param_info lists this stage's table",
+                       fn, name, (long long)m->stage, (long long)m->layer_begin, (long long)m->layer_end);
+    if (numel != p->numel)
+        return td_fail(m, TD_ERR_ARG, "%s: '%s' has %lld elements, the buffer %lld", fn, name, (long long)p->numel, (long long)numel);
+    *out = p;
+    return TD_OK;
+}
+
+static td_status copy_tensor(td_model *m, const char *fn, td_real *base, const char *name,
+                             float *out, const float *in, int64_t numel) {
+    REQUIRE_BUILT("td_model_get_param/set_param");
+    td_param *p = NULL;
+    td_status st = lookup(m, fn, name, numel, &p);
+    if (st) return st;
+    if (!(out || in)) return td_fail(m, TD_ERR_ARG, "%s: buffer is NULL", fn);
+    td_real *t = base + p->offset;
+    if (out) for (int64_t i = 0; i < numel; i++) out[i] = (float)t[i];
+    else for (int64_t i = 0; i < numel; i++) t[i] = (td_real)in[i];
+    return TD_OK;
+}
+
+td_status td_model_get_param(td_model *m, float *out, const char *name, int64_t numel) {
+    if (m && !out) return td_fail(m, TD_ERR_ARG, "td_model_get_param: out is NULL");
+    return copy_tensor(m, "td_model_get_param", m ? m->param_mem : NULL, name, out, NULL, numel);
+}
+td_status td_model_set_param(td_model *m, const char *name, const float *in, int64_t numel) {
+    if (m && !in) return td_fail(m, TD_ERR_ARG, "td_model_set_param: in is NULL");
+    return copy_tensor(m, "td_model_set_param", m ? m->param_mem : NULL, name, NULL, in, numel);
+}
+td_status td_model_get_grad(td_model *m, float *out, const char *name, int64_t numel) {
+    if (m && !out) return td_fail(m, TD_ERR_ARG, "td_model_get_grad: out is NULL");
+    return copy_tensor(m, "td_model_get_grad", m ? m->grad_mem : NULL, name, out, NULL, numel);
+}
+td_status td_model_set_grad(td_model *m, const char *name, const float *in, int64_t numel) {
+    if (m && !in) return td_fail(m, TD_ERR_ARG, "td_model_set_grad: in is NULL");
+    return copy_tensor(m, "td_model_set_grad", m ? m->grad_mem : NULL, name, NULL, in, numel);
+}
+
+td_status td_model_load_safetensors(td_model *m, const char *path) {
+    REQUIRE_BUILT("td_model_load_safetensors");
+    if (!path) return td_fail(m, TD_ERR_ARG, "td_model_load_safetensors: path is NULL");
+    return td_load_safetensors(m, path);
+}
+
+td_status td_model_save_safetensors(td_model *m, const char *path) {
+    REQUIRE_BUILT("td_model_save_safetensors");
+    if (!path) return td_fail(m, TD_ERR_ARG, "td_model_save_safetensors: path is NULL");
+    return td_save_safetensors(m, path);
+}
+
+/* ---- passes ---------------------------------------------------------------------------------- */
+
+static td_status check_ids(td_model *m, const char *fn, const char *what, const int32_t *ids,
+                           int32_t B, int32_t T) {
+    for (int32_t i = 0; i < B * T; i++)
+        if (ids[i] < 0 || ids[i] >= m->vocab_size)
+            return td_fail(m, TD_ERR_RANGE,
+                           "%s: %s[%d, %d] = %d is outside [0, vocab_size=%lld). HINT: the data "
+                           "was tokenized for another vocabulary",
+                           fn, what, i / T, i % T, ids[i], (long long)m->vocab_size);
+    return TD_OK;
+}
+
+static td_status check_shape(td_model *m, const char *fn, int32_t B, int32_t T) {
+    if (B < 1 || B > m->batch_size)
+        return td_fail(m, TD_ERR_ARG, "%s: B=%d is outside [1, batch_size=%lld]. HINT: set batch_size before td_model_build", fn, B, (long long)m->batch_size);
+    if (T < 1 || T > m->seq_len)
+        return td_fail(m, TD_ERR_ARG, "%s: T=%d is outside [1, seq_len=%lld]", fn, T, (long long)m->seq_len);
+    return TD_OK;
+}
+
+td_status td_stage_forward(td_model *m, float *out_BTC, double *out_loss, int32_t slot,
+                           const int32_t *tokens_BT, const float *in_BTC,
+                           const int32_t *targets_BT, int32_t B, int32_t T) {
+    static const char *fn = "td_stage_forward";
+    REQUIRE_BUILT("td_stage_forward");
+    td_status st = check_shape(m, fn, B, T);
+    if (st) return st;
+    if (slot < 0 || slot >= m->slots)
+        return td_fail(m, TD_ERR_ARG, "%s: slot %d outside [0, slots=%lld)", fn, slot, (long long)m->slots);
+    td_slot *s = &m->slot[slot];
+    if (s->state == 2)
+        return td_fail(m, TD_ERR_STATE, "%s: slot %d still holds a micro-batch waiting for its weight-gradient (W) pass", fn, slot);
+    if (m->has_embed) {
+        if (!tokens_BT) return td_fail(m, TD_ERR_ARG, "%s: the first stage needs tokens", fn);
+        if ((st = check_ids(m, fn, "tokens", tokens_BT, B, T))) return st;
+    } else if (!in_BTC) {
+        return td_fail(m, TD_ERR_ARG, "%s: stage %lld needs the previous stage's activations", fn, (long long)m->stage);
+    }
+    if (m->has_head && targets_BT && (st = check_ids(m, fn, "targets", targets_BT, B, T))) return st;
+    if (!m->has_head && !out_BTC) return td_fail(m, TD_ERR_ARG, "%s: out_BTC is NULL on a stage without the head", fn);
+    td_set_threads(m);
+    s->B = B, s->T = T;
+    const int64_t n = (int64_t)B * T;
+    if (m->has_embed) memcpy(s->tokens, tokens_BT, sizeof(int32_t) * (size_t)n);
+    else for (int64_t i = 0; i < n * m->n_embd; i++) s->input[i] = (td_real)in_BTC[i];
+    if (m->has_head && targets_BT) memcpy(s->targets, targets_BT, sizeof(int32_t) * (size_t)n);
+    st = td_forward_slot(m, slot, NULL, out_loss, m->has_head && targets_BT);
+    if (st) return st;
+    if (!m->has_head) {
+        const td_real *res = m->nl ? s->layers[m->nl - 1].res3 : s->input;
+        for (int64_t i = 0; i < n * m->n_embd; i++) out_BTC[i] = (float)res[i];
+    }
+    s->state = m->has_head && !targets_BT ? 0 : 1;
+    return TD_OK;
+}
+
+td_status td_stage_backward(td_model *m, float *din_BTC, int32_t slot, const float *dout_BTC,
+                            double grad_scale, int32_t part) {
+    static const char *fn = "td_stage_backward";
+    REQUIRE_BUILT("td_stage_backward");
+    if (slot < 0 || slot >= m->slots)
+        return td_fail(m, TD_ERR_ARG, "%s: slot %d outside [0, slots=%lld)", fn, slot, (long long)m->slots);
+    if (part < TD_BWD_FULL || part > TD_BWD_WEIGHT)
+        return td_fail(m, TD_ERR_ARG, "%s: part=%d is not TD_BWD_FULL, TD_BWD_INPUT or TD_BWD_WEIGHT", fn, part);
+    if (part != TD_BWD_FULL && !m->split_backward)
+        return td_fail(m, TD_ERR_STATE, "%s: a split backward (B then W) needs split_backward=1 at build", fn);
+    td_slot *s = &m->slot[slot];
+    int need = part == TD_BWD_WEIGHT ? 2 : 1;
+    if (s->state != need)
+        return td_fail(m, TD_ERR_STATE, "%s: slot %d is in state %d, %s needs %s", fn, slot, s->state,
+                       part == TD_BWD_WEIGHT ? "W" : "a backward", need == 2 ? "a finished B" : "a finished forward (with targets on the last stage)");
+    if (!m->has_head && !dout_BTC && part != TD_BWD_WEIGHT)
+        return td_fail(m, TD_ERR_ARG, "%s: stage %lld needs the next stage's gradient dout_BTC", fn, (long long)m->stage);
+    if (!isfinite(grad_scale)) return td_fail(m, TD_ERR_ARG, "%s: grad_scale=%g is not finite", fn, grad_scale);
+    td_set_threads(m);
+    const int64_t n = (int64_t)s->B * s->T * m->n_embd;
+    td_real *dout = NULL;
+    if (!m->has_head && part != TD_BWD_WEIGHT) { /* stage the float input in td_real */
+        dout = m->scratch.dtmp;
+        for (int64_t i = 0; i < n; i++) dout[i] = (td_real)dout_BTC[i];
+    }
+    td_status st = td_backward_slot(m, slot, grad_scale, part, dout);
+    if (st) return st;
+    if (part != TD_BWD_WEIGHT && din_BTC) {
+        const td_real *g = td_input_grad(m, slot);
+        for (int64_t i = 0; i < n; i++) din_BTC[i] = (float)g[i];
+    }
+    s->state = part == TD_BWD_INPUT ? 2 : 0;
+    return TD_OK;
+}
+
+td_status td_model_forward(td_model *m, float *logits_BTV, double *out_loss,
+                           const int32_t *tokens_BT, const int32_t *targets_BT, int32_t B,
+                           int32_t T) {
+    static const char *fn = "td_model_forward";
+    REQUIRE_BUILT("td_model_forward");
+    if (m->stages != 1) return td_fail(m, TD_ERR_STATE, "%s: the model is stage %lld of %lld; use td_stage_forward", fn, (long long)m->stage, (long long)m->stages);
+    td_status st = check_shape(m, fn, B, T);
+    if (st) return st;
+    if (!tokens_BT) return td_fail(m, TD_ERR_ARG, "%s: tokens is NULL", fn);
+    if ((st = check_ids(m, fn, "tokens", tokens_BT, B, T))) return st;
+    if (targets_BT && (st = check_ids(m, fn, "targets", targets_BT, B, T))) return st;
+    if (m->slot[0].state == 2) return td_fail(m, TD_ERR_STATE, "%s: slot 0 awaits a W pass", fn);
+    td_set_threads(m);
+    td_slot *s = &m->slot[0];
+    s->B = B, s->T = T;
+    memcpy(s->tokens, tokens_BT, sizeof(int32_t) * (size_t)B * T);
+    if (targets_BT) memcpy(s->targets, targets_BT, sizeof(int32_t) * (size_t)B * T);
+    st = td_forward_slot(m, 0, logits_BTV, out_loss, targets_BT != NULL);
+    s->state = targets_BT ? 1 : 0;
+    return st;
+}
+
+td_status td_model_zero_grad(td_model *m) {
+    REQUIRE_BUILT("td_model_zero_grad");
+    memset(m->grad_mem, 0, sizeof(td_real) * m->total);
+    return TD_OK;
+}
+
+td_status td_model_forward_backward(td_model *m, double *out_loss, const int32_t *tokens_BT,
+                                    const int32_t *targets_BT, int32_t B, int32_t T,
+                                    double grad_scale) {
+    static const char *fn = "td_model_forward_backward";
+    REQUIRE_BUILT("td_model_forward_backward");
+    if (!targets_BT) return td_fail(m, TD_ERR_ARG, "%s: targets is NULL", fn);
+    td_status st = td_model_forward(m, NULL, out_loss, tokens_BT, targets_BT, B, T);
+    if (st) return st;
+    if (!isfinite(grad_scale)) return td_fail(m, TD_ERR_ARG, "%s: grad_scale=%g is not finite", fn, grad_scale);
+    td_set_threads(m);
+    st = td_backward_slot(m, 0, grad_scale, TD_BWD_FULL, NULL);
+    m->slot[0].state = 0;
+    return st;
+}
+
+td_status td_model_grad_sq_sum(td_model *m, double *out) {
+    REQUIRE_BUILT("td_model_grad_sq_sum");
+    if (!out) return td_fail(m, TD_ERR_ARG, "td_model_grad_sq_sum: out is NULL");
+    *out = td_grad_sq_sum_local(m);
+    return TD_OK;
+}
+
+td_status td_model_optimizer_step_with_norm(td_model *m, double grad_norm) {
+    REQUIRE_BUILT("td_model_optimizer_step_with_norm");
+    if (!(grad_norm >= 0) || !isfinite(grad_norm))
+        return td_fail(m, TD_ERR_ARG, "td_model_optimizer_step_with_norm: grad_norm=%g is not a finite non-negative number. HINT: a NaN or inf gradient; lower the learning rate or enable grad_clip", grad_norm);
+    td_set_threads(m);
+    td_adamw(m, grad_norm);
+    return TD_OK;
+}
+
+td_status td_model_optimizer_step(td_model *m, double *out_grad_norm) {
+    REQUIRE_BUILT("td_model_optimizer_step");
+    if (m->stages != 1)
+        return td_fail(m, TD_ERR_STATE, "td_model_optimizer_step: stage %lld of %lld: the global norm spans every stage. HINT: use td_model_optimizer_step_with_norm", (long long)m->stage, (long long)m->stages);
+    double norm = sqrt(td_grad_sq_sum_local(m));
+    if (out_grad_norm) *out_grad_norm = norm;
+    return td_model_optimizer_step_with_norm(m, norm);
+}

@@ -1,0 +1,159 @@
+/* internal.h — the engine's private types: the model handle, its parameter table, activation
+ * slots, and the error helpers every file uses. Nothing here crosses the ABI; tandem.h is the
+ * only public header.
+ */
+#ifndef TD_INTERNAL_H
+#define TD_INTERNAL_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tandem.h"
+
+/* The kernels' element type. The normal build is fp32; TD_FLOAT64 builds a float64 library
+ * for finite-difference gradient checks (tests only). */
+#ifdef TD_FLOAT64
+typedef double td_real;
+#define td_sqrt sqrt
+#else
+typedef float td_real;
+#define td_sqrt sqrtf
+#endif
+
+#define TD_MAX_NAME 64
+#define TD_ERR_LEN 1024
+
+/* One row of the parameter table. offset indexes the stage's flat parameter buffer. */
+typedef struct {
+    char name[TD_MAX_NAME];
+    int32_t ndim;
+    int64_t shape[4];
+    int64_t numel;
+    int32_t decayed; /* AdamW weight decay applies (rank >= 2) */
+    size_t offset;
+} td_param;
+
+/* Pointers of one transformer layer into a flat buffer (parameters or their gradients).
+ * Layouts follow GPT-2: linear weights (in, out). */
+typedef struct {
+    td_real *ln1w, *ln1b;       /* (C) */
+    td_real *qkvw, *qkvb;       /* (C, 3C), (3C) */
+    td_real *attprojw, *attprojb; /* (C, C), (C) */
+    td_real *ln2w, *ln2b;       /* (C) */
+    td_real *fcw, *fcb;         /* (C, 4C), (4C) */
+    td_real *fcprojw, *fcprojb; /* (4C, C), (C) */
+} td_layer_ptrs;
+
+/* Pointers of a stage into a flat buffer: embeddings (first stage), layers, head (last). */
+typedef struct {
+    td_real *wte;   /* (V, C) — first and last stage both hold it (tied) */
+    td_real *wpe;   /* (n_positions, C) — first stage */
+    td_layer_ptrs *layers; /* nl entries */
+    td_real *lnfw, *lnfb; /* (C) — last stage */
+} td_stage_ptrs;
+
+/* Forward activations of one layer for one micro-batch, sized for (batch_size, seq_len). */
+typedef struct {
+    td_real *ln1;        /* (B, T, C) */
+    td_real *ln1_mean, *ln1_rstd; /* (B, T) */
+    td_real *qkv;        /* (B, T, 3C) */
+    td_real *att;        /* (B, NH, T, T) softmax probabilities */
+    td_real *atty;       /* (B, T, C) attention output before the projection */
+    td_real *res2;       /* (B, T, C) residual after attention */
+    td_real *ln2;        /* (B, T, C) */
+    td_real *ln2_mean, *ln2_rstd; /* (B, T) */
+    td_real *fch;        /* (B, T, 4C) pre-GELU */
+    td_real *fch_gelu;   /* (B, T, 4C) */
+    td_real *res3;       /* (B, T, C) layer output */
+} td_layer_acts;
+
+/* Everything one micro-batch leaves behind for its backward. */
+typedef struct {
+    int32_t B, T;        /* shape of the micro-batch in the slot; B = 0 means empty */
+    int32_t state;       /* 0 empty, 1 forward done, 2 input-gradient done (awaits W) */
+    int32_t *tokens;     /* (B, T) first stage */
+    int32_t *targets;    /* (B, T) last stage */
+    td_real *input;      /* (B, T, C) the residual stream entering the stage */
+    td_layer_acts *layers; /* nl entries */
+    td_real *lnf;        /* (B, T, C) last stage */
+    td_real *lnf_mean, *lnf_rstd; /* (B, T) */
+    td_real *probs;      /* (B, T, V) logits, then softmax probabilities in place */
+    td_real *losses;     /* (B, T) */
+} td_slot;
+
+/* Gradients of activations that a weight-gradient (W) pass consumes: per layer the gradient of
+ * every matmul output and of every LayerNorm output; the head's and the embedding's too. */
+typedef struct {
+    td_real *g_ln1, *g_qkv, *g_attproj, *g_ln2, *g_fc, *g_fcproj; /* per layer, see model.c */
+} td_layer_grads;
+
+typedef struct {
+    td_layer_grads *layers; /* nl entries */
+    td_real *g_logits;     /* (B, T, V) */
+    td_real *g_lnf;        /* (B, T, C) */
+    td_real *g_embed;      /* (B, T, C) gradient of the stage input (= of the embedding output) */
+} td_grad_store;
+
+/* Scratch for the backward pass, shared by all slots (one backward runs at a time). */
+typedef struct {
+    td_real *dres;     /* (B, T, C) gradient of the residual stream, running */
+    td_real *dtmp;     /* (B, T, C) */
+    td_real *datty;    /* (B, T, C) */
+    td_real *datt;     /* (B, NH, T, T) */
+    td_real *dfch_gelu;/* (B, T, 4C) */
+} td_scratch;
+
+struct td_model {
+    /* configuration (td_model_set_*) */
+    int64_t n_layer, n_embd, n_head, vocab_size, n_positions, seq_len, batch_size, threads;
+    int64_t stage, stages, layer_begin, layer_end, slots, split_backward;
+    double lr, beta1, beta2, eps, weight_decay, grad_clip;
+    int built;
+    int64_t step; /* optimizer steps taken */
+
+    /* derived at build */
+    int has_embed, has_head; /* first stage holds wte+wpe; last stage ln_f + head (+ wte) */
+    int nl;                  /* layers on this stage */
+    int32_t nparams;
+    td_param *params;
+    size_t total; /* elements in each flat buffer */
+    td_real *param_mem, *grad_mem, *m_mem, *v_mem;
+    td_stage_ptrs P, G; /* parameters and gradients */
+
+    td_slot *slot;          /* slots entries */
+    td_grad_store *gstore;  /* split_backward ? slots : 1 entries */
+    td_scratch scratch;
+
+    char err[TD_ERR_LEN];
+};
+
+/* Error helpers: record "where: what (values). HINT: ..." on the handle and return status. */
+td_status td_fail(td_model *m, td_status status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* The same, for calls without a handle: kept in a thread-local buffer (td_last_error). */
+td_status td_fail_global(td_status status, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* model.c */
+td_status td_model_layout(td_model *m); /* parameter table + allocation */
+td_param *td_find_param(td_model *m, const char *name);
+void td_release(td_model *m);
+td_status td_forward_slot(td_model *m, int32_t slot, float *logits_out, double *out_loss,
+                          int with_targets);
+const td_real *td_input_grad(const td_model *m, int32_t slot);
+int td_full_model_has(const td_model *m, const char *name);
+td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,
+                           const td_real *dout_BTC);
+
+/* optim.c */
+double td_grad_sq_sum_local(const td_model *m);
+void td_adamw(td_model *m, double grad_norm);
+
+/* io.c */
+td_status td_load_safetensors(td_model *m, const char *path);
+td_status td_save_safetensors(td_model *m, const char *path);
+
+void td_set_threads(const td_model *m);
+
+#endif /* TD_INTERNAL_H */

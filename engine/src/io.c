@@ -1,0 +1,508 @@
+/* io.c — bytes in and out of files: safetensors weights and token shards.
+ *
+ * Every header field is checked before it is trusted (lengths, offsets inside the file, dtype,
+ * shapes against the parameter table); a bad file is an error with the file name, the tensor and
+ * the numbers, never a crash. Not here: the layout of tensors in memory (model.c).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* ---- a minimal JSON reader for safetensors headers -------------------------------------------- */
+
+typedef struct {
+    const char *s, *end;
+    char err[200];
+} jreader;
+
+static void jws(jreader *r) {
+    while (r->s < r->end && (*r->s == ' ' || *r->s == '\n' || *r->s == '\r' || *r->s == '\t'))
+        r->s++;
+}
+
+static int jexpect(jreader *r, char c) {
+    jws(r);
+    if (r->s >= r->end || *r->s != c) {
+        snprintf(r->err, sizeof r->err, "expected '%c' at header byte %ld", c,
+                 (long)(r->end - r->s));
+        return 0;
+    }
+    r->s++;
+    return 1;
+}
+
+/* Reads a string into out (truncated to cap - 1; returns 0 on malformed input). */
+static int jstring(jreader *r, char *out, size_t cap) {
+    jws(r);
+    if (r->s >= r->end || *r->s != '"') {
+        snprintf(r->err, sizeof r->err, "expected a string");
+        return 0;
+    }
+    r->s++;
+    size_t n = 0;
+    while (r->s < r->end && *r->s != '"') {
+        char c = *r->s++;
+        if (c == '\\') {
+            if (r->s >= r->end) break;
+            char e = *r->s++;
+            if (e == 'u') { /* keep escapes of non-ASCII names as '?' */
+                if (r->end - r->s < 4) break;
+                r->s += 4;
+                c = '?';
+            } else {
+                c = e == 'n' ? '\n' : e == 't' ? '\t' : e == 'r' ? '\r' : e == 'b' ? '\b'
+                  : e == 'f' ? '\f' : e;
+            }
+        }
+        if (n + 1 < cap) out[n++] = c;
+    }
+    if (r->s >= r->end) {
+        snprintf(r->err, sizeof r->err, "unterminated string");
+        return 0;
+    }
+    r->s++;
+    if (cap) out[n] = 0;
+    return 1;
+}
+
+static int jint(jreader *r, int64_t *out) {
+    jws(r);
+    char *e;
+    errno = 0;
+    long long v = strtoll(r->s, &e, 10);
+    if (e == r->s || e > r->end || errno) {
+        snprintf(r->err, sizeof r->err, "expected an integer");
+        return 0;
+    }
+    r->s = e;
+    *out = v;
+    return 1;
+}
+
+static int jskip(jreader *r, int depth) {
+    jws(r);
+    if (depth > 32 || r->s >= r->end) {
+        snprintf(r->err, sizeof r->err, "nesting too deep or truncated header");
+        return 0;
+    }
+    char c = *r->s;
+    if (c == '"') {
+        char tmp[1];
+        return jstring(r, tmp, 0);
+    }
+    if (c == '{' || c == '[') {
+        char close = c == '{' ? '}' : ']';
+        r->s++;
+        jws(r);
+        if (r->s < r->end && *r->s == close) return r->s++, 1;
+        for (;;) {
+            if (c == '{') {
+                char tmp[1];
+                if (!jstring(r, tmp, 0) || !jexpect(r, ':')) return 0;
+            }
+            if (!jskip(r, depth + 1)) return 0;
+            jws(r);
+            if (r->s < r->end && *r->s == ',') { r->s++; continue; }
+            return jexpect(r, close);
+        }
+    }
+    while (r->s < r->end && *r->s != ',' && *r->s != '}' && *r->s != ']') r->s++;
+    return 1;
+}
+
+/* ---- safetensors ----------------------------------------------------------------------------- */
+
+typedef struct {
+    char name[TD_MAX_NAME * 2];
+    char dtype[16];
+    int32_t ndim;
+    int64_t shape[8];
+    int64_t begin, end;
+} st_entry;
+
+static int dtype_size(const char *d) {
+    if (!strcmp(d, "F32")) return 4;
+    if (!strcmp(d, "F16") || !strcmp(d, "BF16")) return 2;
+    if (!strcmp(d, "F64")) return 8;
+    return 0;
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else { /* subnormal */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static double element_at(const unsigned char *p, const char *dtype) {
+    if (!strcmp(dtype, "F32")) { float f; memcpy(&f, p, 4); return f; }
+    if (!strcmp(dtype, "F64")) { double d; memcpy(&d, p, 8); return d; }
+    uint16_t h;
+    memcpy(&h, p, 2);
+    if (!strcmp(dtype, "F16")) return half_to_float(h);
+    uint32_t bits = (uint32_t)h << 16; /* BF16 */
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void shape_str(char *out, size_t cap, int32_t ndim, const int64_t *shape) {
+    size_t n = (size_t)snprintf(out, cap, "(");
+    for (int d = 0; d < ndim && n < cap; d++)
+        n += (size_t)snprintf(out + n, cap - n, d ? ", %lld" : "%lld", (long long)shape[d]);
+    if (n < cap) snprintf(out + n, cap - n, ndim == 1 ? ",)" : ")");
+}
+
+static int parse_entry(jreader *r, st_entry *e) {
+    if (!jexpect(r, '{')) return 0;
+    int have_dtype = 0, have_shape = 0, have_off = 0;
+    jws(r);
+    if (r->s < r->end && *r->s == '}') { r->s++; goto done; }
+    for (;;) {
+        char key[32];
+        if (!jstring(r, key, sizeof key) || !jexpect(r, ':')) return 0;
+        if (!strcmp(key, "dtype")) {
+            if (!jstring(r, e->dtype, sizeof e->dtype)) return 0;
+            have_dtype = 1;
+        } else if (!strcmp(key, "shape") || !strcmp(key, "data_offsets")) {
+            int is_shape = key[0] == 's';
+            if (!jexpect(r, '[')) return 0;
+            int n = 0;
+            int64_t vals[8];
+            jws(r);
+            if (r->s < r->end && *r->s == ']') r->s++;
+            else for (;;) {
+                if (n >= 8) { snprintf(r->err, sizeof r->err, "more than 8 dimensions"); return 0; }
+                if (!jint(r, &vals[n++])) return 0;
+                jws(r);
+                if (r->s < r->end && *r->s == ',') { r->s++; continue; }
+                if (!jexpect(r, ']')) return 0;
+                break;
+            }
+            if (is_shape) {
+                e->ndim = n;
+                memcpy(e->shape, vals, sizeof(int64_t) * (size_t)n);
+                have_shape = 1;
+            } else {
+                if (n != 2) { snprintf(r->err, sizeof r->err, "data_offsets needs 2 values"); return 0; }
+                e->begin = vals[0];
+                e->end = vals[1];
+                have_off = 1;
+            }
+        } else if (!jskip(r, 1)) return 0;
+        jws(r);
+        if (r->s < r->end && *r->s == ',') { r->s++; continue; }
+        if (!jexpect(r, '}')) return 0;
+        break;
+    }
+done:
+    if (!have_dtype || !have_shape || !have_off) {
+        snprintf(r->err, sizeof r->err, "tensor '%s' lacks %s", e->name,
+                 !have_dtype ? "dtype" : !have_shape ? "shape" : "data_offsets");
+        return 0;
+    }
+    return 1;
+}
+
+/* Maps a file's tensor name to the table's: strips "transformer."; returns 0 for tolerated
+ * buffers that carry no parameter (the attention masks of public GPT-2 files). */
+static int canonical_name(char *out, size_t cap, const char *name) {
+    const char *n = strncmp(name, "transformer.", 12) == 0 ? name + 12 : name;
+    size_t len = strlen(n);
+    static const char *tolerated[2] = {".attn.bias", ".attn.masked_bias"};
+    for (int i = 0; i < 2; i++) {
+        size_t k = strlen(tolerated[i]);
+        if (len > k && !strcmp(n + len - k, tolerated[i])) return 0;
+    }
+    snprintf(out, cap, "%s", n);
+    return 1;
+}
+
+td_status td_load_safetensors(td_model *m, const char *path) {
+    td_status st = TD_OK;
+    unsigned char *buf = NULL;
+    st_entry *entries = NULL;
+    char *seen = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return td_fail(m, TD_ERR_IO, "td_model_load_safetensors: cannot open '%s': %s", path,
+                       strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long fsize = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    if (fsize < 8) {
+        st = td_fail(m, TD_ERR_FORMAT,
+                     "td_model_load_safetensors: '%s' is %ld bytes, too short for a safetensors "
+                     "file (8-byte header length first). HINT: the file is truncated or not "
+                     "safetensors",
+                     path, fsize);
+        goto out;
+    }
+    buf = malloc((size_t)fsize);
+    if (!buf) { st = td_fail(m, TD_ERR_NOMEM, "td_model_load_safetensors: cannot allocate %ld bytes for '%s'", fsize, path); goto out; }
+    if (fread(buf, 1, (size_t)fsize, f) != (size_t)fsize) {
+        st = td_fail(m, TD_ERR_IO, "td_model_load_safetensors: short read on '%s'", path);
+        goto out;
+    }
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | buf[i];
+    if (hlen == 0 || hlen > (uint64_t)(fsize - 8)) {
+        st = td_fail(m, TD_ERR_FORMAT,
+                     "td_model_load_safetensors: '%s' declares a %llu-byte header but the file "
+                     "has %ld bytes after the length. HINT: truncated or not a safetensors file",
+                     path, (unsigned long long)hlen, fsize - 8);
+        goto out;
+    }
+    const unsigned char *data = buf + 8 + hlen;
+    const int64_t data_size = (int64_t)((uint64_t)fsize - 8 - hlen);
+    jreader r = {(const char *)buf + 8, (const char *)buf + 8 + hlen, {0}};
+    int cap = 64, n = 0;
+    entries = calloc((size_t)cap, sizeof(st_entry));
+    if (!entries || !jexpect(&r, '{')) goto bad_json;
+    jws(&r);
+    if (r.s < r.end && *r.s == '}') r.s++;
+    else for (;;) {
+        char key[TD_MAX_NAME * 2];
+        if (!jstring(&r, key, sizeof key) || !jexpect(&r, ':')) goto bad_json;
+        if (!strcmp(key, "__metadata__")) {
+            if (!jskip(&r, 1)) goto bad_json;
+        } else {
+            if (n == cap) {
+                st_entry *grown = realloc(entries, sizeof(st_entry) * (size_t)(cap *= 2));
+                if (!grown) goto bad_json;
+                entries = grown;
+            }
+            memset(&entries[n], 0, sizeof(st_entry));
+            snprintf(entries[n].name, sizeof entries[n].name, "%s", key);
+            if (!parse_entry(&r, &entries[n])) goto bad_json;
+            n++;
+        }
+        jws(&r);
+        if (r.s < r.end && *r.s == ',') { r.s++; continue; }
+        if (!jexpect(&r, '}')) goto bad_json;
+        break;
+    }
+
+    seen = calloc((size_t)(m->nparams ? m->nparams : 1), 1);
+    if (!seen) { st = td_fail(m, TD_ERR_NOMEM, "td_model_load_safetensors: out of memory"); goto out; }
+    for (int i = 0; i < n; i++) {
+        st_entry *e = &entries[i];
+        char name[TD_MAX_NAME * 2];
+        if (!canonical_name(name, sizeof name, e->name)) continue;
+        int es = dtype_size(e->dtype);
+        if (!es) {
+            st = td_fail(m, TD_ERR_FORMAT,
+                         "td_model_load_safetensors: '%s' tensor '%s' has dtype %s. HINT: "
+                         "supported dtypes are F32, F64, F16 and BF16",
+                         path, e->name, e->dtype);
+            goto out;
+        }
+        int64_t numel = 1;
+        for (int d = 0; d < e->ndim; d++) {
+            if (e->shape[d] < 0 || (e->shape[d] && numel > INT64_MAX / e->shape[d])) {
+                st = td_fail(m, TD_ERR_FORMAT, "td_model_load_safetensors: '%s' tensor '%s' has an invalid shape", path, e->name);
+                goto out;
+            }
+            numel *= e->shape[d];
+        }
+        if (e->begin < 0 || e->end < e->begin || e->end > data_size ||
+            e->end - e->begin != numel * es) {
+            st = td_fail(m, TD_ERR_FORMAT,
+                         "td_model_load_safetensors: '%s' tensor '%s' has data_offsets [%lld, %lld] "
+                         "but the data section holds %lld bytes and the tensor needs %lld. HINT: "
+                         "the file is truncated or its header is corrupt",
+                         path, e->name, (long long)e->begin, (long long)e->end,
+                         (long long)data_size, (long long)(numel * es));
+            goto out;
+        }
+        if (!td_full_model_has(m, name)) {
+            st = td_fail(m, TD_ERR_FORMAT,
+                         "td_model_load_safetensors: '%s' holds tensor '%s', which is not in the "
+                         "model's parameter table (n_layer=%lld). HINT: the file belongs to another "
+                         "model configuration",
+                         path, e->name, (long long)m->n_layer);
+            goto out;
+        }
+        td_param *p = td_find_param(m, name);
+        if (!p) continue; /* another stage's tensor */
+        int same = e->ndim == p->ndim;
+        for (int d = 0; same && d < p->ndim; d++) same = e->shape[d] == p->shape[d];
+        if (!same) {
+            char got[96], want[96];
+            shape_str(got, sizeof got, e->ndim, e->shape);
+            shape_str(want, sizeof want, p->ndim, p->shape);
+            st = td_fail(m, TD_ERR_FORMAT,
+                         "td_model_load_safetensors: '%s' tensor '%s' has shape %s, the model "
+                         "expects %s. HINT: check n_embd, vocab_size and n_positions",
+                         path, e->name, got, want);
+            goto out;
+        }
+        int idx = (int)(p - m->params);
+        if (seen[idx]) {
+            st = td_fail(m, TD_ERR_FORMAT, "td_model_load_safetensors: '%s' holds '%s' twice", path, name);
+            goto out;
+        }
+        seen[idx] = 1;
+        td_real *dst = m->param_mem + p->offset;
+        const unsigned char *src = data + e->begin;
+        for (int64_t j = 0; j < numel; j++) dst[j] = (td_real)element_at(src + j * es, e->dtype);
+    }
+    for (int32_t i = 0; i < m->nparams; i++) {
+        if (!seen[i]) {
+            char want[96];
+            shape_str(want, sizeof want, m->params[i].ndim, m->params[i].shape);
+            st = td_fail(m, TD_ERR_FORMAT,
+                         "td_model_load_safetensors: '%s' lacks tensor '%s' (expected shape %s)",
+                         path, m->params[i].name, want);
+            goto out;
+        }
+    }
+    goto out;
+bad_json:
+    st = td_fail(m, TD_ERR_FORMAT,
+                 "td_model_load_safetensors: '%s' has a malformed JSON header: %s. HINT: the "
+                 "file is corrupt or not safetensors",
+                 path, r.err[0] ? r.err : "out of memory");
+out:
+    if (f) fclose(f);
+    free(buf);
+    free(entries);
+    free(seen);
+    return st;
+}
+
+td_status td_save_safetensors(td_model *m, const char *path) {
+    /* header: {"name":{"dtype":"F32","shape":[..],"data_offsets":[b,e]},...} padded to 8 */
+    size_t cap = 256 + (size_t)m->nparams * 160, len = 0;
+    char *h = malloc(cap);
+    if (!h) return td_fail(m, TD_ERR_NOMEM, "td_model_save_safetensors: out of memory");
+    len += (size_t)snprintf(h + len, cap - len, "{");
+    int64_t off = 0;
+    for (int32_t i = 0; i < m->nparams; i++) {
+        const td_param *p = &m->params[i];
+        len += (size_t)snprintf(h + len, cap - len, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[",
+                                i ? "," : "", p->name);
+        for (int d = 0; d < p->ndim; d++)
+            len += (size_t)snprintf(h + len, cap - len, d ? ",%lld" : "%lld", (long long)p->shape[d]);
+        len += (size_t)snprintf(h + len, cap - len, "],\"data_offsets\":[%lld,%lld]}",
+                                (long long)off, (long long)(off + 4 * p->numel));
+        off += 4 * p->numel;
+    }
+    len += (size_t)snprintf(h + len, cap - len, "}");
+    while (len % 8) h[len++] = ' ';
+    FILE *f = fopen(path, "wb");
+    if (!f) {
+        free(h);
+        return td_fail(m, TD_ERR_IO, "td_model_save_safetensors: cannot create '%s': %s", path,
+                       strerror(errno));
+    }
+    unsigned char lenbuf[8];
+    for (int i = 0; i < 8; i++) lenbuf[i] = (unsigned char)(((uint64_t)len >> (8 * i)) & 0xff);
+    int ok = fwrite(lenbuf, 1, 8, f) == 8 && fwrite(h, 1, len, f) == len;
+    for (int32_t i = 0; ok && i < m->nparams; i++) {
+        const td_param *p = &m->params[i];
+        const td_real *src = m->param_mem + p->offset;
+        for (int64_t j = 0; ok && j < p->numel; j++) {
+            float v = (float)src[j];
+            ok = fwrite(&v, 4, 1, f) == 1;
+        }
+    }
+    free(h);
+    if (fclose(f) != 0) ok = 0;
+    if (!ok) return td_fail(m, TD_ERR_IO, "td_model_save_safetensors: write to '%s' failed: %s", path, strerror(errno));
+    return TD_OK;
+}
+
+/* ---- token shards ---------------------------------------------------------------------------- */
+
+#define TD_TOKENS_MAGIC 0x544E4454u /* "TDNT" */
+
+td_status td_tokens_read(int32_t **out_tokens, int64_t *out_count, const char *path,
+                         int64_t vocab_size) {
+    if (!out_tokens || !out_count || !path)
+        return td_fail_global(TD_ERR_ARG, "td_tokens_read: NULL argument");
+    *out_tokens = NULL;
+    *out_count = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) return td_fail_global(TD_ERR_IO, "td_tokens_read: cannot open '%s': %s", path, strerror(errno));
+    unsigned char h[64];
+    fseek(f, 0, SEEK_END);
+    long fsize = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    td_status st = TD_OK;
+    int32_t *tokens = NULL;
+    unsigned char *raw = NULL;
+    if (fsize < 64 || fread(h, 1, 64, f) != 64) {
+        st = td_fail_global(TD_ERR_FORMAT, "td_tokens_read: '%s' is %ld bytes, shorter than the 64-byte shard header", path, fsize);
+        goto out;
+    }
+    uint32_t magic, version, width;
+    uint64_t count;
+    memcpy(&magic, h, 4);
+    memcpy(&version, h + 4, 4);
+    memcpy(&width, h + 8, 4);
+    memcpy(&count, h + 16, 8);
+    if (magic != TD_TOKENS_MAGIC) {
+        st = td_fail_global(TD_ERR_FORMAT,
+                            "td_tokens_read: '%s' has magic 0x%08X, expected 0x%08X ('TDNT'). "
+                            "HINT: write shards with harness.data.write_shard",
+                            path, magic, TD_TOKENS_MAGIC);
+        goto out;
+    }
+    if (version != 1) {
+        st = td_fail_global(TD_ERR_FORMAT, "td_tokens_read: '%s' has version %u; this engine reads version 1", path, version);
+        goto out;
+    }
+    if (width != 2 && width != 4) {
+        st = td_fail_global(TD_ERR_FORMAT, "td_tokens_read: '%s' declares %u bytes per token (2 or 4 allowed)", path, width);
+        goto out;
+    }
+    if (count > (uint64_t)INT64_MAX / 4 || (uint64_t)fsize != 64 + count * width) {
+        st = td_fail_global(TD_ERR_FORMAT,
+                            "td_tokens_read: '%s' header says %llu tokens of %u bytes (%llu bytes "
+                            "with the header) but the file has %ld bytes. HINT: the shard is "
+                            "truncated or was written by something else",
+                            path, (unsigned long long)count, width,
+                            (unsigned long long)(64 + count * width), fsize);
+        goto out;
+    }
+    tokens = malloc(sizeof(int32_t) * (count ? count : 1));
+    raw = malloc(count * width + 1);
+    if (!tokens || !raw) { st = td_fail_global(TD_ERR_NOMEM, "td_tokens_read: cannot allocate %llu tokens", (unsigned long long)count); goto out; }
+    if (fread(raw, width, count, f) != count) {
+        st = td_fail_global(TD_ERR_IO, "td_tokens_read: short read on '%s'", path);
+        goto out;
+    }
+    for (uint64_t i = 0; i < count; i++) {
+        uint32_t v;
+        if (width == 2) { uint16_t s; memcpy(&s, raw + 2 * i, 2); v = s; }
+        else memcpy(&v, raw + 4 * i, 4);
+        if (v > INT32_MAX || (vocab_size > 0 && (int64_t)v >= vocab_size)) {
+            st = td_fail_global(TD_ERR_RANGE,
+                                "td_tokens_read: '%s' token %llu is %u, outside [0, vocab_size=%lld)",
+                                path, (unsigned long long)i, v, (long long)vocab_size);
+            goto out;
+        }
+        tokens[i] = (int32_t)v;
+    }
+    *out_tokens = tokens;
+    *out_count = (int64_t)count;
+    tokens = NULL;
+out:
+    fclose(f);
+    free(tokens);
+    free(raw);
+    return st;
+}

@@ -1,0 +1,327 @@
+/* kernels.c — reference CPU kernels for every op of the GPT-2 model, forward and backward.
+ *
+ * Written to be read and checked, not to be fast: each kernel is the textbook loop with OpenMP
+ * over independent rows and a fixed reduction order. The fast GEMM lives in gemm.c and is
+ * validated against td_gemm_reference here. The maths is specified in docs/model.md.
+ */
+#include "kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+/* ---- GEMM ------------------------------------------------------------------------------------ */
+
+void td_gemm_reference(td_real *C, const td_real *A, const td_real *B, int M, int N, int K,
+                       int transA, int transB, int accumulate) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < M; i++) {
+        td_real *c = C + (int64_t)i * N;
+        if (!transB) {
+            if (!accumulate) memset(c, 0, sizeof(td_real) * (size_t)N);
+            for (int k = 0; k < K; k++) {
+                td_real a = transA ? A[(int64_t)k * M + i] : A[(int64_t)i * K + k];
+                const td_real *b = B + (int64_t)k * N;
+                for (int n = 0; n < N; n++) c[n] += a * b[n];
+            }
+        } else {
+            for (int n = 0; n < N; n++) {
+                const td_real *b = B + (int64_t)n * K;
+                td_real s = 0;
+                if (!transA) {
+                    const td_real *a = A + (int64_t)i * K;
+#pragma omp simd reduction(+ : s)
+                    for (int k = 0; k < K; k++) s += a[k] * b[k];
+                } else {
+                    for (int k = 0; k < K; k++) s += A[(int64_t)k * M + i] * b[k];
+                }
+                c[n] = accumulate ? c[n] + s : s;
+            }
+        }
+    }
+}
+
+/* ---- encoder --------------------------------------------------------------------------------- */
+
+void td_encoder_forward(td_real *out, const int32_t *tokens, const td_real *wte,
+                        const td_real *wpe, int B, int T, int C) {
+#pragma omp parallel for schedule(static)
+    for (int bt = 0; bt < B * T; bt++) {
+        int t = bt % T;
+        const td_real *e = wte + (int64_t)tokens[bt] * C;
+        const td_real *p = wpe + (int64_t)t * C;
+        td_real *o = out + (int64_t)bt * C;
+        for (int c = 0; c < C; c++) o[c] = e[c] + p[c];
+    }
+}
+
+void td_encoder_backward(td_real *dwte, td_real *dwpe, const td_real *dout, const int32_t *tokens,
+                         int B, int T, int C) {
+    /* Rows may share a token (and all batches share positions): keep the adds in row order. */
+    for (int bt = 0; bt < B * T; bt++) {
+        int t = bt % T;
+        const td_real *d = dout + (int64_t)bt * C;
+        td_real *de = dwte + (int64_t)tokens[bt] * C;
+        td_real *dp = dwpe + (int64_t)t * C;
+        for (int c = 0; c < C; c++) {
+            de[c] += d[c];
+            dp[c] += d[c];
+        }
+    }
+}
+
+/* ---- LayerNorm ------------------------------------------------------------------------------- */
+
+void td_layernorm_forward(td_real *out, td_real *mean, td_real *rstd, const td_real *inp,
+                          const td_real *w, const td_real *b, int N, int C) {
+    const double eps = 1e-5;
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        const td_real *x = inp + (int64_t)i * C;
+        double s = 0.0;
+        for (int c = 0; c < C; c++) s += x[c];
+        double m = s / C;
+        double v = 0.0;
+        for (int c = 0; c < C; c++) {
+            double d = x[c] - m;
+            v += d * d;
+        }
+        v /= C;
+        double r = 1.0 / sqrt(v + eps);
+        td_real *o = out + (int64_t)i * C;
+        for (int c = 0; c < C; c++) o[c] = (td_real)(((double)x[c] - m) * r) * w[c] + b[c];
+        mean[i] = (td_real)m;
+        rstd[i] = (td_real)r;
+    }
+}
+
+void td_layernorm_backward_input(td_real *dinp, const td_real *dout, const td_real *inp,
+                                 const td_real *w, const td_real *mean, const td_real *rstd,
+                                 int N, int C, int accumulate_dinp) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        const td_real *d = dout + (int64_t)i * C;
+        const td_real *x = inp + (int64_t)i * C;
+        td_real m = mean[i], r = rstd[i];
+        double dnorm_mean = 0.0, dnorm_xhat_mean = 0.0;
+        for (int c = 0; c < C; c++) {
+            double xhat = (double)(x[c] - m) * r;
+            double dnorm = (double)w[c] * d[c];
+            dnorm_mean += dnorm;
+            dnorm_xhat_mean += dnorm * xhat;
+        }
+        dnorm_mean /= C;
+        dnorm_xhat_mean /= C;
+        td_real *di = dinp + (int64_t)i * C;
+        for (int c = 0; c < C; c++) {
+            double xhat = (double)(x[c] - m) * r;
+            double dnorm = (double)w[c] * d[c];
+            td_real g = (td_real)((dnorm - dnorm_mean - xhat * dnorm_xhat_mean) * r);
+            di[c] = accumulate_dinp ? di[c] + g : g;
+        }
+    }
+}
+
+void td_layernorm_backward_weight(td_real *dw, td_real *db, const td_real *dout,
+                                  const td_real *inp, const td_real *mean, const td_real *rstd,
+                                  int N, int C) {
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < C; c++) {
+        td_real sw = 0, sb = 0;
+        for (int i = 0; i < N; i++) {
+            td_real d = dout[(int64_t)i * C + c];
+            td_real xhat = (inp[(int64_t)i * C + c] - mean[i]) * rstd[i];
+            sw += d * xhat;
+            sb += d;
+        }
+        dw[c] += sw;
+        db[c] += sb;
+    }
+}
+
+/* ---- linear layers (x @ W + b, GPT-2 layout W: (in, out)) ---------------------------------- */
+
+void td_linear_forward(td_real *out, const td_real *inp, const td_real *w, const td_real *bias,
+                       int N, int IC, int OC) {
+    td_gemm(out, inp, w, N, OC, IC, 0, 0, 0);
+    if (bias) {
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < N; i++) {
+            td_real *o = out + (int64_t)i * OC;
+            for (int j = 0; j < OC; j++) o[j] += bias[j];
+        }
+    }
+}
+
+void td_linear_backward_input(td_real *dinp, const td_real *dout, const td_real *w, int N,
+                              int IC, int OC, int accumulate) {
+    td_gemm(dinp, dout, w, N, IC, OC, 0, 1, accumulate);
+}
+
+void td_linear_backward_weight(td_real *dw, td_real *dbias, const td_real *dout,
+                               const td_real *inp, int N, int IC, int OC) {
+    td_gemm(dw, inp, dout, IC, OC, N, 1, 0, 1);
+    if (dbias) {
+#pragma omp parallel for schedule(static)
+        for (int j = 0; j < OC; j++) {
+            td_real s = 0;
+            for (int i = 0; i < N; i++) s += dout[(int64_t)i * OC + j];
+            dbias[j] += s;
+        }
+    }
+}
+
+/* ---- attention ------------------------------------------------------------------------------- */
+
+void td_attention_forward(td_real *out, td_real *att, const td_real *qkv, int B, int T, int C,
+                          int NH) {
+    const int hs = C / NH;
+    const td_real scale = (td_real)(1.0 / sqrt((double)hs));
+    const int64_t C3 = 3 * (int64_t)C;
+#pragma omp parallel for collapse(3) schedule(static)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < NH; h++) {
+                const td_real *q = qkv + (int64_t)b * T * C3 + (int64_t)t * C3 + h * hs;
+                td_real *a = att + (((int64_t)b * NH + h) * T + t) * T;
+                td_real maxv = -INFINITY;
+                for (int u = 0; u <= t; u++) {
+                    const td_real *k = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + C + h * hs;
+                    td_real s = 0;
+                    for (int i = 0; i < hs; i++) s += q[i] * k[i];
+                    s *= scale;
+                    a[u] = s;
+                    if (s > maxv) maxv = s;
+                }
+                td_real sum = 0;
+                for (int u = 0; u <= t; u++) {
+                    a[u] = (td_real)exp((double)(a[u] - maxv));
+                    sum += a[u];
+                }
+                td_real inv = (td_real)1 / sum;
+                for (int u = 0; u <= t; u++) a[u] *= inv;
+                for (int u = t + 1; u < T; u++) a[u] = 0;
+                td_real *o = out + (int64_t)b * T * C + (int64_t)t * C + h * hs;
+                for (int i = 0; i < hs; i++) o[i] = 0;
+                for (int u = 0; u <= t; u++) {
+                    const td_real *v =
+                        qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + 2 * C + h * hs;
+                    for (int i = 0; i < hs; i++) o[i] += a[u] * v[i];
+                }
+            }
+        }
+    }
+}
+
+void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, const td_real *qkv,
+                           const td_real *att, int B, int T, int C, int NH) {
+    const int hs = C / NH;
+    const td_real scale = (td_real)(1.0 / sqrt((double)hs));
+    const int64_t C3 = 3 * (int64_t)C;
+    /* One (b, h) per iteration: it owns its columns of dq, dk, dv, so no two threads write the
+     * same element and the order of the adds over t is fixed. */
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            td_real *base = dqkv + (int64_t)b * T * C3;
+            for (int t = 0; t < T; t++)
+                for (int j = 0; j < 3; j++)
+                    memset(base + (int64_t)t * C3 + j * C + h * hs, 0, sizeof(td_real) * hs);
+            for (int t = 0; t < T; t++) {
+                const td_real *a = att + (((int64_t)b * NH + h) * T + t) * T;
+                td_real *da = datt + (((int64_t)b * NH + h) * T + t) * T;
+                const td_real *d = dout + (int64_t)b * T * C + (int64_t)t * C + h * hs;
+                const td_real *q = qkv + (int64_t)b * T * C3 + (int64_t)t * C3 + h * hs;
+                td_real *dq = base + (int64_t)t * C3 + h * hs;
+                /* through o = sum_u a[u] v[u] */
+                for (int u = 0; u <= t; u++) {
+                    const td_real *v = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + 2 * C + h * hs;
+                    td_real *dv = base + (int64_t)u * C3 + 2 * C + h * hs;
+                    td_real s = 0;
+                    for (int i = 0; i < hs; i++) {
+                        s += v[i] * d[i];
+                        dv[i] += a[u] * d[i];
+                    }
+                    da[u] = s;
+                }
+                /* through the softmax: dpre[u] = a[u] (da[u] - sum_w a[w] da[w]) */
+                td_real dot = 0;
+                for (int u = 0; u <= t; u++) dot += a[u] * da[u];
+                for (int u = 0; u <= t; u++) {
+                    td_real dpre = a[u] * (da[u] - dot) * scale;
+                    const td_real *k = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + C + h * hs;
+                    td_real *dk = base + (int64_t)u * C3 + C + h * hs;
+                    for (int i = 0; i < hs; i++) {
+                        dq[i] += k[i] * dpre;
+                        dk[i] += q[i] * dpre;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ---- GELU, residual -------------------------------------------------------------------------- */
+
+#define GELU_SCALE 0.7978845608028654 /* sqrt(2 / pi) */
+
+void td_gelu_forward(td_real *out, const td_real *inp, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        double x = inp[i];
+        double cube = 0.044715 * x * x * x;
+        out[i] = (td_real)(0.5 * x * (1.0 + tanh(GELU_SCALE * (x + cube))));
+    }
+}
+
+void td_gelu_backward(td_real *dinp, const td_real *inp, const td_real *dout, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        double x = inp[i];
+        double cube = 0.044715 * x * x * x;
+        double arg = GELU_SCALE * (x + cube);
+        double th = tanh(arg);
+        double sech2 = 1.0 - th * th;
+        double g = 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+        dinp[i] = (td_real)(g * dout[i]);
+    }
+}
+
+void td_residual_forward(td_real *out, const td_real *a, const td_real *b, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+/* ---- softmax + cross-entropy ----------------------------------------------------------------- */
+
+void td_softmax_crossentropy_forward(td_real *probs_NV, td_real *losses, const int32_t *targets,
+                                     int N, int V) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        td_real *p = probs_NV + (int64_t)i * V;
+        td_real maxv = -INFINITY;
+        for (int v = 0; v < V; v++)
+            if (p[v] > maxv) maxv = p[v];
+        double sum = 0.0;
+        td_real target_logit = p[targets[i]];
+        for (int v = 0; v < V; v++) {
+            double e = exp((double)(p[v] - maxv));
+            p[v] = (td_real)e;
+            sum += e;
+        }
+        double inv = 1.0 / sum;
+        for (int v = 0; v < V; v++) p[v] = (td_real)(p[v] * inv);
+        /* -log softmax computed as log-sum-exp minus the logit: no log of a rounded probability */
+        losses[i] = (td_real)(log(sum) + (double)maxv - (double)target_logit);
+    }
+}
+
+void td_softmax_crossentropy_backward(td_real *dlogits, const td_real *probs,
+                                      const int32_t *targets, double dloss, int N, int V) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        const td_real *p = probs + (int64_t)i * V;
+        td_real *d = dlogits + (int64_t)i * V;
+        int y = targets[i];
+        for (int v = 0; v < V; v++) d[v] = (td_real)((p[v] - (v == y ? 1.0 : 0.0)) * dloss);
+    }
+}

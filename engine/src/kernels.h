@@ -1,0 +1,76 @@
+/* kernels.h — the maths of every op, forward and backward, on the CPU.
+ *
+ * These are the readable reference kernels: plain loops, OpenMP over independent rows, fixed
+ * reduction order (so results are bit-identical for a given thread count). A fast kernel that
+ * replaces one keeps its name and signature: outputs first, then inputs, then sizes. Backward
+ * kernels ACCUMULATE (+=) into parameter gradients and overwrite activation gradients unless
+ * their comment says otherwise. Shapes use B, T, C, V, NH, and M/N/K for GEMM.
+ */
+#ifndef TD_KERNELS_H
+#define TD_KERNELS_H
+
+#include <stdint.h>
+
+#include "internal.h"
+
+/* C[M,N] (+)= op(A)[M,K] @ op(B)[K,N], row-major. op(A) = A (stored M x K) or, with transA,
+ * A^T (A stored K x M); likewise B (K x N) or, with transB, B^T (B stored N x K).
+ * accumulate = 0 overwrites C, 1 adds to it. */
+void td_gemm(td_real *C, const td_real *A, const td_real *B, int M, int N, int K, int transA,
+             int transB, int accumulate);
+void td_gemm_reference(td_real *C, const td_real *A, const td_real *B, int M, int N, int K,
+                       int transA, int transB, int accumulate);
+
+/* out(B,T,C) = wte[tokens] + wpe[t] */
+void td_encoder_forward(td_real *out, const int32_t *tokens, const td_real *wte,
+                        const td_real *wpe, int B, int T, int C);
+/* dwte[tokens] += dout; dwpe[t] += dout. Serial over rows so repeated tokens add in order. */
+void td_encoder_backward(td_real *dwte, td_real *dwpe, const td_real *dout, const int32_t *tokens,
+                         int B, int T, int C);
+
+/* out = (x - mean) * rstd * w + b over C; mean and rstd (B*T) kept for the backward. */
+void td_layernorm_forward(td_real *out, td_real *mean, td_real *rstd, const td_real *inp,
+                          const td_real *w, const td_real *b, int N, int C);
+/* dinp (+)= d/dx; accumulate_dinp selects += (residual stream) or =. */
+void td_layernorm_backward_input(td_real *dinp, const td_real *dout, const td_real *inp,
+                                 const td_real *w, const td_real *mean, const td_real *rstd,
+                                 int N, int C, int accumulate_dinp);
+/* dw += sum over rows of dout * xhat; db += sum of dout. */
+void td_layernorm_backward_weight(td_real *dw, td_real *db, const td_real *dout,
+                                  const td_real *inp, const td_real *mean, const td_real *rstd,
+                                  int N, int C);
+
+/* out(N, OC) = inp(N, IC) @ w(IC, OC) + bias(OC) (bias may be NULL) */
+void td_linear_forward(td_real *out, const td_real *inp, const td_real *w, const td_real *bias,
+                       int N, int IC, int OC);
+/* dinp(N, IC) = dout @ w^T (overwrite, or add when accumulate) */
+void td_linear_backward_input(td_real *dinp, const td_real *dout, const td_real *w, int N,
+                              int IC, int OC, int accumulate);
+/* dw(IC, OC) += inp^T @ dout; dbias(OC) += column sums of dout (dbias may be NULL) */
+void td_linear_backward_weight(td_real *dw, td_real *dbias, const td_real *dout,
+                               const td_real *inp, int N, int IC, int OC);
+
+/* Causal multi-head attention. qkv (B, T, 3C) -> out (B, T, C); att (B, NH, T, T) probabilities
+ * (upper triangle left zero). */
+void td_attention_forward(td_real *out, td_real *att, const td_real *qkv, int B, int T, int C,
+                          int NH);
+/* dqkv (overwritten), datt scratch (B, NH, T, T). */
+void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, const td_real *qkv,
+                           const td_real *att, int B, int T, int C, int NH);
+
+/* tanh-approximation GELU, elementwise over n */
+void td_gelu_forward(td_real *out, const td_real *inp, int64_t n);
+/* dinp = gelu'(inp) * dout (overwrite) */
+void td_gelu_backward(td_real *dinp, const td_real *inp, const td_real *dout, int64_t n);
+
+/* out = a + b elementwise */
+void td_residual_forward(td_real *out, const td_real *a, const td_real *b, int64_t n);
+
+/* In place: logits (N, V) become softmax probabilities; losses[i] = -log p[targets[i]]. */
+void td_softmax_crossentropy_forward(td_real *probs_NV, td_real *losses, const int32_t *targets,
+                                     int N, int V);
+/* dlogits (N, V) = (probs - onehot(targets)) * dloss, dloss the same for every row. */
+void td_softmax_crossentropy_backward(td_real *dlogits, const td_real *probs,
+                                      const int32_t *targets, double dloss, int N, int V);
+
+#endif /* TD_KERNELS_H */

@@ -1,0 +1,48 @@
+/* optim.c — AdamW with bias correction, decoupled weight decay on rank >= 2 tensors and optional
+ * global-norm clipping, exactly as docs/model.md writes it. The global norm is an input so that
+ * a pipelined run can sum squares over every stage first (td_model_grad_sq_sum).
+ */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* Sum of squared gradients of this stage. The last stage's copy of the tied wte is left out
+ * when the stage does not also hold the embedding: its gradient equals the first stage's after
+ * the tied-gradient sum, and the global norm counts each parameter once. */
+double td_grad_sq_sum_local(const td_model *m) {
+    double sum = 0.0;
+    for (int32_t i = 0; i < m->nparams; i++) {
+        const td_param *p = &m->params[i];
+        if (!m->has_embed && strcmp(p->name, "wte.weight") == 0) continue;
+        const td_real *g = m->grad_mem + p->offset;
+        for (int64_t j = 0; j < p->numel; j++) sum += (double)g[j] * g[j];
+    }
+    return sum;
+}
+
+void td_adamw(td_model *m, double grad_norm) {
+    m->step += 1;
+    const double t = (double)m->step;
+    const td_real b1 = (td_real)m->beta1, b2 = (td_real)m->beta2;
+    const td_real bc1 = (td_real)(1.0 - pow(m->beta1, t));
+    const td_real bc2 = (td_real)(1.0 - pow(m->beta2, t));
+    const td_real lr = (td_real)m->lr, eps = (td_real)m->eps;
+    td_real clip_scale = 1;
+    if (m->grad_clip > 0 && grad_norm > m->grad_clip) clip_scale = (td_real)(m->grad_clip / grad_norm);
+    for (int32_t i = 0; i < m->nparams; i++) {
+        const td_param *p = &m->params[i];
+        const td_real wd = p->decayed ? (td_real)m->weight_decay : 0;
+        td_real *theta = m->param_mem + p->offset, *g = m->grad_mem + p->offset;
+        td_real *mm = m->m_mem + p->offset, *vv = m->v_mem + p->offset;
+#pragma omp parallel for schedule(static)
+        for (int64_t j = 0; j < p->numel; j++) {
+            td_real gj = clip_scale == 1 ? g[j] : g[j] * clip_scale;
+            mm[j] = b1 * mm[j] + (1 - b1) * gj;
+            vv[j] = b2 * vv[j] + (1 - b2) * gj * gj;
+            td_real mhat = mm[j] / bc1;
+            td_real vhat = vv[j] / bc2;
+            theta[j] = theta[j] - lr * (mhat / (td_sqrt(vhat) + eps) + wd * theta[j]);
+        }
+    }
+}

@@ -1,0 +1,6 @@
+"""Tandem harness: drives the C engine and the JAX reference side by side.
+
+Only `harness.engine` touches libtandem; everything else goes through it.
+"""
+
+__version__ = "0.1.0"

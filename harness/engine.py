@@ -1,0 +1,383 @@
+"""The one binding to libtandem (ctypes over engine/include/tandem.h).
+
+Everything else in the harness reaches the engine through `Model` and `read_tokens` here. A
+non-OK status becomes `EngineError` carrying the engine's own message; the library never exits
+the Python process. Not here: pipelined multi-process runs (harness/pipeline.py launches
+`tandem-engine` under mpirun).
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import EngineError
+
+ABI_VERSION = 1  # must equal TD_ABI_VERSION in tandem.h
+
+_LIB_NAMES = {"fp32": "libtandem.so", "f64": "libtandem_f64.so"}
+_BWD_PART = {"BW": 0, "B": 1, "W": 2}
+
+
+def library_dirs() -> list[Path]:
+    """Where the shared library is looked for, in order: $TANDEM_LIB_DIR, the installed package
+    (harness/_lib), then build trees of a source checkout (newest first)."""
+    dirs = []
+    if os.environ.get("TANDEM_LIB_DIR"):
+        dirs.append(Path(os.environ["TANDEM_LIB_DIR"]))
+    here = Path(__file__).resolve().parent
+    dirs.append(here / "_lib")
+    repo_build = here.parent / "build"
+    if repo_build.is_dir():
+        found = sorted(repo_build.glob("*/engine/libtandem.so"), key=lambda p: p.stat().st_mtime,
+                       reverse=True)
+        dirs.extend(p.parent for p in found)
+    return dirs
+
+
+def find_library(variant: str = "fp32") -> Path:
+    name = _LIB_NAMES[variant]
+    for d in library_dirs():
+        if (d / name).exists():
+            return d / name
+    searched = ", ".join(str(d) for d in library_dirs())
+    raise EngineError(f"{name} not found (searched: {searched}). HINT: `pip install .` builds "
+                      "it, or set TANDEM_LIB_DIR to a directory holding it", "TD_ERR_IO")
+
+
+def _declare(lib: C.CDLL) -> None:
+    i32, i64, f64, vp, cp = C.c_int32, C.c_int64, C.c_double, C.c_void_p, C.c_char_p
+    fp = C.POINTER(C.c_float)
+    ip = C.POINTER(C.c_int32)
+    dp = C.POINTER(C.c_double)
+    sigs = {
+        "td_abi_version": (i32, []),
+        "td_real_bytes": (i32, []),
+        "td_version_string": (cp, []),
+        "td_status_name": (cp, [C.c_int]),
+        "td_last_error": (cp, []),
+        "td_model_create": (C.c_int, [C.POINTER(vp)]),
+        "td_model_free": (None, [vp]),
+        "td_model_last_error": (cp, [vp]),
+        "td_model_set_int": (C.c_int, [vp, cp, i64]),
+        "td_model_set_float": (C.c_int, [vp, cp, f64]),
+        "td_model_get_int": (C.c_int, [vp, cp, C.POINTER(i64)]),
+        "td_model_build": (C.c_int, [vp]),
+        "td_model_num_params": (C.c_int, [vp, C.POINTER(i32)]),
+        "td_model_param_info": (C.c_int, [vp, i32, C.POINTER(cp), C.POINTER(i32),
+                                          C.POINTER(i64), C.POINTER(i64), C.POINTER(i32)]),
+        "td_model_get_param": (C.c_int, [vp, fp, cp, i64]),
+        "td_model_set_param": (C.c_int, [vp, cp, fp, i64]),
+        "td_model_get_grad": (C.c_int, [vp, fp, cp, i64]),
+        "td_model_set_grad": (C.c_int, [vp, cp, fp, i64]),
+        "td_model_load_safetensors": (C.c_int, [vp, cp]),
+        "td_model_save_safetensors": (C.c_int, [vp, cp]),
+        "td_model_forward": (C.c_int, [vp, fp, dp, ip, ip, i32, i32]),
+        "td_model_zero_grad": (C.c_int, [vp]),
+        "td_model_forward_backward": (C.c_int, [vp, dp, ip, ip, i32, i32, f64]),
+        "td_model_optimizer_step": (C.c_int, [vp, dp]),
+        "td_model_grad_sq_sum": (C.c_int, [vp, dp]),
+        "td_model_optimizer_step_with_norm": (C.c_int, [vp, f64]),
+        "td_stage_forward": (C.c_int, [vp, fp, dp, i32, ip, fp, ip, i32, i32]),
+        "td_stage_backward": (C.c_int, [vp, fp, i32, fp, f64, i32]),
+        "td_tokens_read": (C.c_int, [C.POINTER(ip), C.POINTER(i64), cp, i64]),
+        "td_free": (None, [vp]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype = res
+        fn.argtypes = args
+
+
+@lru_cache(maxsize=None)
+def load_library(variant: str = "fp32") -> C.CDLL:
+    path = find_library(variant)
+    try:
+        lib = C.CDLL(str(path))
+    except OSError as exc:
+        raise EngineError(f"cannot load {path}: {exc}", "TD_ERR_IO") from exc
+    _declare(lib)
+    abi = lib.td_abi_version()
+    if abi != ABI_VERSION:
+        raise EngineError(f"{path} has ABI version {abi}, this harness speaks {ABI_VERSION}. "
+                          "HINT: rebuild and reinstall (`pip install .`)", "TD_ERR_STATE")
+    return lib
+
+
+def version(variant: str = "fp32") -> str:
+    return load_library(variant).td_version_string().decode()
+
+
+def _fptr(a: np.ndarray):
+    return a.ctypes.data_as(C.POINTER(C.c_float))
+
+
+def _iptr(a: np.ndarray):
+    return a.ctypes.data_as(C.POINTER(C.c_int32))
+
+
+def _ids(a, what: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise EngineError(f"{what} must be a (B, T) array, got shape {a.shape}", "TD_ERR_ARG")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise EngineError(f"{what} must hold integer token ids, got dtype {a.dtype}", "TD_ERR_ARG")
+    if a.size and (a.min() < np.iinfo(np.int32).min or a.max() > np.iinfo(np.int32).max):
+        raise EngineError(f"{what} holds ids outside int32: [{a.min()}, {a.max()}]", "TD_ERR_RANGE")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    decayed: bool
+
+
+class Model:
+    """One engine model (or one pipeline stage) with its parameters, gradients and AdamW state.
+
+    Configuration keys are those of td_model_set_int/float (n_layer, n_embd, n_head,
+    vocab_size, n_positions, seq_len, batch_size, threads, stage, stages, layer_begin,
+    layer_end, slots, split_backward; lr, beta1, beta2, eps, weight_decay, grad_clip).
+    variant="f64" loads the float64-kernel build used by the finite-difference tests.
+    """
+
+    _INT_KEYS = {"n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "seq_len",
+                 "batch_size", "threads", "stage", "stages", "layer_begin", "layer_end", "slots",
+                 "split_backward"}
+
+    def __init__(self, variant: str = "fp32", **config):
+        self._lib = load_library(variant)
+        self._h = C.c_void_p()
+        st = self._lib.td_model_create(C.byref(self._h))
+        if st:
+            raise EngineError(self._lib.td_last_error().decode(), self._status(st))
+        try:
+            for key, value in config.items():
+                if value is None:
+                    continue
+                if key in self._INT_KEYS:
+                    if isinstance(value, bool):
+                        value = int(value)
+                    if not isinstance(value, (int, np.integer)):
+                        raise EngineError(f"config key {key} must be an integer, got {value!r}",
+                                          "TD_ERR_CONFIG")
+                    self._check(self._lib.td_model_set_int(self._h, key.encode(), int(value)))
+                else:
+                    if not isinstance(value, (int, float, np.floating, np.integer)):
+                        raise EngineError(f"config key {key} must be a number, got {value!r}",
+                                          "TD_ERR_CONFIG")
+                    self._check(self._lib.td_model_set_float(self._h, key.encode(), float(value)))
+            self._check(self._lib.td_model_build(self._h))
+        except Exception:
+            self.close()
+            raise
+        self.config = dict(config)
+        self.table = self._read_table()
+        self._by_name = {p.name: p for p in self.table}
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _status(self, st: int) -> str:
+        return self._lib.td_status_name(st).decode()
+
+    def _check(self, st: int) -> None:
+        if st:
+            msg = self._lib.td_model_last_error(self._h).decode() if self._h else \
+                self._lib.td_last_error().decode()
+            raise EngineError(msg, self._status(st))
+
+    def close(self) -> None:
+        if getattr(self, "_h", None):
+            self._lib.td_model_free(self._h)
+            self._h = C.c_void_p()
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def get_int(self, key: str) -> int:
+        out = C.c_int64()
+        self._check(self._lib.td_model_get_int(self._h, key.encode(), C.byref(out)))
+        return out.value
+
+    def set_float(self, key: str, value: float) -> None:
+        self._check(self._lib.td_model_set_float(self._h, key.encode(), float(value)))
+
+    # -- parameter table --------------------------------------------------------------------
+    def _read_table(self) -> list[ParamInfo]:
+        n = C.c_int32()
+        self._check(self._lib.td_model_num_params(self._h, C.byref(n)))
+        table = []
+        for i in range(n.value):
+            name, ndim, numel, dec = C.c_char_p(), C.c_int32(), C.c_int64(), C.c_int32()
+            shape = (C.c_int64 * 4)()
+            self._check(self._lib.td_model_param_info(self._h, i, C.byref(name), C.byref(ndim),
+                                                      shape, C.byref(numel), C.byref(dec)))
+            table.append(ParamInfo(name.value.decode(), tuple(shape[: ndim.value]), numel.value,
+                                   bool(dec.value)))
+        return table
+
+    def _info(self, name: str) -> ParamInfo:
+        if name not in self._by_name:
+            raise EngineError(f"no parameter '{name}' on this model/stage", "TD_ERR_ARG")
+        return self._by_name[name]
+
+    def get_param(self, name: str) -> np.ndarray:
+        p = self._info(name)
+        out = np.empty(p.shape, dtype=np.float32)
+        self._check(self._lib.td_model_get_param(self._h, _fptr(out), name.encode(), p.numel))
+        return out
+
+    def get_grad(self, name: str) -> np.ndarray:
+        p = self._info(name)
+        out = np.empty(p.shape, dtype=np.float32)
+        self._check(self._lib.td_model_get_grad(self._h, _fptr(out), name.encode(), p.numel))
+        return out
+
+    def _set(self, fn, name: str, value) -> None:
+        p = self._info(name)
+        a = np.ascontiguousarray(value, dtype=np.float32)
+        if a.shape != p.shape:
+            raise EngineError(f"'{name}' has shape {p.shape}, got an array of shape {a.shape}",
+                              "TD_ERR_ARG")
+        self._check(fn(self._h, name.encode(), _fptr(a), p.numel))
+
+    def set_param(self, name: str, value) -> None:
+        self._set(self._lib.td_model_set_param, name, value)
+
+    def set_grad(self, name: str, value) -> None:
+        self._set(self._lib.td_model_set_grad, name, value)
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {p.name: self.get_param(p.name) for p in self.table}
+
+    def grads(self) -> dict[str, np.ndarray]:
+        return {p.name: self.get_grad(p.name) for p in self.table}
+
+    def set_params(self, params: dict) -> None:
+        missing = [p.name for p in self.table if p.name not in params]
+        if missing:
+            raise EngineError(f"set_params: missing {missing[:5]}", "TD_ERR_ARG")
+        for p in self.table:
+            self.set_param(p.name, params[p.name])
+
+    def load_safetensors(self, path) -> None:
+        self._check(self._lib.td_model_load_safetensors(self._h, str(path).encode()))
+
+    def save_safetensors(self, path) -> None:
+        self._check(self._lib.td_model_save_safetensors(self._h, str(path).encode()))
+
+    # -- one-stage passes -------------------------------------------------------------------
+    def forward(self, tokens, targets=None, logits: bool = True):
+        """Returns (logits (B, T, V) float32 or None, loss or None)."""
+        x = _ids(tokens, "tokens")
+        y = None if targets is None else _ids(targets, "targets")
+        if y is not None and y.shape != x.shape:
+            raise EngineError(f"targets shape {y.shape} != tokens shape {x.shape}", "TD_ERR_ARG")
+        B, T = x.shape
+        V = self.config["vocab_size"]
+        out = np.empty((B, T, V), dtype=np.float32) if logits else None
+        loss = C.c_double(float("nan"))
+        self._check(self._lib.td_model_forward(
+            self._h, _fptr(out) if logits else None, C.byref(loss), _iptr(x),
+            _iptr(y) if y is not None else None, B, T))
+        return out, (loss.value if y is not None else None)
+
+    def zero_grad(self) -> None:
+        self._check(self._lib.td_model_zero_grad(self._h))
+
+    def forward_backward(self, tokens, targets, grad_scale: float = 1.0) -> float:
+        x, y = _ids(tokens, "tokens"), _ids(targets, "targets")
+        if y.shape != x.shape:
+            raise EngineError(f"targets shape {y.shape} != tokens shape {x.shape}", "TD_ERR_ARG")
+        loss = C.c_double()
+        self._check(self._lib.td_model_forward_backward(self._h, C.byref(loss), _iptr(x),
+                                                        _iptr(y), x.shape[0], x.shape[1],
+                                                        float(grad_scale)))
+        return loss.value
+
+    def optimizer_step(self) -> float:
+        norm = C.c_double()
+        self._check(self._lib.td_model_optimizer_step(self._h, C.byref(norm)))
+        return norm.value
+
+    def grad_sq_sum(self) -> float:
+        out = C.c_double()
+        self._check(self._lib.td_model_grad_sq_sum(self._h, C.byref(out)))
+        return out.value
+
+    def optimizer_step_with_norm(self, grad_norm: float) -> None:
+        self._check(self._lib.td_model_optimizer_step_with_norm(self._h, float(grad_norm)))
+
+    def train_step(self, tokens_MBT, targets_MBT) -> tuple[float, float]:
+        """One optimizer step over M equal micro-batches: returns (mean loss, pre-clip norm)."""
+        x, y = np.asarray(tokens_MBT), np.asarray(targets_MBT)
+        if x.ndim == 2:
+            x, y = x[None], y[None]
+        M = x.shape[0]
+        self.zero_grad()
+        losses = [self.forward_backward(x[i], y[i], 1.0 / M) for i in range(M)]
+        norm = self.optimizer_step()
+        return float(np.mean(losses)), norm
+
+    # -- stage passes (pipeline) ------------------------------------------------------------
+    def stage_forward(self, slot: int, tokens=None, inputs=None, targets=None):
+        """Returns (out (B, T, C) or None on the last stage, loss or None)."""
+        x = None if tokens is None else _ids(tokens, "tokens")
+        y = None if targets is None else _ids(targets, "targets")
+        h = None if inputs is None else np.ascontiguousarray(inputs, dtype=np.float32)
+        shape = (x if x is not None else h).shape
+        B, T = shape[0], shape[1]
+        is_last = self.get_int("stage") == self.get_int("stages") - 1
+        out = None if is_last else np.empty((B, T, self.config["n_embd"]), dtype=np.float32)
+        loss = C.c_double(float("nan"))
+        self._check(self._lib.td_stage_forward(
+            self._h, _fptr(out) if out is not None else None, C.byref(loss), slot,
+            _iptr(x) if x is not None else None, _fptr(h) if h is not None else None,
+            _iptr(y) if y is not None else None, B, T))
+        return out, (loss.value if is_last and y is not None else None)
+
+    def stage_backward(self, slot: int, dout=None, grad_scale: float = 1.0, part: str = "BW",
+                       shape: tuple[int, int] | None = None):
+        """Backward of `slot`; part "BW" (fused), "B" (input gradient) or "W" (weights).
+        Returns the gradient of the stage input (B, T, C) for BW/B on non-first stages."""
+        is_first = self.get_int("stage") == 0
+        d = None if dout is None else np.ascontiguousarray(dout, dtype=np.float32)
+        din = None
+        if part != "W" and not is_first:
+            if shape is None and d is None:
+                raise EngineError("stage_backward needs `shape` (B, T) on the last stage",
+                                  "TD_ERR_ARG")
+            B, T = shape if shape is not None else d.shape[:2]
+            din = np.empty((B, T, self.config["n_embd"]), dtype=np.float32)
+        self._check(self._lib.td_stage_backward(
+            self._h, _fptr(din) if din is not None else None, slot,
+            _fptr(d) if d is not None else None, float(grad_scale), _BWD_PART[part]))
+        return din
+
+
+def read_tokens(path, vocab_size: int = 0) -> np.ndarray:
+    """Read a token shard through the engine's own reader (the same checks the engine applies)."""
+    lib = load_library()
+    ptr = C.POINTER(C.c_int32)()
+    count = C.c_int64()
+    st = lib.td_tokens_read(C.byref(ptr), C.byref(count), str(path).encode(), int(vocab_size))
+    if st:
+        raise EngineError(lib.td_last_error().decode(), lib.td_status_name(st).decode())
+    try:
+        return np.ctypeslib.as_array(ptr, shape=(count.value,)).copy() if count.value else \
+            np.zeros(0, dtype=np.int32)
+    finally:
+        lib.td_free(ptr)
