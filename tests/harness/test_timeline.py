@@ -1,0 +1,134 @@
+"""Tests of harness.timeline on synthetic engine timelines: loading, Chrome trace events and the
+measured bubble against values computed by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from harness import timeline as tl
+from harness.errors import DataError
+
+HEADER = "rank,step,kind,stage,microbatch,start_us,end_us"
+BASE = 1_700_000_000_000  # MPI_Wtime-like offset in microseconds: times are absolute
+
+# One step of 1F1B, P = 2, M = 1, times relative to BASE (µs).
+#   rank 0: F 0-10, SEND 10-11, WAIT 11-41, BW 41-61, OPT 61-70, ALLREDUCE 70-80
+#   rank 1: WAIT 0-11, RECV 10-11, F 11-21, BW 21-40, SEND 40-41, OPT 41-50
+# window (compute + comm, no OPT/ALLREDUCE) 0-61 = 61; busy 10+20 + 10+19 = 59
+# bubble = 1 - 59 / (2 * 61) = 63/122
+STEP0 = {
+    0: [("F", 0, 0, 0, 10), ("SEND", 0, 0, 10, 11), ("WAIT", 0, 0, 11, 41),
+        ("BW", 0, 0, 41, 61), ("OPT", -1, -1, 61, 70), ("ALLREDUCE", -1, -1, 70, 80)],
+    1: [("WAIT", 1, 0, 0, 11), ("RECV", 1, 0, 10, 11), ("F", 1, 0, 11, 21),
+        ("BW", 1, 0, 21, 40), ("SEND", 1, 0, 40, 41), ("OPT", -1, -1, 41, 50)],
+}
+BUBBLE0 = 63 / 122
+
+
+def write_timelines(directory, steps):
+    """steps: list of (offset_us, {rank: [(kind, stage, mb, start, end), ...]}) -> CSV files."""
+    lines = {r: [HEADER] for r in steps[0][1]}
+    for step, (offset, per_rank) in enumerate(steps):
+        for r, rows in per_rank.items():
+            for kind, stage, mb, start, end in rows:
+                lines[r].append(f"{r},{step},{kind},{stage},{mb},{BASE + offset + start},"
+                                f"{BASE + offset + end}")
+    for r, text in lines.items():
+        (directory / f"timeline_rank{r}.csv").write_text("\n".join(text) + "\n")
+
+
+def delayed(per_rank, extra):
+    """The same step with rank 0's WAIT longer by `extra` µs and rank 0's later actions shifted."""
+    rank0 = []
+    for kind, stage, mb, start, end in per_rank[0]:
+        if kind == "WAIT":
+            end += extra
+        elif start >= 41:
+            start, end = start + extra, end + extra
+        rank0.append((kind, stage, mb, start, end))
+    return {**per_rank, 0: rank0}
+
+
+def test_load_timelines(tmp_path):
+    write_timelines(tmp_path, [(0, STEP0)])
+    (tmp_path / "timeline_rank1.csv.bak").write_text("ignored")
+    df = tl.load_timelines(tmp_path)
+    assert list(df.columns) == tl.COLUMNS
+    assert len(df) == 12
+    assert sorted(df["rank"].unique()) == [0, 1]
+    assert df.iloc[0]["kind"] == "F" and df.iloc[0]["start_us"] == BASE
+
+
+def test_load_timelines_errors(tmp_path):
+    with pytest.raises(DataError, match="no timeline_rank"):
+        tl.load_timelines(tmp_path)
+    (tmp_path / "timeline_rank0.csv").write_text(HEADER + "\n0,0,FWD,0,0,1,2\n")
+    with pytest.raises(DataError, match=r"unknown kind\(s\) \['FWD'\]"):
+        tl.load_timelines(tmp_path)
+    (tmp_path / "timeline_rank0.csv").write_text("rank,step,kind\n0,0,F\n")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['stage'"):
+        tl.load_timelines(tmp_path)
+    (tmp_path / "timeline_rank0.csv").write_text(HEADER + "\n1,0,F,0,0,1,2\n")
+    with pytest.raises(DataError, match="expected 0 from the file name"):
+        tl.load_timelines(tmp_path)
+
+
+def test_chrome_trace_events(tmp_path):
+    write_timelines(tmp_path, [(0, STEP0)])
+    trace = tl.to_chrome_trace(tl.load_timelines(tmp_path))
+    events = trace["traceEvents"]
+    meta = [e for e in events if e["ph"] == "M"]
+    names = {(e["pid"], e["args"]["name"]) for e in meta if e["name"] == "process_name"}
+    assert names == {(0, "rank 0"), (1, "rank 1")}
+    threads = {(e["pid"], e["tid"], e["args"]["name"]) for e in meta if e["name"] == "thread_name"}
+    assert (0, 0, "compute") in threads and (1, 1, "comm") in threads
+
+    spans = [e for e in events if e["ph"] == "X"]
+    assert len(spans) == 12
+    f1 = next(e for e in spans if e["name"] == "F mb0 s1")
+    assert (f1["pid"], f1["tid"], f1["ts"], f1["dur"]) == (1, 0, 11.0, 10.0)
+    assert f1["args"] == {"step": 0, "stage": 1, "mb": 0}
+    bw0 = next(e for e in spans if e["name"] == "BW mb0 s0")
+    assert (bw0["pid"], bw0["tid"], bw0["ts"], bw0["dur"]) == (0, 0, 41.0, 20.0)
+    comm_names = sorted(e["name"] for e in spans if e["tid"] == 1)
+    assert comm_names == ["ALLREDUCE", "RECV mb0 s1", "SEND mb0 s0", "SEND mb0 s1",
+                          "WAIT mb0 s0", "WAIT mb0 s1"]
+    opt = [e for e in spans if e["name"] == "OPT"]
+    assert len(opt) == 2 and all(e["tid"] == 0 and e["args"]["stage"] is None for e in opt)
+    assert min(e["ts"] for e in spans) == 0.0
+
+    path = tl.write_chrome_trace(tl.load_timelines(tmp_path), tmp_path / "traces" / "t.json")
+    assert json.loads(path.read_text()) == json.loads(json.dumps(trace))
+
+
+def test_measured_bubble_by_hand(tmp_path):
+    write_timelines(tmp_path, [(0, STEP0)])
+    df = tl.load_timelines(tmp_path)
+    assert tl.measured_bubble(df, step=0) == pytest.approx(BUBBLE0)
+    assert tl.measured_bubble(df) == pytest.approx(BUBBLE0)  # one step: nothing left out
+
+
+def test_measured_bubble_median_leaves_out_step_0(tmp_path):
+    # step 0 slow (warm-up: rank 0 waits 100 µs more), steps 1..3 with extra waits of 0, 10, 30
+    steps = [(0, delayed(STEP0, 100)), (1000, STEP0), (2000, delayed(STEP0, 10)),
+             (3000, delayed(STEP0, 30))]
+    write_timelines(tmp_path, steps)
+    df = tl.load_timelines(tmp_path)
+    per_step = tl.bubble_per_step(df)
+    assert per_step[0] == pytest.approx(1 - 59 / (2 * 161))
+    assert per_step[2] == pytest.approx(1 - 59 / (2 * 71))
+    assert tl.measured_bubble(df, step=1) == pytest.approx(BUBBLE0)
+    # median of steps 1, 2, 3 = step 2's value; step 0 would have pulled it up
+    assert tl.measured_bubble(df) == pytest.approx(1 - 59 / (2 * 71))
+    with pytest.raises(DataError, match="step 7 not in timeline"):
+        tl.measured_bubble(df, step=7)
+
+
+def test_opt_and_allreduce_do_not_count():
+    rows = [(0, 0, "F", 0, 0, 0, 10), (0, 0, "OPT", -1, -1, 10, 1000),
+            (1, 0, "F", 1, 0, 10, 20), (1, 0, "ALLREDUCE", -1, -1, 20, 5000)]
+    df = pd.DataFrame(rows, columns=tl.COLUMNS)
+    assert tl.measured_bubble(df) == pytest.approx(1 - 20 / (2 * 20))
