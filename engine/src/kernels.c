@@ -7,7 +7,27 @@
 #include "kernels.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* Fault injection for the harness's own tests: TANDEM_FAULT=<kernel>[:<factor>] scales the output
+ * of every kernel whose name is or starts with <kernel>_ by factor (default 1 + 1e-3), so a test can prove that parity catches a
+ * wrong kernel and names the tensors it touches. Unset in normal use: costs one getenv. */
+static td_real fault_factor(const char *kernel) {
+    const char *f = getenv("TANDEM_FAULT");
+    if (!f || !*f) return 1;
+    const char *colon = strchr(f, ':');
+    size_t n = colon ? (size_t)(colon - f) : strlen(f);
+    /* "layernorm_backward" selects both layernorm_backward_input and _weight */
+    if (strncmp(kernel, f, n) != 0 || (kernel[n] != 0 && kernel[n] != '_')) return 1;
+    return (td_real)(colon ? atof(colon + 1) : 1.001);
+}
+
+static void apply_fault(const char *kernel, td_real *out, int64_t n) {
+    td_real k = fault_factor(kernel);
+    if (k != 1)
+        for (int64_t i = 0; i < n; i++) out[i] *= k;
+}
 
 /* ---- GEMM ------------------------------------------------------------------------------------ */
 
@@ -97,6 +117,7 @@ void td_layernorm_forward(td_real *out, td_real *mean, td_real *rstd, const td_r
 void td_layernorm_backward_input(td_real *dinp, const td_real *dout, const td_real *inp,
                                  const td_real *w, const td_real *mean, const td_real *rstd,
                                  int N, int C, int accumulate_dinp) {
+    const td_real fk = fault_factor("layernorm_backward_input");
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {
         const td_real *d = dout + (int64_t)i * C;
@@ -115,7 +136,7 @@ void td_layernorm_backward_input(td_real *dinp, const td_real *dout, const td_re
         for (int c = 0; c < C; c++) {
             double xhat = (double)(x[c] - m) * r;
             double dnorm = (double)w[c] * d[c];
-            td_real g = (td_real)((dnorm - dnorm_mean - xhat * dnorm_xhat_mean) * r);
+            td_real g = (td_real)((dnorm - dnorm_mean - xhat * dnorm_xhat_mean) * r) * fk;
             di[c] = accumulate_dinp ? di[c] + g : g;
         }
     }
@@ -124,6 +145,7 @@ void td_layernorm_backward_input(td_real *dinp, const td_real *dout, const td_re
 void td_layernorm_backward_weight(td_real *dw, td_real *db, const td_real *dout,
                                   const td_real *inp, const td_real *mean, const td_real *rstd,
                                   int N, int C) {
+    const td_real fk = fault_factor("layernorm_backward_weight");
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < C; c++) {
         td_real sw = 0, sb = 0;
@@ -133,8 +155,8 @@ void td_layernorm_backward_weight(td_real *dw, td_real *db, const td_real *dout,
             sw += d * xhat;
             sb += d;
         }
-        dw[c] += sw;
-        db[c] += sb;
+        dw[c] += sw * fk;
+        db[c] += sb * fk;
     }
 }
 
@@ -258,6 +280,7 @@ void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, co
             }
         }
     }
+    apply_fault("attention_backward", dqkv, (int64_t)B * T * C3);
 }
 
 /* ---- GELU, residual -------------------------------------------------------------------------- */
@@ -284,6 +307,7 @@ void td_gelu_backward(td_real *dinp, const td_real *inp, const td_real *dout, in
         double g = 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
         dinp[i] = (td_real)(g * dout[i]);
     }
+    apply_fault("gelu_backward", dinp, n);
 }
 
 void td_residual_forward(td_real *out, const td_real *a, const td_real *b, int64_t n) {
