@@ -87,6 +87,8 @@ td_status td_model_set_grad(td_model *model, const char *name, const float *in, 
  * unknown names are errors); save this stage's parameters as F32. */
 td_status td_model_load_safetensors(td_model *model, const char *path);
 td_status td_model_save_safetensors(td_model *model, const char *path);
+/* The same layout, holding this stage's accumulated gradients instead of the parameters. */
+td_status td_model_save_grads_safetensors(td_model *model, const char *path);
 
 /* ---- one-stage training step ---------------------------------------------------------------- */
 

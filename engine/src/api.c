@@ -295,7 +295,13 @@ td_status td_model_load_safetensors(td_model *m, const char *path) {
 td_status td_model_save_safetensors(td_model *m, const char *path) {
     REQUIRE_BUILT("td_model_save_safetensors");
     if (!path) return td_fail(m, TD_ERR_ARG, "td_model_save_safetensors: path is NULL");
-    return td_save_safetensors(m, path);
+    return td_save_safetensors(m, path, 0);
+}
+
+td_status td_model_save_grads_safetensors(td_model *m, const char *path) {
+    REQUIRE_BUILT("td_model_save_grads_safetensors");
+    if (!path) return td_fail(m, TD_ERR_ARG, "td_model_save_grads_safetensors: path is NULL");
+    return td_save_safetensors(m, path, 1);
 }
 
 /* ---- passes ---------------------------------------------------------------------------------- */

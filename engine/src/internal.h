@@ -152,7 +152,7 @@ void td_adamw(td_model *m, double grad_norm);
 
 /* io.c */
 td_status td_load_safetensors(td_model *m, const char *path);
-td_status td_save_safetensors(td_model *m, const char *path);
+td_status td_save_safetensors(td_model *m, const char *path, int grads);
 
 void td_set_threads(const td_model *m);
 

@@ -383,7 +383,7 @@ out:
     return st;
 }
 
-td_status td_save_safetensors(td_model *m, const char *path) {
+td_status td_save_safetensors(td_model *m, const char *path, int grads) {
     /* header: {"name":{"dtype":"F32","shape":[..],"data_offsets":[b,e]},...} padded to 8 */
     size_t cap = 256 + (size_t)m->nparams * 160, len = 0;
     char *h = malloc(cap);
@@ -413,7 +413,7 @@ td_status td_save_safetensors(td_model *m, const char *path) {
     int ok = fwrite(lenbuf, 1, 8, f) == 8 && fwrite(h, 1, len, f) == len;
     for (int32_t i = 0; ok && i < m->nparams; i++) {
         const td_param *p = &m->params[i];
-        const td_real *src = m->param_mem + p->offset;
+        const td_real *src = (grads ? m->grad_mem : m->param_mem) + p->offset;
         for (int64_t j = 0; ok && j < p->numel; j++) {
             float v = (float)src[j];
             ok = fwrite(&v, 4, 1, f) == 1;
