@@ -76,7 +76,7 @@ def _mpi_env(threads: int) -> dict[str, str]:
 
 
 _RANK_MSG = re.compile(r"tandem-engine: rank (\d+): (.*)")
-_MPI_DEATH = re.compile(r"rank (\d+) with PID \d+ on node \S+ exited on signal (\d+)")
+_MPI_DEATH = re.compile(r"rank (\d+) with PID \d+ on node \S+ exited on\s+signal (\d+)")
 
 
 def _failure_message(rc: int, stderr: str) -> str:
@@ -91,6 +91,15 @@ def _failure_message(rc: int, stderr: str) -> str:
     m = re.search(r"process rank (\d+).*?exited", stderr, re.S)
     if m:
         return f"rank {m.group(1)} exited abnormally (mpirun exit code {rc})"
+    # OpenMPI 5 (prterun): "Process name: [prterun-host-123@1,RANK]" then "Exit code:" / signal
+    m = re.search(r"Process name: \[\S+?,(\d+)\].*?(Exit code:\s*(\d+)|signal\s*(\d+))?", stderr,
+                  re.S)
+    if m:
+        how = f"exit code {m.group(3)}" if m.group(3) else "a signal"
+        sig = re.search(r"signal (\d+)", stderr)
+        if sig:
+            how = f"signal {sig.group(1)}"
+        return f"rank {m.group(1)} died ({how}) without a message; the job was stopped"
     tail = stderr.strip().splitlines()[-5:]
     return f"mpirun exited with code {rc}: " + " | ".join(tail)
 

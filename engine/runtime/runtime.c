@@ -9,6 +9,7 @@
 #include "runtime.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -201,12 +202,15 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
     if ((st = comm->barrier(comm))) return FAIL(st, "%s", comm->err);
     tl.t0 = comm->now(comm);
 
-    const char *crash = getenv("TANDEM_CRASH"); /* "<rank>:<step>": test hook, dies like a killed rank */
+    /* Test hook TANDEM_CRASH="<rank>:<step>[:kill]": that rank exits abruptly at that step, or
+     * with ":kill" dies by SIGKILL without a word, as a rank killed from outside would. */
+    const char *crash = getenv("TANDEM_CRASH");
     int crash_rank = -1, crash_step = -1;
     if (crash) sscanf(crash, "%d:%d", &crash_rank, &crash_step);
 
     for (int64_t step = 0; step < cfg->steps; step++) {
         if (rank == crash_rank && step == crash_step) {
+            if (strstr(crash, ":kill")) raise(SIGKILL);
             fprintf(stderr, "tandem-engine: rank %d: TANDEM_CRASH requested, exiting abruptly at step %lld\n", rank, (long long)step);
             fflush(stderr);
             _Exit(9);
