@@ -1,0 +1,577 @@
+"""Typed suite configuration: TOML files in, frozen dataclasses out, validated strictly at load.
+
+A suite is a named list of cases (model shape, batch, steps, optimizer, pipeline layout, data,
+dtype, backend, parity tiers). Unknown keys, wrong types and inconsistent values raise ConfigError
+naming the key path and the value. This module only describes runs: it runs nothing and imports
+neither the engine nor JAX. The file format is documented in suites/smoke.toml.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+TIERS = ("op", "model", "trajectory")
+DATA_KINDS = ("random", "text")
+DTYPES = ("fp32", "bf16")
+BACKENDS = ("cpu", "cuda")
+TEXT_VOCAB = 256  # data = "text" is byte-level: ids 0..255
+
+# ---- validation helpers ------------------------------------------------------------------------
+
+
+class _Invalid(ConfigError):
+    """A bad value found inside a dataclass. `rel` is the key path relative to the object being
+    built ("pipeline.microbatches"); the loader re-raises it with the full path and the file."""
+
+    def __init__(self, rel: str, value: Any, msg: str):
+        self.rel, self.value, self.msg = rel, value, msg
+        super().__init__(f"{rel} = {value!r}: {msg}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # TOML booleans are not sizes
+
+
+def _int(rel: str, v: Any, minimum: int = 1) -> int:
+    if not _is_int(v):
+        raise _Invalid(rel, v, "expected an integer")
+    if v < minimum:
+        raise _Invalid(rel, v, f"must be >= {minimum}")
+    return v
+
+
+def _float(rel: str, v: Any) -> float:
+    if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
+        raise _Invalid(rel, v, "expected a finite number")
+    return float(v)
+
+
+def _choice(rel: str, v: Any, allowed: tuple[str, ...]) -> str:
+    if v not in allowed:
+        raise _Invalid(rel, v, f"unknown value (allowed: {', '.join(allowed)})")
+    return v
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # normalise a field of a frozen dataclass
+
+
+# ---- the typed configs -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """GPT-2 shape (docs/model.md). HS = n_embd / n_head."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    n_positions: int
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _int(f.name, getattr(self, f.name))
+        if self.n_embd % self.n_head:
+            raise _Invalid("n_embd", self.n_embd, f"not divisible by n_head = {self.n_head}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW hyper-parameters (docs/model.md); grad_clip = 0 turns clipping off."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _set(self, f.name, _float(f.name, getattr(self, f.name)))
+        if self.lr <= 0:
+            raise _Invalid("lr", self.lr, "must be > 0")
+        for b in ("beta1", "beta2"):
+            if not 0 <= getattr(self, b) < 1:
+                raise _Invalid(b, getattr(self, b), "must be in [0, 1)")
+        if self.eps <= 0:
+            raise _Invalid("eps", self.eps, "must be > 0")
+        if self.weight_decay < 0:
+            raise _Invalid("weight_decay", self.weight_decay, "must be >= 0")
+        if self.grad_clip < 0:
+            raise _Invalid("grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How the model is cut and scheduled. `layers`: optional explicit layer counts, one per
+    stage (stages·chunks entries for "interleaved", in model order: chunk c of rank r is entry
+    c·stages + r); uneven splits are allowed. Checks against the model live in CaseConfig."""
+
+    stages: int = 1
+    microbatches: int = 1
+    schedule: str = "gpipe"
+    chunks: int = 1
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _int("stages", self.stages)
+        _int("microbatches", self.microbatches)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _int("chunks", self.chunks)
+        if self.chunks > 1 and self.schedule != "interleaved":
+            raise _Invalid("chunks", self.chunks,
+                           f"chunks > 1 needs schedule = 'interleaved' (got {self.schedule!r})")
+        if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
+                raise _Invalid("layers", self.layers, "expected a list of layer counts")
+            layers = tuple(self.layers)
+            for i, n in enumerate(layers):
+                _int(f"layers[{i}]", n)
+            want = self.stages * self.chunks
+            if len(layers) != want:
+                raise _Invalid("layers", list(layers),
+                               f"needs {want} entries (stages = {self.stages} x chunks = "
+                               f"{self.chunks}), got {len(layers)}")
+            _set(self, "layers", layers)
+
+
+@dataclass(frozen=True)
+class CaseConfig:
+    """One run: a model, a batch of `batch_size` sequences of `seq_len` tokens per optimizer
+    step, `steps` steps, seeded init and data, a pipeline layout, and the parity tiers to run."""
+
+    name: str
+    model: ModelConfig
+    seq_len: int
+    batch_size: int
+    steps: int = 1
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    data: str = "random"
+    dtype: str = "fp32"
+    backend: str = "cpu"
+    tiers: tuple[str, ...] = TIERS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise _Invalid("name", self.name, "expected a non-empty string")
+        for key, cls in (("model", ModelConfig), ("optim", OptimConfig),
+                         ("pipeline", PipelineConfig)):
+            if not isinstance(getattr(self, key), cls):
+                raise _Invalid(key, getattr(self, key), f"expected a {cls.__name__}")
+        m, p = self.model, self.pipeline
+        _int("seq_len", self.seq_len)
+        if self.seq_len > m.n_positions:
+            raise _Invalid("seq_len", self.seq_len,
+                           f"exceeds model.n_positions = {m.n_positions}")
+        _int("batch_size", self.batch_size)
+        _int("steps", self.steps)
+        _int("seed", self.seed, minimum=0)
+        if self.seed >= 2**63:
+            raise _Invalid("seed", self.seed, "must be < 2**63")
+        _choice("data", self.data, DATA_KINDS)
+        if self.data == "text" and m.vocab_size < TEXT_VOCAB:
+            raise _Invalid("model.vocab_size", m.vocab_size,
+                           f"data = 'text' is byte-level and needs vocab_size >= {TEXT_VOCAB}")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("backend", self.backend, BACKENDS)
+        if self.dtype == "bf16" and self.backend != "cuda":
+            raise _Invalid("dtype", self.dtype, "bf16 needs backend = 'cuda' (CPU runs fp32)")
+        self._check_tiers()
+        self._check_pipeline(m, p)
+
+    def _check_tiers(self) -> None:
+        tiers = self.tiers
+        if isinstance(tiers, str) or not hasattr(tiers, "__iter__"):
+            raise _Invalid("tiers", tiers, f"expected a list drawn from {', '.join(TIERS)}")
+        tiers = tuple(tiers)
+        if not tiers:
+            raise _Invalid("tiers", list(tiers), "needs at least one tier")
+        for i, t in enumerate(tiers):
+            _choice(f"tiers[{i}]", t, TIERS)
+        if len(set(tiers)) != len(tiers):
+            raise _Invalid("tiers", list(tiers), "lists a tier twice")
+        _set(self, "tiers", tiers)
+
+    def _check_pipeline(self, m: ModelConfig, p: PipelineConfig) -> None:
+        if p.stages > m.n_layer:
+            raise _Invalid("pipeline.stages", p.stages,
+                           f"more stages than layers (n_layer = {m.n_layer}); every stage "
+                           "needs at least one layer")
+        if self.batch_size % p.microbatches:
+            raise _Invalid("pipeline.microbatches", p.microbatches,
+                           f"does not divide batch_size = {self.batch_size}")
+        if p.schedule == "interleaved":
+            if p.microbatches % p.stages:
+                raise _Invalid("pipeline.microbatches", p.microbatches,
+                               f"interleaved needs a multiple of stages = {p.stages}")
+            if p.stages * p.chunks > m.n_layer:
+                raise _Invalid("pipeline.chunks", p.chunks,
+                               f"stages x chunks = {p.stages * p.chunks} model chunks but only "
+                               f"n_layer = {m.n_layer} layers (each chunk needs >= 1 layer)")
+        if p.layers is not None and sum(p.layers) != m.n_layer:
+            raise _Invalid("pipeline.layers", list(p.layers),
+                           f"sums to {sum(p.layers)}, not n_layer = {m.n_layer}")
+
+
+@dataclass(frozen=True)
+class BenchDefaults:
+    """Suite-wide bench settings from the [bench] table: timed repeats and warm-up steps."""
+
+    repeats: int = 5
+    warmup: int = 2
+
+    def __post_init__(self) -> None:
+        _int("repeats", self.repeats)
+        _int("warmup", self.warmup, minimum=0)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """A loaded suite. `skipped` lists (case name, reason) for sweep points dropped by
+    `skip_invalid = true`, so a report can say what was not run."""
+
+    name: str
+    description: str
+    cases: tuple[CaseConfig, ...]
+    path: Path | None = None
+    bench: BenchDefaults = field(default_factory=BenchDefaults)
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def case(self, name: str) -> CaseConfig:
+        for c in self.cases:
+            if c.name == name:
+                return c
+        raise ConfigError(f"suite {self.name!r} has no case {name!r} "
+                          f"(cases: {', '.join(c.name for c in self.cases)})")
+
+
+# ---- helpers over a case -----------------------------------------------------------------------
+
+
+def case_id(case: CaseConfig) -> str:
+    """The identifier written in the records' `case` column: the case name (unique in a suite;
+    sweep points are named "base/axis=value,...")."""
+    return case.name
+
+
+def case_slug(case: CaseConfig) -> str:
+    """case_id made safe for a file or directory name."""
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in case_id(case))
+
+
+def case_axes(case: CaseConfig) -> dict[str, Any]:
+    """The shape columns of records.Record / the report axes, as a flat dict."""
+    m, p = case.model, case.pipeline
+    return {
+        "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
+        "vocab_size": m.vocab_size, "seq_len": case.seq_len, "batch_size": case.batch_size,
+        "stages": p.stages, "microbatches": p.microbatches, "schedule": p.schedule,
+        "chunks": p.chunks,
+    }
+
+
+def microbatch_size(case: CaseConfig) -> int:
+    """Sequences per micro-batch (validated to divide batch_size exactly)."""
+    return case.batch_size // case.pipeline.microbatches
+
+
+def stage_layers(case: CaseConfig) -> tuple[int, ...]:
+    """Layer count per model chunk, in model order (stages·chunks entries). Explicit
+    `pipeline.layers` if given, else an even split with the remainder on the earliest chunks
+    (the last stage also carries the LM head and the loss)."""
+    p = case.pipeline
+    if p.layers is not None:
+        return p.layers
+    k = p.stages * p.chunks
+    q, r = divmod(case.model.n_layer, k)
+    return tuple(q + (1 if i < r else 0) for i in range(k))
+
+
+# ---- TOML loading ------------------------------------------------------------------------------
+
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
+OPTIM_KEYS = tuple(f.name for f in fields(OptimConfig))
+PIPELINE_KEYS = tuple(f.name for f in fields(PipelineConfig))
+CASE_VALUE_KEYS = ("seq_len", "batch_size", "steps", "seed", "data", "dtype", "backend", "tiers")
+CASE_KEYS = ("name", "model", "pipeline", *CASE_VALUE_KEYS, *OPTIM_KEYS, "sweep")
+DEFAULT_KEYS = tuple(k for k in CASE_KEYS if k not in ("name", "sweep"))
+TOP_KEYS = ("suite", "defaults", "models", "bench", "case")
+SUITE_KEYS = ("name", "description")
+BENCH_KEYS = tuple(f.name for f in fields(BenchDefaults))
+SWEEP_PIPELINE_AXES = ("stages", "microbatches", "schedule", "chunks")
+SWEEP_CASE_AXES = ("batch_size", "seq_len")
+SWEEP_MODEL_AXES = ("n_layer", "n_embd", "n_head")
+SWEEP_AXES = (*SWEEP_PIPELINE_AXES, *SWEEP_CASE_AXES, *SWEEP_MODEL_AXES, "model")
+SWEEP_KEYS = (*SWEEP_AXES, "skip_invalid")
+
+
+class _Loader:
+    """Walks one parsed TOML document; every error names `where` (the file)."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, path: str, msg: str, context: str = "") -> ConfigError:
+        extra = f"{context}, " if context else ""
+        return ConfigError(f"{path}: {msg} [{extra}in {self.source}]")
+
+    def invalid(self, prefix: str, exc: _Invalid, context: str = "") -> ConfigError:
+        return self.fail(f"{prefix}.{exc.rel} = {exc.value!r}", exc.msg, context)
+
+    def table(self, path: str, v: Any, allowed: tuple[str, ...]) -> dict:
+        if not isinstance(v, dict):
+            raise self.fail(f"{path} = {v!r}", "expected a table")
+        for k in v:
+            if k not in allowed:
+                raise self.fail(f"{path}.{k}" if path else k,
+                                f"unknown key (allowed: {', '.join(allowed)})")
+        return v
+
+    def model(self, path: str, v: Any, models: dict[str, ModelConfig]) -> ModelConfig:
+        if isinstance(v, str):
+            if v not in models:
+                known = ", ".join(models) or "none: add a [models] table"
+                raise self.fail(f"{path} = {v!r}", f"unknown model name (defined: {known})")
+            return models[v]
+        self.table(path, v, MODEL_KEYS)
+        for k in MODEL_KEYS:
+            if k not in v:
+                raise self.fail(f"{path}.{k}", "missing (required)")
+        try:
+            return ModelConfig(**v)
+        except _Invalid as e:
+            raise self.invalid(path, e) from None
+
+    def suite(self, doc: dict, path: Path | None) -> SuiteConfig:
+        self.table("", doc, TOP_KEYS)
+        suite = self.table("suite", doc.get("suite", {}), SUITE_KEYS)
+        name = suite.get("name")
+        if not isinstance(name, str) or not name:
+            raise self.fail(f"suite.name = {name!r}", "expected a non-empty string")
+        description = suite.get("description", "")
+        if not isinstance(description, str):
+            raise self.fail(f"suite.description = {description!r}", "expected a string")
+
+        bench_raw = self.table("bench", doc.get("bench", {}), BENCH_KEYS)
+        try:
+            bench = BenchDefaults(**bench_raw)
+        except _Invalid as e:
+            raise self.invalid("bench", e) from None
+
+        models_raw = self.table("models", doc.get("models", {}), tuple(doc.get("models", {})))
+        models = {k: self.model(f"models.{k}", v, {}) for k, v in models_raw.items()}
+
+        defaults = self.table("defaults", doc.get("defaults", {}), DEFAULT_KEYS)
+
+        cases_raw = doc.get("case")
+        if not isinstance(cases_raw, list) or not cases_raw:
+            raise self.fail("case", "the suite needs at least one [[case]] table")
+        cases: list[CaseConfig] = []
+        skipped: list[tuple[str, str]] = []
+        seen: dict[str, int] = {}
+        for i, raw in enumerate(cases_raw):
+            got, skip = self.case(f"case[{i}]", raw, defaults, models)
+            for c in got:
+                if c.name in seen:
+                    raise self.fail(f"case[{i}].name = {c.name!r}",
+                                    f"duplicate case name (also case[{seen[c.name]}])")
+                seen[c.name] = i
+            cases.extend(got)
+            skipped.extend(skip)
+        return SuiteConfig(name, description, tuple(cases), path, bench, tuple(skipped))
+
+    def case(self, path: str, raw: Any, defaults: dict, models: dict[str, ModelConfig]
+             ) -> tuple[list[CaseConfig], list[tuple[str, str]]]:
+        self.table(path, raw, CASE_KEYS)
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise self.fail(f"{path}.name = {name!r}", "expected a non-empty string")
+        # [defaults] fill keys the case leaves out; the model and pipeline tables merge key by key
+        merged = dict(defaults)
+        for k, v in raw.items():
+            if k in ("model", "pipeline") and isinstance(v, dict) and isinstance(
+                    merged.get(k), dict):
+                merged[k] = {**merged[k], **v}
+            else:
+                merged[k] = v
+        from_defaults = {k for k in defaults if k not in raw}
+        ctx = f'case "{name}"'
+        model_axis = isinstance(merged.get("sweep"), dict) and "model" in merged["sweep"]
+        for k in ("seq_len", "batch_size") + (() if model_axis else ("model",)):
+            if k not in merged:
+                raise self.fail(f"{path}.{k}", "missing (required)", ctx)
+        mpath = "defaults.model" if "model" in from_defaults else f"{path}.model"
+        model = self.model(mpath, merged["model"], models) if "model" in merged else None
+        pipeline = self.table("defaults.pipeline" if "pipeline" in from_defaults
+                              else f"{path}.pipeline", merged.get("pipeline", {}), PIPELINE_KEYS)
+        sweep = merged.pop("sweep", None)
+
+        def build(case_name: str, model: ModelConfig, pipe: dict, over: dict, point: str = ""
+                  ) -> CaseConfig:
+            values = {k: merged[k] for k in CASE_VALUE_KEYS if k in merged}
+            values.update(over)
+            optim = {k: merged[k] for k in OPTIM_KEYS if k in merged}
+            context = ctx + (f", sweep point {point}" if point else "")
+            try:
+                try:
+                    o = OptimConfig(**optim)
+                except _Invalid as e:
+                    raise _Invalid(e.rel, e.value, e.msg) from None  # optimizer keys are flat
+                try:
+                    p = PipelineConfig(**pipe)
+                except _Invalid as e:
+                    raise _Invalid(f"pipeline.{e.rel}", e.value, e.msg) from None
+                return CaseConfig(name=case_name, model=model, optim=o, pipeline=p, **values)
+            except _Invalid as e:
+                top = e.rel.split(".")[0].split("[")[0]
+                prefix = "defaults" if top in from_defaults else path
+                if top in from_defaults:
+                    context += f", applied to {path}"
+                raise self.invalid(prefix, e, context) from None
+
+        if sweep is None:
+            return [build(name, model, pipeline, {})], []
+        return self.sweep(f"{path}.sweep", sweep, name, model, pipeline, models, build)
+
+    def sweep(self, path: str, sweep: Any, name: str, model: ModelConfig, pipeline: dict,
+              models: dict[str, ModelConfig], build) -> tuple[list[CaseConfig], list]:
+        self.table(path, sweep, SWEEP_KEYS)
+        skip_invalid = sweep.get("skip_invalid", False)
+        if not isinstance(skip_invalid, bool):
+            raise self.fail(f"{path}.skip_invalid = {skip_invalid!r}", "expected true or false")
+        axes: dict[str, list] = {}
+        for axis, values in sweep.items():
+            if axis == "skip_invalid":
+                continue
+            if not isinstance(values, list) or not values:
+                raise self.fail(f"{path}.{axis} = {values!r}", "expected a non-empty list")
+            checked = []
+            for j, v in enumerate(values):
+                vpath = f"{path}.{axis}[{j}]"
+                if axis == "model":
+                    m = self.model(vpath, v, models)
+                    checked.append((v if isinstance(v, str) else _model_label(m), m))
+                elif axis == "schedule":
+                    if v not in SCHEDULES:
+                        raise self.fail(f"{vpath} = {v!r}",
+                                        f"unknown value (allowed: {', '.join(SCHEDULES)})")
+                    checked.append((v, v))
+                else:
+                    if not _is_int(v) or v < 1:
+                        raise self.fail(f"{vpath} = {v!r}", "expected an integer >= 1")
+                    checked.append((str(v), v))
+            labels = [lab for lab, _ in checked]
+            if len(set(labels)) != len(labels):
+                raise self.fail(f"{path}.{axis} = {values!r}", "lists a value twice")
+            axes[axis] = checked
+        if not axes:
+            raise self.fail(path, "a sweep needs at least one axis "
+                            f"(allowed: {', '.join(SWEEP_AXES)})")
+
+        cases, skipped, first_error = [], [], None
+        for combo in itertools.product(*axes.values()):
+            point = ",".join(f"{a}={lab}" for a, (lab, _) in zip(axes, combo))
+            chosen = {a: v for a, (_, v) in zip(axes, combo)}
+            m = chosen.get("model", model)
+            shape = {k: chosen[k] for k in SWEEP_MODEL_AXES if k in chosen}
+            if shape:
+                try:
+                    m = replace(m, **shape)
+                except _Invalid as e:
+                    err = self.invalid(path.rsplit(".", 1)[0] + ".model", e, f"sweep point {point}")
+                    if not skip_invalid:
+                        raise err from None
+                    first_error = first_error or err
+                    skipped.append((f"{name}/{point}", str(err)))
+                    continue
+            pipe = {**pipeline, **{k: chosen[k] for k in SWEEP_PIPELINE_AXES if k in chosen}}
+            over = {k: chosen[k] for k in SWEEP_CASE_AXES if k in chosen}
+            try:
+                cases.append(build(f"{name}/{point}", m, pipe, over, point))
+            except ConfigError as err:
+                if not skip_invalid:
+                    raise
+                first_error = first_error or err
+                skipped.append((f"{name}/{point}", str(err)))
+        if not cases:
+            raise ConfigError(f"{path}: every sweep point is invalid; the first: {first_error}")
+        return cases, skipped
+
+
+def _model_label(m: ModelConfig) -> str:
+    return f"L{m.n_layer}C{m.n_embd}NH{m.n_head}V{m.vocab_size}"
+
+
+def parse_suite(text: str, path: Path | str | None = None) -> SuiteConfig:
+    """Parse and validate suite TOML text. `path` only labels messages and SuiteConfig.path."""
+    source = str(path) if path is not None else "<string>"
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # the message carries "(at line L, column C)"
+        raise ConfigError(f"{source}: malformed TOML: {e}") from None
+    return _Loader(source).suite(doc, Path(path) if path is not None else None)
+
+
+def suite_dirs() -> list[Path]:
+    """Where built-in suites live, in lookup order: inside the installed package (the wheel puts
+    them in harness/suites), then the source checkout's suites/ beside the harness package."""
+    import harness
+
+    pkg = Path(harness.__file__).resolve().parent
+    return [pkg / "suites", pkg.parent / "suites"]
+
+
+def builtin_suites() -> list[str]:
+    names: set[str] = set()
+    for d in suite_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def load_suite(name_or_path: str | os.PathLike) -> SuiteConfig:
+    """Load a suite: a path to a .toml file, or the name of a built-in suite ("smoke")."""
+    text = str(name_or_path)
+    if isinstance(name_or_path, os.PathLike) or text.endswith(".toml") or os.sep in text:
+        p = Path(name_or_path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such suite file")
+        return _load_file(p)
+    for d in suite_dirs():
+        p = d / f"{text}.toml"
+        if p.is_file():
+            return _load_file(p)
+    raise ConfigError(f"unknown suite {text!r} (built-in: {', '.join(builtin_suites()) or 'none'}; "
+                      "or give a path to a .toml file)")
+
+
+def _load_file(p: Path) -> SuiteConfig:
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read suite file: {e}") from None
+    return parse_suite(text, p)
+
+
+__all__ = [
+    "SCHEDULES", "TIERS", "ModelConfig", "OptimConfig", "PipelineConfig", "CaseConfig",
+    "BenchDefaults", "SuiteConfig", "case_id", "case_slug", "case_axes", "microbatch_size",
+    "stage_layers", "parse_suite", "load_suite", "builtin_suites", "suite_dirs",
+]

@@ -1,0 +1,119 @@
+"""Pipelined engine runs under mpirun: schedule invariance against the one-stage engine, and
+rank failures that end the job promptly with a message naming the rank."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+
+from harness.config import load_suite
+from harness.data import make_case_data
+from harness.engine import Model
+from harness.errors import RankFailure
+from harness.init import init_params, write_safetensors
+
+pipeline = pytest.importorskip("harness.pipeline")
+
+try:
+    pipeline.find_mpirun()
+    pipeline.engine_executable()
+    HAVE_MPI = True
+except RankFailure:
+    HAVE_MPI = False
+
+pytestmark = [pytest.mark.mpi,
+              pytest.mark.skipif(not HAVE_MPI, reason="mpirun or tandem-engine not available")]
+
+
+def _case(stages=2, microbatches=2, schedule="1f1b", chunks=1, n_layer=2, steps=3):
+    base = load_suite("smoke").case("tiny")
+    model = dataclasses.replace(base.model, n_layer=n_layer)
+    pipe = dataclasses.replace(base.pipeline, stages=stages, microbatches=microbatches,
+                               schedule=schedule, chunks=chunks)
+    return dataclasses.replace(base, model=model, pipeline=pipe, steps=steps)
+
+
+def _control(case, weights):
+    m, o = case.model, case.optim
+    model = Model(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, vocab_size=m.vocab_size,
+                  n_positions=m.n_positions, seq_len=case.seq_len, batch_size=case.batch_size,
+                  lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+                  grad_clip=o.grad_clip)
+    model.load_safetensors(weights)
+    return model
+
+
+@pytest.fixture
+def setup(tmp_path):
+    def make(**kw):
+        case = _case(**kw)
+        m = case.model
+        probe = Model(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
+                      vocab_size=m.vocab_size, n_positions=m.n_positions, seq_len=case.seq_len,
+                      batch_size=case.batch_size)
+        params = init_params([(p.name, p.shape) for p in probe.table], m.n_layer, case.seed)
+        weights = tmp_path / "weights.safetensors"
+        write_safetensors(weights, params)
+        x, y = make_case_data(case)
+        return case, weights, x, y
+    return make
+
+
+@pytest.mark.parametrize("layout", [(2, 2, "1f1b", 1, 2), (2, 4, "zb-h1", 1, 2),
+                                    (2, 2, "interleaved", 2, 4), (3, 3, "gpipe", 1, 3)])
+def test_pipeline_matches_one_stage_engine(setup, tmp_path, layout):
+    stages, mbs, schedule, chunks, n_layer = layout
+    case, weights, x, y = setup(stages=stages, microbatches=mbs, schedule=schedule,
+                                chunks=chunks, n_layer=n_layer)
+    control = _control(case, weights)
+    losses, grads0 = [], None
+    for s in range(case.steps):
+        control.zero_grad()
+        losses.append(control.forward_backward(x[s], y[s]))
+        if s == 0:
+            grads0 = control.grads()
+        control.optimizer_step()
+    res = pipeline.run_pipeline(case, weights, x, y, tmp_path / "run", timeout=120)
+    np.testing.assert_allclose(res.losses, losses, rtol=1e-5)
+    assert set(res.grads) == set(grads0)
+    for name, g in grads0.items():
+        rel = np.linalg.norm(res.grads[name] - g) / max(np.linalg.norm(g), 1e-30)
+        assert rel < 1e-4 or np.abs(res.grads[name] - g).max() < 1e-9, name
+    assert sorted(p.name for p in control.table) == sorted(res.params)
+    assert list(res.timeline_dir.glob("timeline_rank*.csv"))
+
+
+def test_rank_exit_brings_job_down_with_its_message(setup, tmp_path):
+    case, weights, x, y = setup(steps=4)
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure, match=r"rank 1 failed: TANDEM_CRASH requested.*step 2"):
+        pipeline.run_pipeline(case, weights, x, y, tmp_path / "run", timeout=60,
+                              extra_env={"TANDEM_CRASH": "1:2"})
+    assert time.monotonic() - t0 < 30
+
+
+def test_killed_rank_brings_job_down(setup, tmp_path):
+    case, weights, x, y = setup(steps=4)
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure, match=r"rank 0 (died|exited).*(SIGKILL|signal 9|137)"):
+        pipeline.run_pipeline(case, weights, x, y, tmp_path / "run", timeout=60,
+                              extra_env={"TANDEM_CRASH": "0:1:kill"})
+    assert time.monotonic() - t0 < 30
+
+
+def test_bad_weights_on_one_rank_name_the_rank(setup, tmp_path):
+    case, weights, x, y = setup()
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated: every rank refuses it
+    with pytest.raises(RankFailure, match=r"rank \d failed: .*data_offsets"):
+        pipeline.run_pipeline(case, weights, x, y, tmp_path / "run", timeout=60)
+
+
+def test_hung_job_is_killed_at_the_timeout(setup, tmp_path):
+    case, weights, x, y = setup(steps=50)
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure, match=r"did not finish in 1 s"):
+        pipeline.run_pipeline(case, weights, x, y, tmp_path / "run", timeout=1)
+    assert time.monotonic() - t0 < 15
