@@ -63,7 +63,7 @@ def setup(tmp_path):
 
 
 @pytest.mark.parametrize("layout", [(2, 2, "1f1b", 1, 2), (2, 4, "zb-h1", 1, 2),
-                                    (2, 2, "interleaved", 2, 4), (3, 3, "gpipe", 1, 3)])
+                                    (2, 2, "interleaved", 2, 4), (3, 4, "gpipe", 1, 3)])
 def test_pipeline_matches_one_stage_engine(setup, tmp_path, layout):
     stages, mbs, schedule, chunks, n_layer = layout
     case, weights, x, y = setup(stages=stages, microbatches=mbs, schedule=schedule,
