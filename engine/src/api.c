@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -58,6 +59,25 @@ const char *td_status_name(td_status s) {
 }
 
 void td_free(void *ptr) { free(ptr); }
+
+/* Test hook for the regression gate: TANDEM_SLOWDOWN=<factor> makes every compute call take
+ * `factor` times as long by spinning (not sleeping, so CPU-time and instruction counts see it
+ * too) for (factor - 1) x the time the real work took. Unset in normal use. */
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void slowdown(double started) {
+    const char *f = getenv("TANDEM_SLOWDOWN");
+    if (!f || !*f) return;
+    double factor = atof(f);
+    if (!(factor > 1.0) || factor > 100.0) return;
+    double until = now_s() + (now_s() - started) * (factor - 1.0);
+    volatile double sink = 0.0;
+    while (now_s() < until) sink += 1.0;
+}
 
 void td_set_threads(const td_model *m) {
 #ifdef _OPENMP
@@ -346,6 +366,7 @@ td_status td_stage_forward(td_model *m, float *out_BTC, double *out_loss, int32_
     if (m->has_head && targets_BT && (st = check_ids(m, fn, "targets", targets_BT, B, T))) return st;
     if (!m->has_head && !out_BTC) return td_fail(m, TD_ERR_ARG, "%s: out_BTC is NULL on a stage without the head", fn);
     td_set_threads(m);
+    const double started = now_s();
     s->B = B, s->T = T;
     const int64_t n = (int64_t)B * T;
     if (m->has_embed) memcpy(s->tokens, tokens_BT, sizeof(int32_t) * (size_t)n);
@@ -358,6 +379,7 @@ td_status td_stage_forward(td_model *m, float *out_BTC, double *out_loss, int32_
         for (int64_t i = 0; i < n * m->n_embd; i++) out_BTC[i] = (float)res[i];
     }
     s->state = m->has_head && !targets_BT ? 0 : 1;
+    slowdown(started);
     return TD_OK;
 }
 
@@ -380,6 +402,7 @@ td_status td_stage_backward(td_model *m, float *din_BTC, int32_t slot, const flo
         return td_fail(m, TD_ERR_ARG, "%s: stage %lld needs the next stage's gradient dout_BTC", fn, (long long)m->stage);
     if (!isfinite(grad_scale)) return td_fail(m, TD_ERR_ARG, "%s: grad_scale=%g is not finite", fn, grad_scale);
     td_set_threads(m);
+    const double started = now_s();
     const int64_t n = (int64_t)s->B * s->T * m->n_embd;
     td_real *dout = NULL;
     if (!m->has_head && part != TD_BWD_WEIGHT) { /* stage the float input in td_real */
@@ -393,6 +416,7 @@ td_status td_stage_backward(td_model *m, float *din_BTC, int32_t slot, const flo
         for (int64_t i = 0; i < n; i++) din_BTC[i] = (float)g[i];
     }
     s->state = part == TD_BWD_INPUT ? 2 : 0;
+    slowdown(started);
     return TD_OK;
 }
 
@@ -430,12 +454,14 @@ td_status td_model_forward_backward(td_model *m, double *out_loss, const int32_t
     static const char *fn = "td_model_forward_backward";
     REQUIRE_BUILT("td_model_forward_backward");
     if (!targets_BT) return td_fail(m, TD_ERR_ARG, "%s: targets is NULL", fn);
+    const double started = now_s();
     td_status st = td_model_forward(m, NULL, out_loss, tokens_BT, targets_BT, B, T);
     if (st) return st;
     if (!isfinite(grad_scale)) return td_fail(m, TD_ERR_ARG, "%s: grad_scale=%g is not finite", fn, grad_scale);
     td_set_threads(m);
     st = td_backward_slot(m, 0, grad_scale, TD_BWD_FULL, NULL);
     m->slot[0].state = 0;
+    slowdown(started);
     return st;
 }
 

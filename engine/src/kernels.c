@@ -287,25 +287,33 @@ void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, co
 
 #define GELU_SCALE 0.7978845608028654 /* sqrt(2 / pi) */
 
+/* tanh in the element type: one rounding per op like any fp32 framework, and vectorizable. */
+#ifdef TD_FLOAT64
+#define td_tanh tanh
+#define td_exp exp
+#else
+#define td_tanh tanhf
+#define td_exp expf
+#endif
+
 void td_gelu_forward(td_real *out, const td_real *inp, int64_t n) {
-#pragma omp parallel for schedule(static)
+    const td_real s = (td_real)GELU_SCALE, c = (td_real)0.044715, half = (td_real)0.5;
+#pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        double x = inp[i];
-        double cube = 0.044715 * x * x * x;
-        out[i] = (td_real)(0.5 * x * (1.0 + tanh(GELU_SCALE * (x + cube))));
+        td_real x = inp[i];
+        out[i] = half * x * (1 + td_tanh(s * (x + c * x * x * x)));
     }
 }
 
 void td_gelu_backward(td_real *dinp, const td_real *inp, const td_real *dout, int64_t n) {
-#pragma omp parallel for schedule(static)
+    const td_real s = (td_real)GELU_SCALE, c = (td_real)0.044715, half = (td_real)0.5;
+#pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        double x = inp[i];
-        double cube = 0.044715 * x * x * x;
-        double arg = GELU_SCALE * (x + cube);
-        double th = tanh(arg);
-        double sech2 = 1.0 - th * th;
-        double g = 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
-        dinp[i] = (td_real)(g * dout[i]);
+        td_real x = inp[i];
+        td_real th = td_tanh(s * (x + c * x * x * x));
+        td_real sech2 = 1 - th * th;
+        td_real g = half * (1 + th) + half * x * sech2 * s * (1 + 3 * c * x * x);
+        dinp[i] = g * dout[i];
     }
     apply_fault("gelu_backward", dinp, n);
 }
@@ -323,19 +331,19 @@ void td_softmax_crossentropy_forward(td_real *probs_NV, td_real *losses, const i
     for (int i = 0; i < N; i++) {
         td_real *p = probs_NV + (int64_t)i * V;
         td_real maxv = -INFINITY;
-        for (int v = 0; v < V; v++)
-            if (p[v] > maxv) maxv = p[v];
-        double sum = 0.0;
+        for (int v = 0; v < V; v++) maxv = p[v] > maxv ? p[v] : maxv;
         td_real target_logit = p[targets[i]];
+        td_real sum = 0;
+#pragma omp simd reduction(+ : sum)
         for (int v = 0; v < V; v++) {
-            double e = exp((double)(p[v] - maxv));
-            p[v] = (td_real)e;
-            sum += e;
+            p[v] = td_exp(p[v] - maxv);
+            sum += p[v];
         }
-        double inv = 1.0 / sum;
-        for (int v = 0; v < V; v++) p[v] = (td_real)(p[v] * inv);
-        /* -log softmax computed as log-sum-exp minus the logit: no log of a rounded probability */
-        losses[i] = (td_real)(log(sum) + (double)maxv - (double)target_logit);
+        td_real inv = 1 / sum;
+#pragma omp simd
+        for (int v = 0; v < V; v++) p[v] *= inv;
+        /* -log softmax as log-sum-exp minus the logit: no log of a rounded probability */
+        losses[i] = (td_real)(log((double)sum) + (double)maxv - (double)target_logit);
     }
 }
 

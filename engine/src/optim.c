@@ -11,12 +11,26 @@
  * when the stage does not also hold the embedding: its gradient equals the first stage's after
  * the tied-gradient sum, and the global norm counts each parameter once. */
 double td_grad_sq_sum_local(const td_model *m) {
+    /* Fixed chunks summed in a fixed order: the same bits whatever the thread count. */
+    enum { CHUNK = 1 << 16 };
     double sum = 0.0;
     for (int32_t i = 0; i < m->nparams; i++) {
         const td_param *p = &m->params[i];
         if (!m->has_embed && strcmp(p->name, "wte.weight") == 0) continue;
         const td_real *g = m->grad_mem + p->offset;
-        for (int64_t j = 0; j < p->numel; j++) sum += (double)g[j] * g[j];
+        const int64_t nchunks = (p->numel + CHUNK - 1) / CHUNK;
+        double partial[64];
+        for (int64_t c0 = 0; c0 < nchunks; c0 += 64) {
+            const int64_t cn = nchunks - c0 < 64 ? nchunks - c0 : 64;
+#pragma omp parallel for schedule(static)
+            for (int64_t c = 0; c < cn; c++) {
+                const int64_t lo = (c0 + c) * CHUNK, hi = lo + CHUNK < p->numel ? lo + CHUNK : p->numel;
+                double s = 0.0;
+                for (int64_t j = lo; j < hi; j++) s += (double)g[j] * g[j];
+                partial[c] = s;
+            }
+            for (int64_t c = 0; c < cn; c++) sum += partial[c];
+        }
     }
     return sum;
 }
