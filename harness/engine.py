@@ -151,7 +151,8 @@ class Model:
 
     _INT_KEYS = {"n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "seq_len",
                  "batch_size", "threads", "stage", "stages", "layer_begin", "layer_end", "slots",
-                 "split_backward"}
+                 "split_backward", "backend", "bf16"}
+    _BACKENDS = {"cpu": 0, "cuda": 1}
 
     def __init__(self, variant: str = "fp32", **config):
         self._lib = load_library(variant)
@@ -163,6 +164,16 @@ class Model:
             for key, value in config.items():
                 if value is None:
                     continue
+                if key == "backend" and isinstance(value, str):
+                    if value not in self._BACKENDS:
+                        raise EngineError(f"backend={value!r}: unknown (allowed: cpu, cuda)",
+                                          "TD_ERR_CONFIG")
+                    value = self._BACKENDS[value]
+                if key == "dtype":  # "fp32" | "bf16"
+                    if value not in ("fp32", "bf16"):
+                        raise EngineError(f"dtype={value!r}: unknown (allowed: fp32, bf16)",
+                                          "TD_ERR_CONFIG")
+                    key, value = "bf16", int(value == "bf16")
                 if key in self._INT_KEYS:
                     if isinstance(value, bool):
                         value = int(value)

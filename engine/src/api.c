@@ -100,6 +100,7 @@ static const key_entry INT_KEYS[] = {
     IKEY(n_layer), IKEY(n_embd), IKEY(n_head), IKEY(vocab_size), IKEY(n_positions),
     IKEY(seq_len), IKEY(batch_size), {"threads", offsetof(td_model, threads), 1}, IKEY(stage),
     IKEY(stages), IKEY(layer_begin), IKEY(layer_end), IKEY(slots), IKEY(split_backward),
+    IKEY(backend), IKEY(bf16),
 };
 #define FKEY(k) {#k, offsetof(td_model, k), 1}
 static const key_entry FLOAT_KEYS[] = {FKEY(lr), FKEY(beta1), FKEY(beta2), FKEY(eps),
@@ -134,6 +135,7 @@ td_status td_model_create(td_model **out) {
 
 void td_model_free(td_model *m) {
     if (!m) return;
+    if (m->ops && m->device) m->ops->release(m);
     td_release(m);
     free(m);
 }
@@ -228,8 +230,21 @@ td_status td_model_build(td_model *m) {
     if (m->stages == 1 && (m->layer_begin != 0 || m->layer_end != m->n_layer))
         return td_fail(m, TD_ERR_CONFIG, "td_model_build: a single stage must hold every layer, got [%lld, %lld) of %lld",
                        (long long)m->layer_begin, (long long)m->layer_end, (long long)m->n_layer);
+    if (m->backend < 0 || m->backend > 1)
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: backend=%lld (0 = cpu, 1 = cuda)", (long long)m->backend);
+    if (m->bf16 && m->backend != 1)
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: bf16=1 needs backend=1 (cuda); the CPU engine computes in fp32");
+    if (m->backend == 1) {
+        m->ops = td_cuda_ops();
+        if (!m->ops)
+            return td_fail(m, TD_ERR_CONFIG, "td_model_build: backend=cuda but this libtandem was built without CUDA. HINT: build where nvcc is found (cmake -DTD_CUDA=ON)");
+        if (m->stages != 1 || m->split_backward)
+            return td_fail(m, TD_ERR_CONFIG, "td_model_build: the CUDA backend runs one stage with a fused backward (stages=%lld, split_backward=%lld)", (long long)m->stages, (long long)m->split_backward);
+    }
     td_status st = td_model_layout(m);
+    if (st == TD_OK && m->ops) st = m->ops->build(m);
     if (st != TD_OK) {
+        if (m->ops && m->device) m->ops->release(m);
         td_release(m);
         return st;
     }
@@ -284,8 +299,11 @@ static td_status copy_tensor(td_model *m, const char *fn, td_real *base, const c
     if (st) return st;
     if (!(out || in)) return td_fail(m, TD_ERR_ARG, "%s: buffer is NULL", fn);
     td_real *t = base + p->offset;
+    const int grads = base == m->grad_mem;
+    if (out && m->ops && (st = m->ops->download(m, grads))) return st;
     if (out) for (int64_t i = 0; i < numel; i++) out[i] = (float)t[i];
     else for (int64_t i = 0; i < numel; i++) t[i] = (td_real)in[i];
+    if (in && m->ops && (st = m->ops->upload(m, grads))) return st;
     return TD_OK;
 }
 
@@ -309,19 +327,23 @@ td_status td_model_set_grad(td_model *m, const char *name, const float *in, int6
 td_status td_model_load_safetensors(td_model *m, const char *path) {
     REQUIRE_BUILT("td_model_load_safetensors");
     if (!path) return td_fail(m, TD_ERR_ARG, "td_model_load_safetensors: path is NULL");
-    return td_load_safetensors(m, path);
+    td_status st = td_load_safetensors(m, path);
+    if (st == TD_OK && m->ops) st = m->ops->upload(m, 0);
+    return st;
 }
 
 td_status td_model_save_safetensors(td_model *m, const char *path) {
     REQUIRE_BUILT("td_model_save_safetensors");
     if (!path) return td_fail(m, TD_ERR_ARG, "td_model_save_safetensors: path is NULL");
-    return td_save_safetensors(m, path, 0);
+    td_status st = m->ops ? m->ops->download(m, 0) : TD_OK;
+    return st ? st : td_save_safetensors(m, path, 0);
 }
 
 td_status td_model_save_grads_safetensors(td_model *m, const char *path) {
     REQUIRE_BUILT("td_model_save_grads_safetensors");
     if (!path) return td_fail(m, TD_ERR_ARG, "td_model_save_grads_safetensors: path is NULL");
-    return td_save_safetensors(m, path, 1);
+    td_status st = m->ops ? m->ops->download(m, 1) : TD_OK;
+    return st ? st : td_save_safetensors(m, path, 1);
 }
 
 /* ---- passes ---------------------------------------------------------------------------------- */
@@ -350,6 +372,7 @@ td_status td_stage_forward(td_model *m, float *out_BTC, double *out_loss, int32_
                            const int32_t *targets_BT, int32_t B, int32_t T) {
     static const char *fn = "td_stage_forward";
     REQUIRE_BUILT("td_stage_forward");
+    if (m->ops) return td_fail(m, TD_ERR_STATE, "%s: stage passes run on the CPU backend only", fn);
     td_status st = check_shape(m, fn, B, T);
     if (st) return st;
     if (slot < 0 || slot >= m->slots)
@@ -387,6 +410,7 @@ td_status td_stage_backward(td_model *m, float *din_BTC, int32_t slot, const flo
                             double grad_scale, int32_t part) {
     static const char *fn = "td_stage_backward";
     REQUIRE_BUILT("td_stage_backward");
+    if (m->ops) return td_fail(m, TD_ERR_STATE, "%s: stage passes run on the CPU backend only", fn);
     if (slot < 0 || slot >= m->slots)
         return td_fail(m, TD_ERR_ARG, "%s: slot %d outside [0, slots=%lld)", fn, slot, (long long)m->slots);
     if (part < TD_BWD_FULL || part > TD_BWD_WEIGHT)
@@ -437,7 +461,8 @@ td_status td_model_forward(td_model *m, float *logits_BTV, double *out_loss,
     s->B = B, s->T = T;
     memcpy(s->tokens, tokens_BT, sizeof(int32_t) * (size_t)B * T);
     if (targets_BT) memcpy(s->targets, targets_BT, sizeof(int32_t) * (size_t)B * T);
-    st = td_forward_slot(m, 0, logits_BTV, out_loss, targets_BT != NULL);
+    st = m->ops ? m->ops->forward(m, logits_BTV, out_loss, targets_BT != NULL)
+                : td_forward_slot(m, 0, logits_BTV, out_loss, targets_BT != NULL);
     s->state = targets_BT ? 1 : 0;
     return st;
 }
@@ -445,7 +470,7 @@ td_status td_model_forward(td_model *m, float *logits_BTV, double *out_loss,
 td_status td_model_zero_grad(td_model *m) {
     REQUIRE_BUILT("td_model_zero_grad");
     memset(m->grad_mem, 0, sizeof(td_real) * m->total);
-    return TD_OK;
+    return m->ops ? m->ops->zero_grad(m) : TD_OK;
 }
 
 td_status td_model_forward_backward(td_model *m, double *out_loss, const int32_t *tokens_BT,
@@ -459,7 +484,7 @@ td_status td_model_forward_backward(td_model *m, double *out_loss, const int32_t
     if (st) return st;
     if (!isfinite(grad_scale)) return td_fail(m, TD_ERR_ARG, "%s: grad_scale=%g is not finite", fn, grad_scale);
     td_set_threads(m);
-    st = td_backward_slot(m, 0, grad_scale, TD_BWD_FULL, NULL);
+    st = m->ops ? m->ops->backward(m, grad_scale) : td_backward_slot(m, 0, grad_scale, TD_BWD_FULL, NULL);
     m->slot[0].state = 0;
     slowdown(started);
     return st;
@@ -468,6 +493,7 @@ td_status td_model_forward_backward(td_model *m, double *out_loss, const int32_t
 td_status td_model_grad_sq_sum(td_model *m, double *out) {
     REQUIRE_BUILT("td_model_grad_sq_sum");
     if (!out) return td_fail(m, TD_ERR_ARG, "td_model_grad_sq_sum: out is NULL");
+    if (m->ops) return m->ops->grad_sq_sum(m, out);
     *out = td_grad_sq_sum_local(m);
     return TD_OK;
 }
@@ -477,6 +503,7 @@ td_status td_model_optimizer_step_with_norm(td_model *m, double grad_norm) {
     if (!(grad_norm >= 0) || !isfinite(grad_norm))
         return td_fail(m, TD_ERR_ARG, "td_model_optimizer_step_with_norm: grad_norm=%g is not a finite non-negative number. HINT: a NaN or inf gradient; lower the learning rate or enable grad_clip", grad_norm);
     td_set_threads(m);
+    if (m->ops) return m->ops->adamw(m, grad_norm);
     td_adamw(m, grad_norm);
     return TD_OK;
 }
@@ -485,7 +512,10 @@ td_status td_model_optimizer_step(td_model *m, double *out_grad_norm) {
     REQUIRE_BUILT("td_model_optimizer_step");
     if (m->stages != 1)
         return td_fail(m, TD_ERR_STATE, "td_model_optimizer_step: stage %lld of %lld: the global norm spans every stage. HINT: use td_model_optimizer_step_with_norm", (long long)m->stage, (long long)m->stages);
-    double norm = sqrt(td_grad_sq_sum_local(m));
+    double sq = 0.0;
+    td_status st = td_model_grad_sq_sum(m, &sq);
+    if (st) return st;
+    double norm = sqrt(sq);
     if (out_grad_norm) *out_grad_norm = norm;
     return td_model_optimizer_step_with_norm(m, norm);
 }

@@ -104,10 +104,35 @@ typedef struct {
     td_real *dfch_gelu;/* (B, T, 4C) */
 } td_scratch;
 
+/* A device backend: where a one-stage model's tensors live and its passes run (NULL: the CPU code
+ * in model.c and optim.c). The host buffers param_mem / grad_mem stay the staging area for
+ * get/set and for safetensors; the backend moves them across when asked. Implemented by
+ * engine/cuda/ (td_cuda_ops) when the library is built with CUDA. */
+typedef struct td_backend_ops {
+    const char *name;
+    td_status (*build)(td_model *m);          /* allocate device memory, upload param_mem */
+    void (*release)(td_model *m);
+    td_status (*upload)(td_model *m, int grads);   /* host param_mem (or grad_mem) -> device */
+    td_status (*download)(td_model *m, int grads); /* device -> host param_mem (or grad_mem) */
+    /* forward of slot 0 (tokens/targets already in m->slot[0]); logits_out may be NULL */
+    td_status (*forward)(td_model *m, float *logits_out, double *out_loss, int with_targets);
+    td_status (*backward)(td_model *m, double grad_scale); /* after a forward with targets */
+    td_status (*zero_grad)(td_model *m);
+    td_status (*grad_sq_sum)(td_model *m, double *out);
+    td_status (*adamw)(td_model *m, double grad_norm);
+} td_backend_ops;
+
+/* The CUDA backend's table, or NULL when the library was built without CUDA. */
+const td_backend_ops *td_cuda_ops(void);
+
 struct td_model {
     /* configuration (td_model_set_*) */
     int64_t n_layer, n_embd, n_head, vocab_size, n_positions, seq_len, batch_size, threads;
     int64_t stage, stages, layer_begin, layer_end, slots, split_backward;
+    int64_t backend; /* 0 cpu, 1 cuda */
+    int64_t bf16;    /* 1: bf16 compute with fp32 master weights (cuda only) */
+    const td_backend_ops *ops; /* NULL on the CPU */
+    void *device;              /* the backend's own state */
     double lr, beta1, beta2, eps, weight_decay, grad_clip;
     int built;
     int64_t step; /* optimizer steps taken */
