@@ -147,16 +147,22 @@ void td_layernorm_backward_weight(td_real *dw, td_real *db, const td_real *dout,
                                   int N, int C) {
     const td_real fk = fault_factor("layernorm_backward_weight");
 #pragma omp parallel for schedule(static)
-    for (int c = 0; c < C; c++) {
-        td_real sw = 0, sb = 0;
+    for (int c0 = 0; c0 < C; c0 += 64) { /* 64 channels per task, rows in order */
+        const int cn = C - c0 < 64 ? C - c0 : 64;
+        td_real sw[64] = {0}, sb[64] = {0};
         for (int i = 0; i < N; i++) {
-            td_real d = dout[(int64_t)i * C + c];
-            td_real xhat = (inp[(int64_t)i * C + c] - mean[i]) * rstd[i];
-            sw += d * xhat;
-            sb += d;
+            const td_real *d = dout + (int64_t)i * C + c0, *x = inp + (int64_t)i * C + c0;
+            const td_real m = mean[i], r = rstd[i];
+#pragma omp simd
+            for (int c = 0; c < cn; c++) {
+                sw[c] += d[c] * ((x[c] - m) * r);
+                sb[c] += d[c];
+            }
         }
-        dw[c] += sw * fk;
-        db[c] += sb * fk;
+        for (int c = 0; c < cn; c++) {
+            dw[c0 + c] += sw[c] * fk;
+            db[c0 + c] += sb[c] * fk;
+        }
     }
 }
 
@@ -182,12 +188,17 @@ void td_linear_backward_input(td_real *dinp, const td_real *dout, const td_real 
 void td_linear_backward_weight(td_real *dw, td_real *dbias, const td_real *dout,
                                const td_real *inp, int N, int IC, int OC) {
     td_gemm(dw, inp, dout, IC, OC, N, 1, 0, 1);
-    if (dbias) {
+    if (dbias) { /* column sums, 64 columns per task, rows in order: contiguous inner loop */
 #pragma omp parallel for schedule(static)
-        for (int j = 0; j < OC; j++) {
-            td_real s = 0;
-            for (int i = 0; i < N; i++) s += dout[(int64_t)i * OC + j];
-            dbias[j] += s;
+        for (int j0 = 0; j0 < OC; j0 += 64) {
+            const int jn = OC - j0 < 64 ? OC - j0 : 64;
+            td_real s[64] = {0};
+            for (int i = 0; i < N; i++) {
+                const td_real *row = dout + (int64_t)i * OC + j0;
+#pragma omp simd
+                for (int j = 0; j < jn; j++) s[j] += row[j];
+            }
+            for (int j = 0; j < jn; j++) dbias[j0 + j] += s[j];
         }
     }
 }
@@ -209,6 +220,7 @@ void td_attention_forward(td_real *out, td_real *att, const td_real *qkv, int B,
                 for (int u = 0; u <= t; u++) {
                     const td_real *k = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + C + h * hs;
                     td_real s = 0;
+#pragma omp simd reduction(+ : s)
                     for (int i = 0; i < hs; i++) s += q[i] * k[i];
                     s *= scale;
                     a[u] = s;
@@ -227,7 +239,9 @@ void td_attention_forward(td_real *out, td_real *att, const td_real *qkv, int B,
                 for (int u = 0; u <= t; u++) {
                     const td_real *v =
                         qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + 2 * C + h * hs;
-                    for (int i = 0; i < hs; i++) o[i] += a[u] * v[i];
+                    const td_real au = a[u];
+#pragma omp simd
+                    for (int i = 0; i < hs; i++) o[i] += au * v[i];
                 }
             }
         }
@@ -259,9 +273,11 @@ void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, co
                     const td_real *v = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + 2 * C + h * hs;
                     td_real *dv = base + (int64_t)u * C3 + 2 * C + h * hs;
                     td_real s = 0;
+                    const td_real au = a[u];
+#pragma omp simd reduction(+ : s)
                     for (int i = 0; i < hs; i++) {
                         s += v[i] * d[i];
-                        dv[i] += a[u] * d[i];
+                        dv[i] += au * d[i];
                     }
                     da[u] = s;
                 }
@@ -272,6 +288,7 @@ void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, co
                     td_real dpre = a[u] * (da[u] - dot) * scale;
                     const td_real *k = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + C + h * hs;
                     td_real *dk = base + (int64_t)u * C3 + C + h * hs;
+#pragma omp simd
                     for (int i = 0; i < hs; i++) {
                         dq[i] += k[i] * dpre;
                         dk[i] += q[i] * dpre;
