@@ -86,6 +86,20 @@ def _declare(lib: C.CDLL) -> None:
         "td_stage_forward": (C.c_int, [vp, fp, dp, i32, ip, fp, ip, i32, i32]),
         "td_stage_backward": (C.c_int, [vp, fp, i32, fp, f64, i32]),
         "td_tokens_read": (C.c_int, [C.POINTER(ip), C.POINTER(i64), cp, i64]),
+        "td_model_save_grads_safetensors": (C.c_int, [vp, cp]),
+        "td_op_gemm": (C.c_int, [fp, fp, fp, i32, i32, i32, i32, i32, i32]),
+        "td_op_encoder_forward": (C.c_int, [fp, ip, fp, fp, i32, i32, i32, i32]),
+        "td_op_encoder_backward": (C.c_int, [fp, fp, fp, ip, i32, i32, i32, i32]),
+        "td_op_layernorm_forward": (C.c_int, [fp, fp, fp, fp, fp, fp, i32, i32]),
+        "td_op_layernorm_backward": (C.c_int, [fp, fp, fp, fp, fp, fp, fp, fp, i32, i32]),
+        "td_op_matmul_forward": (C.c_int, [fp, fp, fp, fp, i32, i32, i32]),
+        "td_op_matmul_backward": (C.c_int, [fp, fp, fp, fp, fp, fp, i32, i32, i32]),
+        "td_op_attention_forward": (C.c_int, [fp, fp, fp, i32, i32, i32, i32]),
+        "td_op_attention_backward": (C.c_int, [fp, fp, fp, fp, i32, i32, i32, i32]),
+        "td_op_gelu_forward": (C.c_int, [fp, fp, i64]),
+        "td_op_gelu_backward": (C.c_int, [fp, fp, fp, i64]),
+        "td_op_softmax_crossentropy_forward": (C.c_int, [fp, fp, fp, ip, i32, i32]),
+        "td_op_softmax_crossentropy_backward": (C.c_int, [fp, fp, ip, f64, i32, i32]),
         "td_free": (None, [vp]),
     }
     for name, (res, args) in sigs.items():
@@ -377,6 +391,137 @@ class Model:
             self._h, _fptr(din) if din is not None else None, slot,
             _fptr(d) if d is not None else None, float(grad_scale), _BWD_PART[part]))
         return din
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+class Ops:
+    """Each engine kernel on numpy arrays (td_op_* in tandem.h): what op-level parity compares
+    with jax.vjp. Inputs are copied to contiguous fp32; outputs are fresh arrays. Weight
+    gradients start from zero (the kernels accumulate)."""
+
+    def __init__(self):
+        self._lib = load_library()
+
+    def _call(self, name: str, *args) -> None:
+        st = getattr(self._lib, name)(*args)
+        if st:
+            raise EngineError(self._lib.td_last_error().decode(),
+                              self._lib.td_status_name(st).decode())
+
+    def gemm(self, A, B, transA=False, transB=False):
+        A, B = _f32(A), _f32(B)
+        M, K = (A.shape[1], A.shape[0]) if transA else A.shape
+        N = B.shape[0] if transB else B.shape[1]
+        out = np.empty((M, N), np.float32)
+        self._call("td_op_gemm", _fptr(out), _fptr(A), _fptr(B), M, N, K, int(transA),
+                   int(transB), 0)
+        return out
+
+    def encoder_forward(self, tokens_BT, wte_VC, wpe_TC):
+        x, wte, wpe = _ids(tokens_BT, "tokens"), _f32(wte_VC), _f32(wpe_TC)
+        (B, T), (V, Cc) = x.shape, wte.shape
+        out = np.empty((B, T, Cc), np.float32)
+        self._call("td_op_encoder_forward", _fptr(out), _iptr(x), _fptr(wte), _fptr(wpe), B, T,
+                   Cc, V)
+        return out
+
+    def encoder_backward(self, dout_BTC, tokens_BT, vocab_size: int, n_positions: int):
+        d, x = _f32(dout_BTC), _ids(tokens_BT, "tokens")
+        B, T, Cc = d.shape
+        dwte = np.zeros((vocab_size, Cc), np.float32)
+        dwpe = np.zeros((n_positions, Cc), np.float32)
+        self._call("td_op_encoder_backward", _fptr(dwte), _fptr(dwpe), _fptr(d), _iptr(x), B, T,
+                   Cc, vocab_size)
+        return dwte, dwpe
+
+    def layernorm_forward(self, x, w, b):
+        x, w, b = _f32(x), _f32(w), _f32(b)
+        Cc = x.shape[-1]
+        N = x.size // Cc
+        out = np.empty_like(x)
+        mean, rstd = np.empty(N, np.float32), np.empty(N, np.float32)
+        self._call("td_op_layernorm_forward", _fptr(out), _fptr(mean), _fptr(rstd), _fptr(x),
+                   _fptr(w), _fptr(b), N, Cc)
+        return out, mean, rstd
+
+    def layernorm_backward(self, dout, x, w, mean, rstd):
+        d, x, w, mean, rstd = map(_f32, (dout, x, w, mean, rstd))
+        Cc = x.shape[-1]
+        N = x.size // Cc
+        dx, dw, db = np.empty_like(x), np.zeros(Cc, np.float32), np.zeros(Cc, np.float32)
+        self._call("td_op_layernorm_backward", _fptr(dx), _fptr(dw), _fptr(db), _fptr(d),
+                   _fptr(x), _fptr(w), _fptr(mean), _fptr(rstd), N, Cc)
+        return dx, dw, db
+
+    def matmul_forward(self, x, w, bias=None):
+        x, w = _f32(x), _f32(w)
+        IC, OC = w.shape
+        N = x.size // IC
+        out = np.empty(x.shape[:-1] + (OC,), np.float32)
+        b = None if bias is None else _f32(bias)
+        self._call("td_op_matmul_forward", _fptr(out), _fptr(x), _fptr(w),
+                   _fptr(b) if b is not None else None, N, IC, OC)
+        return out
+
+    def matmul_backward(self, dout, x, w):
+        d, x, w = _f32(dout), _f32(x), _f32(w)
+        IC, OC = w.shape
+        N = x.size // IC
+        dx, dw, db = np.empty_like(x), np.zeros_like(w), np.zeros(OC, np.float32)
+        self._call("td_op_matmul_backward", _fptr(dx), _fptr(dw), _fptr(db), _fptr(d), _fptr(x),
+                   _fptr(w), N, IC, OC)
+        return dx, dw, db
+
+    def attention_forward(self, qkv_BT3C, n_head: int):
+        qkv = _f32(qkv_BT3C)
+        B, T, C3 = qkv.shape
+        Cc = C3 // 3
+        out = np.empty((B, T, Cc), np.float32)
+        att = np.empty((B, n_head, T, T), np.float32)
+        self._call("td_op_attention_forward", _fptr(out), _fptr(att), _fptr(qkv), B, T, Cc,
+                   n_head)
+        return out, att
+
+    def attention_backward(self, dout_BTC, qkv_BT3C, att, n_head: int):
+        d, qkv, att = _f32(dout_BTC), _f32(qkv_BT3C), _f32(att)
+        B, T, Cc = d.shape
+        dqkv = np.empty_like(qkv)
+        self._call("td_op_attention_backward", _fptr(dqkv), _fptr(d), _fptr(qkv), _fptr(att), B,
+                   T, Cc, n_head)
+        return dqkv
+
+    def gelu_forward(self, x):
+        x = _f32(x)
+        out = np.empty_like(x)
+        self._call("td_op_gelu_forward", _fptr(out), _fptr(x), x.size)
+        return out
+
+    def gelu_backward(self, x, dout):
+        x, d = _f32(x), _f32(dout)
+        dx = np.empty_like(x)
+        self._call("td_op_gelu_backward", _fptr(dx), _fptr(x), _fptr(d), x.size)
+        return dx
+
+    def softmax_crossentropy_forward(self, logits, targets):
+        z, y = _f32(logits), np.ascontiguousarray(targets, dtype=np.int32)
+        V = z.shape[-1]
+        N = z.size // V
+        probs, losses = np.empty_like(z), np.empty(z.shape[:-1], np.float32)
+        self._call("td_op_softmax_crossentropy_forward", _fptr(probs), _fptr(losses), _fptr(z),
+                   _iptr(y), N, V)
+        return probs, losses
+
+    def softmax_crossentropy_backward(self, probs, targets, dloss: float):
+        p, y = _f32(probs), np.ascontiguousarray(targets, dtype=np.int32)
+        V = p.shape[-1]
+        N = p.size // V
+        d = np.empty_like(p)
+        self._call("td_op_softmax_crossentropy_backward", _fptr(d), _fptr(p), _iptr(y),
+                   float(dloss), N, V)
+        return d
 
 
 def read_tokens(path, vocab_size: int = 0) -> np.ndarray:

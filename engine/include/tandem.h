@@ -133,6 +133,44 @@ td_status td_stage_forward(td_model *model, float *out_BTC, double *out_loss, in
 td_status td_stage_backward(td_model *model, float *din_BTC, int32_t slot, const float *dout_BTC,
                             double grad_scale, int32_t part);
 
+/* ---- kernels, one by one (op-level parity) ------------------------------------------------- */
+
+/* Each td_op_* runs one engine kernel on caller buffers (fp32, row-major, shapes in the names):
+ * the same code the model runs, exposed so `tandem parity` can hold every kernel, forward and
+ * backward, to jax.vjp. Weight-gradient outputs ACCUMULATE (+=); other outputs are overwritten.
+ * The float64 build returns TD_ERR_STATE. See engine/src/kernels.h for the maths. */
+td_status td_op_gemm(float *C, const float *A, const float *B, int32_t M, int32_t N, int32_t K,
+                     int32_t transA, int32_t transB, int32_t accumulate);
+td_status td_op_encoder_forward(float *out_BTC, const int32_t *tokens_BT, const float *wte_VC,
+                                const float *wpe_TC, int32_t B, int32_t T, int32_t C, int32_t V);
+td_status td_op_encoder_backward(float *dwte_VC, float *dwpe_TC, const float *dout_BTC,
+                                 const int32_t *tokens_BT, int32_t B, int32_t T, int32_t C,
+                                 int32_t V);
+td_status td_op_layernorm_forward(float *out_NC, float *mean_N, float *rstd_N, const float *inp_NC,
+                                  const float *w_C, const float *b_C, int32_t N, int32_t C);
+td_status td_op_layernorm_backward(float *dinp_NC, float *dw_C, float *db_C, const float *dout_NC,
+                                   const float *inp_NC, const float *w_C, const float *mean_N,
+                                   const float *rstd_N, int32_t N, int32_t C);
+td_status td_op_matmul_forward(float *out_NO, const float *inp_NI, const float *w_IO,
+                               const float *bias_O, int32_t N, int32_t IC, int32_t OC);
+td_status td_op_matmul_backward(float *dinp_NI, float *dw_IO, float *dbias_O, const float *dout_NO,
+                                const float *inp_NI, const float *w_IO, int32_t N, int32_t IC,
+                                int32_t OC);
+td_status td_op_attention_forward(float *out_BTC, float *att_BHTT, const float *qkv_BT3C,
+                                  int32_t B, int32_t T, int32_t C, int32_t NH);
+td_status td_op_attention_backward(float *dqkv_BT3C, const float *dout_BTC, const float *qkv_BT3C,
+                                   const float *att_BHTT, int32_t B, int32_t T, int32_t C,
+                                   int32_t NH);
+td_status td_op_gelu_forward(float *out, const float *inp, int64_t n);
+td_status td_op_gelu_backward(float *dinp, const float *inp, const float *dout, int64_t n);
+/* losses_N = -log softmax(logits_NV)[targets]; probs_NV receives the probabilities */
+td_status td_op_softmax_crossentropy_forward(float *probs_NV, float *losses_N,
+                                             const float *logits_NV, const int32_t *targets_N,
+                                             int32_t N, int32_t V);
+td_status td_op_softmax_crossentropy_backward(float *dlogits_NV, const float *probs_NV,
+                                              const int32_t *targets_N, double dloss, int32_t N,
+                                              int32_t V);
+
 /* ---- token shards --------------------------------------------------------------------------- */
 
 /* Token shard layout (little-endian): 64-byte header { u32 magic 0x544E4454 ("TDNT"),
