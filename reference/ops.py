@@ -1,0 +1,89 @@
+"""The GPT-2 ops of docs/model.md as pure JAX functions, one definition each.
+
+These are the maths the engine kernels are held to (op-level parity through `jax.vjp`) and the
+only building blocks of reference/gpt2.py. Not fast, not fused, no parameter names: arrays in,
+arrays out, computed in the dtype of the inputs. Rank-promotion safe (broadcasts are explicit).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+LN_EPS = 1e-5
+
+
+def _lead(v, x):
+    """View the 1-D vector `v` as (1, ..., 1, N) so it broadcasts against `x` without promotion."""
+    return v.reshape((1,) * (x.ndim - 1) + v.shape)
+
+
+def encoder(wte_VC, wpe_PC, tokens_BT):
+    """Token plus position embedding: wte[tokens] + wpe[0:T] -> (B, T, C).
+
+    Token ids must lie in [0, V): like any JAX gather, out-of-range ids are clamped, not caught.
+    """
+    T = tokens_BT.shape[1]
+    if T > wpe_PC.shape[0]:
+        raise ValueError(f"sequence length T={T} exceeds n_positions={wpe_PC.shape[0]}")
+    return wte_VC[tokens_BT] + wpe_PC[None, :T, :]
+
+
+def layernorm(x_BTC, w_C, b_C):
+    """(x - mean) / sqrt(var + 1e-5) * w + b over the last axis; var is biased (divide by C)."""
+    mean_BT1 = jnp.mean(x_BTC, axis=-1, keepdims=True)
+    xc_BTC = x_BTC - mean_BT1
+    var_BT1 = jnp.mean(xc_BTC * xc_BTC, axis=-1, keepdims=True)
+    return xc_BTC / jnp.sqrt(var_BT1 + LN_EPS) * _lead(w_C, x_BTC) + _lead(b_C, x_BTC)
+
+
+def matmul(x_BTK, W_KN, bias_N=None):
+    """x @ W (+ bias): weights are stored (in, out) as in the GPT-2 checkpoint. Any leading dims."""
+    y_BTN = jnp.einsum("...k,kn->...n", x_BTK, W_KN)
+    return y_BTN if bias_N is None else y_BTN + _lead(bias_N, y_BTN)
+
+
+def attention(qkv_BT3C, n_head):
+    """Causal multi-head attention on packed qkv (q = [0:C], k = [C:2C], v = [2C:3C]) -> (B, T, C).
+
+    Head n uses columns n*HS:(n+1)*HS of each of q, k, v; scores are divided by sqrt(HS) and
+    masked to -inf above the diagonal before the softmax.
+    """
+    B, T, C3 = qkv_BT3C.shape
+    C = C3 // 3
+    if C3 != 3 * C or C % n_head:
+        raise ValueError(f"attention: qkv last dim {C3} must be 3*C with C divisible by "
+                         f"n_head={n_head}")
+    HS = C // n_head
+    q_BTNH, k_BTNH, v_BTNH = (t.reshape(B, T, n_head, HS)
+                              for t in jnp.split(qkv_BT3C, 3, axis=-1))
+    s_BNTT = jnp.einsum("btnh,bunh->bntu", q_BTNH, k_BTNH) / math.sqrt(HS)
+    causal_11TT = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]
+    s_BNTT = jnp.where(causal_11TT, s_BNTT, -jnp.inf)
+    p_BNTT = jax.nn.softmax(s_BNTT, axis=-1)
+    o_BTNH = jnp.einsum("bntu,bunh->btnh", p_BNTT, v_BTNH)
+    return o_BTNH.reshape(B, T, C)
+
+
+def gelu(x):
+    """tanh GELU: 0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def residual(a, b):
+    """The residual add, a + b (an op of its own because the engine fuses it)."""
+    return a + b
+
+
+def lm_head(x_BTC, wte_VC):
+    """Tied LM head: logits = x @ wte^T -> (B, T, V)."""
+    return jnp.einsum("btc,vc->btv", x_BTC, wte_VC)
+
+
+def softmax_cross_entropy(logits_BTV, targets_BT):
+    """Mean over (b, t) of -log softmax(logits[b, t])[targets[b, t]] -> scalar."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return jnp.mean(nll_BT)
