@@ -14,6 +14,7 @@
 #endif
 
 #include "internal.h"
+#include "kernels.h"
 
 #ifndef TD_VERSION
 #define TD_VERSION "0.1.0"
@@ -150,7 +151,9 @@ td_status td_model_set_int(td_model *m, const char *key, int64_t value) {
         list_keys(keys, sizeof keys, INT_KEYS, NKEYS(INT_KEYS));
         if (find_key(FLOAT_KEYS, NKEYS(FLOAT_KEYS), key))
             return td_fail(m, TD_ERR_CONFIG, "td_model_set_int: '%s' is a float key. HINT: use td_model_set_float", key);
-        return td_fail(m, TD_ERR_CONFIG, "td_model_set_int: unknown key '%s' (integer keys: %s)", key, keys);
+        char fkeys[256];
+        list_keys(fkeys, sizeof fkeys, FLOAT_KEYS, NKEYS(FLOAT_KEYS));
+        return td_fail(m, TD_ERR_CONFIG, "td_model_set_int: unknown key '%s' (integer keys: %s; float keys: %s)", key, keys, fkeys);
     }
     if (m->built && !k->after_build)
         return td_fail(m, TD_ERR_STATE, "td_model_set_int: '%s' cannot change after td_model_build (value %lld). HINT: create a new model", key, (long long)value);
@@ -174,7 +177,9 @@ td_status td_model_set_float(td_model *m, const char *key, double value) {
     if (!k) {
         char keys[256];
         list_keys(keys, sizeof keys, FLOAT_KEYS, NKEYS(FLOAT_KEYS));
-        return td_fail(m, TD_ERR_CONFIG, "td_model_set_float: unknown key '%s' (float keys: %s)", key, keys);
+        char ikeys[512];
+        list_keys(ikeys, sizeof ikeys, INT_KEYS, NKEYS(INT_KEYS));
+        return td_fail(m, TD_ERR_CONFIG, "td_model_set_float: unknown key '%s' (float keys: %s; integer keys: %s)", key, keys, ikeys);
     }
     int ok = isfinite(value);
     if (!strcmp(key, "beta1") || !strcmp(key, "beta2")) ok = ok && value >= 0 && value < 1;
@@ -230,6 +235,9 @@ td_status td_model_build(td_model *m) {
     if (m->stages == 1 && (m->layer_begin != 0 || m->layer_end != m->n_layer))
         return td_fail(m, TD_ERR_CONFIG, "td_model_build: a single stage must hold every layer, got [%lld, %lld) of %lld",
                        (long long)m->layer_begin, (long long)m->layer_end, (long long)m->n_layer);
+    const char *fault;
+    if (!td_fault_name_valid(&fault))
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_FAULT=%s names no kernel that takes a fault (layernorm_backward[_input|_weight], gelu_backward, attention_backward)", fault);
     if (m->backend < 0 || m->backend > 1)
         return td_fail(m, TD_ERR_CONFIG, "td_model_build: backend=%lld (0 = cpu, 1 = cuda)", (long long)m->backend);
     if (m->bf16 && m->backend != 1)

@@ -235,6 +235,7 @@ td_status td_load_safetensors(td_model *m, const char *path) {
     unsigned char *buf = NULL;
     st_entry *entries = NULL;
     char *seen = NULL;
+    int *source = NULL; /* table index -> entry index */
     FILE *f = fopen(path, "rb");
     if (!f)
         return td_fail(m, TD_ERR_IO, "td_model_load_safetensors: cannot open '%s': %s", path,
@@ -295,8 +296,11 @@ td_status td_load_safetensors(td_model *m, const char *path) {
         break;
     }
 
+    /* Validate every entry and find every tensor first; copy only when the whole file is good,
+     * so a failed load leaves the model's parameters as they were. */
     seen = calloc((size_t)(m->nparams ? m->nparams : 1), 1);
-    if (!seen) { st = td_fail(m, TD_ERR_NOMEM, "td_model_load_safetensors: out of memory"); goto out; }
+    source = calloc((size_t)(m->nparams ? m->nparams : 1), sizeof(int));
+    if (!seen || !source) { st = td_fail(m, TD_ERR_NOMEM, "td_model_load_safetensors: out of memory"); goto out; }
     for (int i = 0; i < n; i++) {
         st_entry *e = &entries[i];
         char name[TD_MAX_NAME * 2];
@@ -355,9 +359,7 @@ td_status td_load_safetensors(td_model *m, const char *path) {
             goto out;
         }
         seen[idx] = 1;
-        td_real *dst = m->param_mem + p->offset;
-        const unsigned char *src = data + e->begin;
-        for (int64_t j = 0; j < numel; j++) dst[j] = (td_real)element_at(src + j * es, e->dtype);
+        source[idx] = i;
     }
     for (int32_t i = 0; i < m->nparams; i++) {
         if (!seen[i]) {
@@ -368,6 +370,13 @@ td_status td_load_safetensors(td_model *m, const char *path) {
                          path, m->params[i].name, want);
             goto out;
         }
+    }
+    for (int32_t i = 0; i < m->nparams; i++) {
+        const st_entry *e = &entries[source[i]];
+        const int es = dtype_size(e->dtype);
+        td_real *dst = m->param_mem + m->params[i].offset;
+        const unsigned char *src = data + e->begin;
+        for (int64_t j = 0; j < m->params[i].numel; j++) dst[j] = (td_real)element_at(src + j * es, e->dtype);
     }
     goto out;
 bad_json:
@@ -380,6 +389,7 @@ out:
     free(buf);
     free(entries);
     free(seen);
+    free(source);
     return st;
 }
 

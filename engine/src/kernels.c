@@ -23,6 +23,21 @@ static td_real fault_factor(const char *kernel) {
     return (td_real)(colon ? atof(colon + 1) : 1.001);
 }
 
+/* TD_OK when TANDEM_FAULT is unset or names a kernel that honours it (td_model_build checks,
+ * so a typo cannot make a fault test pass without injecting anything). */
+int td_fault_name_valid(const char **out_value) {
+    static const char *kernels[] = {"layernorm_backward_input", "layernorm_backward_weight",
+                                    "gelu_backward", "attention_backward"};
+    const char *f = getenv("TANDEM_FAULT");
+    *out_value = f;
+    if (!f || !*f) return 1;
+    const char *colon = strchr(f, ':');
+    size_t n = colon ? (size_t)(colon - f) : strlen(f);
+    for (size_t i = 0; i < sizeof kernels / sizeof kernels[0]; i++)
+        if (strncmp(kernels[i], f, n) == 0 && (kernels[i][n] == 0 || kernels[i][n] == '_')) return 1;
+    return 0;
+}
+
 static void apply_fault(const char *kernel, td_real *out, int64_t n) {
     td_real k = fault_factor(kernel);
     if (k != 1)

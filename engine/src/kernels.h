@@ -73,4 +73,7 @@ void td_softmax_crossentropy_forward(td_real *probs_NV, td_real *losses, const i
 void td_softmax_crossentropy_backward(td_real *dlogits, const td_real *probs,
                                       const int32_t *targets, double dloss, int N, int V);
 
+/* 1 when TANDEM_FAULT is unset or names a kernel that honours it; *value gets the variable. */
+int td_fault_name_valid(const char **value);
+
 #endif /* TD_KERNELS_H */

@@ -1,0 +1,223 @@
+/* common.cuh — what every file of the CUDA backend shares: the device state of one model
+ * (td_cuda_dev, kept in td_model.device), the element types, the error helpers and the kernel
+ * launchers that backend.cu drives.
+ *
+ * The backend runs a one-stage model on one GPU. E is the activation / compute element type:
+ * float in fp32 mode, __nv_bfloat16 in bf16 mode (fp32 master weights, fp32 accumulation, fp32
+ * LayerNorm / softmax / loss statistics). Every launcher returns the cudaError_t of its launch;
+ * the caller turns a failure into a td_status with td_fail (nothing here exits or aborts).
+ */
+#ifndef TD_CUDA_COMMON_CUH
+#define TD_CUDA_COMMON_CUH
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" {
+#include "internal.h"
+}
+
+typedef __nv_bfloat16 bf16;
+
+/* ---- element conversions (fp32 arithmetic on either element type) ---------------------------- */
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+template <typename E> __device__ __forceinline__ E from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+/* ---- device state of one model ------------------------------------------------------------- */
+
+/* Activations of one layer, sized for (batch_size, seq_len); E elements unless marked f32. */
+typedef struct {
+    void *ln1;                      /* (B, T, C) */
+    float *ln1_mean, *ln1_rstd;     /* (B, T) f32 */
+    void *qkv;                      /* (B, T, 3C) */
+    void *att;                      /* (B, NH, T, T) softmax probabilities, NULL when recomputed */
+    void *atty;                     /* (B, T, C) attention output before the projection */
+    void *res2;                     /* (B, T, C) residual after attention */
+    void *ln2;                      /* (B, T, C) */
+    float *ln2_mean, *ln2_rstd;     /* (B, T) f32 */
+    void *fch;                      /* (B, T, 4C) pre-GELU */
+    void *fch_gelu;                 /* (B, T, 4C) */
+    void *res3;                     /* (B, T, C) layer output */
+} td_cuda_layer;
+
+/* Offsets (elements) of one layer's tensors in the flat parameter buffer (m->params layout). */
+typedef struct {
+    size_t ln1w, ln1b, qkvw, qkvb, attprojw, attprojb, ln2w, ln2b, fcw, fcb, fcprojw, fcprojb;
+} td_cuda_layer_off;
+
+#define TD_MM_CACHE 512
+
+typedef struct {
+    unsigned char key[128];
+    cublasLtMatmulAlgo_t algo;
+} td_mm_cache_entry;
+
+typedef struct td_cuda_dev {
+    td_model *m;
+    int bf16;          /* 1: E = bf16 */
+    size_t es;         /* bytes per E */
+    int store_att;     /* 1: keep every layer's (B, NH, T, T) probabilities; 0: recompute */
+    cudaStream_t stream;
+    cublasLtHandle_t lt;
+    void *ws;          /* cuBLASLt workspace */
+    size_t ws_bytes;
+
+    /* parameters (flat, m->params offsets) */
+    float *p32, *g32, *mom, *var; /* fp32 master weights, gradients, AdamW m and v */
+    void *pc;                     /* compute copy: bf16 copy in bf16 mode, == p32 in fp32 mode */
+    size_t off_wte, off_wpe, off_lnfw, off_lnfb;
+    td_cuda_layer_off *lo;        /* nl entries */
+    int64_t *seg_end;             /* (nparams) end offset of each tensor, for AdamW */
+    unsigned char *seg_decay;     /* (nparams) weight decay applies */
+
+    /* activations */
+    void *input;                  /* (B, T, C) embedding output */
+    td_cuda_layer *L;             /* nl entries */
+    void *lnf;                    /* (B, T, C) */
+    float *lnf_mean, *lnf_rstd;   /* (B, T) */
+    void *logits;                 /* (B*T, Vp) logits, then d(logits) in place */
+    int Vp;                       /* padded row stride of logits */
+    float *lse, *losses;          /* (B*T) log-sum-exp and per-row loss */
+    int *tok;                     /* (B*T) tokens, then (B*T) targets */
+    int *csr;                     /* encoder-backward buckets: uniq (BT), off (BT+1), rows (BT) */
+    int n_uniq;
+
+    /* backward / attention scratch (one layer at a time) */
+    void *dres, *dln, *dbig;      /* (B,T,C), (B,T,C), (B,T,4C) */
+    void *qkvp, *yb, *dqkvp;      /* (3,B,NH,T,HS), (B,NH,T,HS), (3,B,NH,T,HS) */
+    void *attS, *attP;            /* (B,NH,T,T): scores / d(probs); probabilities when recomputed */
+    float *part_w, *part_b;       /* column-sum partials: (ceil(BT/CS_ROWS), 4C) each */
+    double *sq_part;              /* grad_sq_sum partials (SQ_BLOCKS + 1) */
+
+    /* host, pinned */
+    int *h_tok;                   /* 2 * B*T */
+    int *h_csr;                   /* 3 * B*T + 1 */
+    int *h_count;                 /* V (plain malloc) */
+    float *h_losses;              /* B*T */
+    double *h_sq;
+
+    int fwd_B, fwd_T, fwd_targets; /* the last forward's shape; 1 when a backward may follow */
+
+    /* every cudaMalloc, for release */
+    void **allocs;
+    int nallocs, cap_allocs;
+
+    td_mm_cache_entry *cache;
+    int ncache;
+
+    /* TANDEM_CUDA_PROFILE=<file>: device time per phase (CUDA events), written at release */
+    char *prof_path;
+    cudaEvent_t *prof_ev;
+    const char **prof_evname;
+    int prof_nev;
+    const char *prof_name[64];
+    double prof_ms[64];
+    long prof_calls[64];
+    int prof_nrows;
+    long prof_steps;
+} td_cuda_dev;
+
+/* ---- error helpers --------------------------------------------------------------------------- */
+
+td_status td_cuda_fail(td_cuda_dev *d, const char *what, cudaError_t err, const char *file,
+                       int line);
+/* Return from the enclosing td_status function when a CUDA call or a launch fails. */
+#define TD_CK(call)                                                                              \
+    do {                                                                                         \
+        cudaError_t err_ = (call);                                                               \
+        if (err_ != cudaSuccess) return td_cuda_fail(d, #call, err_, __FILE__, __LINE__);        \
+    } while (0)
+#define TD_TRY(call)                                                                             \
+    do {                                                                                         \
+        td_status st_ = (call);                                                                  \
+        if (st_ != TD_OK) return st_;                                                            \
+    } while (0)
+
+/* ---- matmul (matmul.cu) ---------------------------------------------------------------------- */
+
+/* out(M, N) = op(A)(M, K) @ op(B)(K, N) [+ beta * Cin] [+ bias(N)], row-major, like td_gemm:
+ * A is stored (M, K) with row stride lda, or with transA (K, M); B (K, N), or with transB (N, K).
+ * Batched (batch > 1) with element strides sA, sB, sD (and sC = sD). The epilogue:
+ *   TD_EPI_NONE, TD_EPI_GELU (aux <- pre-GELU value, out <- GELU(value); aux has out's layout),
+ *   TD_EPI_DGELU (out <- value * GELU'(aux)).
+ * A, B, bias, aux are E (the compute type), out and Cin are E or fp32 (out_f32). fp32 mode uses
+ * CUBLAS_COMPUTE_32F on fp32 data (no TF32). A fused epilogue that cuBLASLt cannot take falls
+ * back to a plain product and a kernel. */
+enum { TD_EPI_NONE = 0, TD_EPI_GELU = 1, TD_EPI_DGELU = 2 };
+typedef struct {
+    void *out; int ldo; int out_f32;
+    const void *A; int lda; int transA;
+    const void *B; int ldb; int transB;
+    int M, N, K;
+    float beta; const void *C; /* Cin with out's type and ldo; NULL: C = out */
+    const void *bias;
+    int epi; void *aux; int ldaux;
+    int batch; long long sA, sB, sD;
+} td_mm;
+td_status td_cuda_matmul(td_cuda_dev *d, const td_mm *p);
+
+/* ---- kernel launchers (kernels.cu); E = float or bf16 ------------------------------------------ */
+
+#define TD_CS_ROWS 256  /* rows per partial of a deterministic column sum */
+#define TD_SQ_BLOCKS 1024
+
+template <typename E>
+cudaError_t td_k_encoder_forward(cudaStream_t s, E *out, const int *tok, const E *wte,
+                                 const E *wpe, int B, int T, int C);
+template <typename E>
+cudaError_t td_k_encoder_backward(cudaStream_t s, float *dwte, float *dwpe, const E *dout,
+                                  const int *csr, int n_uniq, int B, int T, int C);
+template <typename E>
+cudaError_t td_k_layernorm_forward(cudaStream_t s, E *out, float *mean, float *rstd,
+                                   const E *inp, const E *w, const E *b, int N, int C);
+template <typename E>
+cudaError_t td_k_layernorm_backward_input(cudaStream_t s, E *dinp, const E *dout, const E *inp,
+                                          const E *w, const float *mean, const float *rstd,
+                                          int N, int C, int accumulate);
+/* dw += colsum(dout * xhat), db += colsum(dout) (dw, inp, mean, rstd NULL: bias gradient only).
+ * Deterministic: fixed partials of TD_CS_ROWS rows summed in a fixed order. */
+template <typename E>
+cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, float *part_b,
+                        const E *dout, const E *inp, const float *mean, const float *rstd, int N,
+                        int C);
+template <typename E>
+cudaError_t td_k_gelu_forward(cudaStream_t s, E *out, const E *inp, long long n);
+template <typename E>
+cudaError_t td_k_gelu_backward_inplace(cudaStream_t s, E *d, const E *inp, long long n);
+template <typename E>
+cudaError_t td_k_bias_add(cudaStream_t s, E *out, const E *bias, int N, int OC, int ld);
+template <typename E>
+cudaError_t td_k_qkv_permute(cudaStream_t s, E *qkvp, const E *qkv, int B, int T, int NH, int HS);
+template <typename E>
+cudaError_t td_k_qkv_unpermute(cudaStream_t s, E *dqkv, const E *dqkvp, int B, int T, int NH,
+                               int HS);
+template <typename E>
+cudaError_t td_k_head_permute(cudaStream_t s, E *y, const E *x, int B, int T, int NH, int HS);
+template <typename E>
+cudaError_t td_k_head_unpermute(cudaStream_t s, E *x, const E *y, int B, int T, int NH, int HS);
+template <typename E>
+cudaError_t td_k_attn_softmax_forward(cudaStream_t s, E *P, const E *S, long long rows, int T,
+                                      float scale);
+template <typename E>
+cudaError_t td_k_attn_softmax_backward(cudaStream_t s, E *dS, const E *P, long long rows, int T,
+                                       float scale);
+template <typename E>
+cudaError_t td_k_crossentropy_forward(cudaStream_t s, float *losses, float *lse, const E *logits,
+                                      const int *targets, int N, int V, int ld);
+template <typename E>
+cudaError_t td_k_crossentropy_backward(cudaStream_t s, E *dlogits, const float *lse,
+                                       const int *targets, float dloss, int N, int V, int ld);
+cudaError_t td_k_cast_bf16(cudaStream_t s, bf16 *out, const float *in, long long n);
+cudaError_t td_k_adamw(cudaStream_t s, float *p, const float *g, float *m, float *v, bf16 *p16,
+                       long long n, const int64_t *seg_end, const unsigned char *seg_decay,
+                       int nseg, float b1, float b2, float bc1, float bc2, float lr, float eps,
+                       float wd, float clip);
+cudaError_t td_k_sq_sum(cudaStream_t s, double *part, const float *g, long long n);
+
+#endif /* TD_CUDA_COMMON_CUH */

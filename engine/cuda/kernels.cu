@@ -1,0 +1,561 @@
+/* kernels.cu — the GPU kernels of the GPT-2 ops that are not matrix products, forward and
+ * backward, each the same maths as its CPU reference in engine/src/kernels.c (same names
+ * without the td_k_ prefix). Arithmetic is fp32 whatever the element type E; reductions run in a
+ * fixed order, so results are bit-identical run to run (no float atomics anywhere).
+ * Not here: matrix products (matmul.cu), the order of the passes (backend.cu).
+ */
+#include <math.h>
+
+#include "common.cuh"
+
+#define GELU_SCALE 0.7978845608028654f /* sqrt(2 / pi) */
+
+static inline unsigned blocks_for(long long n, int threads) {
+    return (unsigned)((n + threads - 1) / threads);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* ---- encoder --------------------------------------------------------------------------------- */
+
+template <typename E>
+__global__ void encoder_forward_kernel(E *out, const int *tok, const E *wte, const E *wpe, int T,
+                                       int C, long long n) {
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long bt = i / C;
+    int c = (int)(i % C), t = (int)(bt % T);
+    out[i] = from_f<E>(to_f(wte[(long long)tok[bt] * C + c]) + to_f(wpe[(long long)t * C + c]));
+}
+
+template <typename E>
+cudaError_t td_k_encoder_forward(cudaStream_t s, E *out, const int *tok, const E *wte,
+                                 const E *wpe, int B, int T, int C) {
+    long long n = (long long)B * T * C;
+    encoder_forward_kernel<E><<<blocks_for(n, 256), 256, 0, s>>>(out, tok, wte, wpe, T, C, n);
+    return cudaGetLastError();
+}
+
+/* dwte: one block row per distinct token; its rows (ascending) are summed in order, so repeated
+ * tokens need no atomics. csr = uniq (BT) | off (BT+1) | rows (BT), built on the host. */
+template <typename E>
+__global__ void encoder_backward_wte_kernel(float *dwte, const E *dout, const int *uniq,
+                                            const int *off, const int *rows, int C) {
+    int u = blockIdx.x;
+    int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float acc = 0.f;
+    for (int j = off[u]; j < off[u + 1]; j++) acc += to_f(dout[(long long)rows[j] * C + c]);
+    dwte[(long long)uniq[u] * C + c] += acc;
+}
+
+template <typename E>
+__global__ void encoder_backward_wpe_kernel(float *dwpe, const E *dout, int B, long long TC) {
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= TC) return;
+    float acc = 0.f;
+    for (int b = 0; b < B; b++) acc += to_f(dout[(long long)b * TC + i]);
+    dwpe[i] += acc;
+}
+
+template <typename E>
+cudaError_t td_k_encoder_backward(cudaStream_t s, float *dwte, float *dwpe, const E *dout,
+                                  const int *csr, int n_uniq, int B, int T, int C) {
+    const int BT = B * T;
+    if (n_uniq > 0) {
+        dim3 grid((unsigned)n_uniq, blocks_for(C, 256));
+        encoder_backward_wte_kernel<E><<<grid, 256, 0, s>>>(dwte, dout, csr, csr + BT,
+                                                            csr + 2 * BT + 1, C);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+    }
+    long long TC = (long long)T * C;
+    encoder_backward_wpe_kernel<E><<<blocks_for(TC, 256), 256, 0, s>>>(dwpe, dout, B, TC);
+    return cudaGetLastError();
+}
+
+/* ---- LayerNorm: one warp per row ------------------------------------------------------------- */
+
+template <typename E>
+__global__ void layernorm_forward_kernel(E *out, float *mean, float *rstd, const E *inp,
+                                         const E *w, const E *b, int N, int C) {
+    int row = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32);
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const E *x = inp + (long long)row * C;
+    float s = 0.f;
+    for (int c = lane; c < C; c += 32) s += to_f(x[c]);
+    const float m = warp_sum(s) / C;
+    float v = 0.f;
+    for (int c = lane; c < C; c += 32) {
+        float dx = to_f(x[c]) - m;
+        v += dx * dx;
+    }
+    v = warp_sum(v) / C;
+    const float r = 1.f / sqrtf(v + 1e-5f);
+    E *o = out + (long long)row * C;
+    for (int c = lane; c < C; c += 32) o[c] = from_f<E>(((to_f(x[c]) - m) * r) * to_f(w[c]) + to_f(b[c]));
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
+}
+
+template <typename E>
+cudaError_t td_k_layernorm_forward(cudaStream_t s, E *out, float *mean, float *rstd,
+                                   const E *inp, const E *w, const E *b, int N, int C) {
+    layernorm_forward_kernel<E><<<blocks_for((long long)N * 32, 256), 256, 0, s>>>(out, mean, rstd, inp, w, b, N, C);
+    return cudaGetLastError();
+}
+
+template <typename E>
+__global__ void layernorm_backward_input_kernel(E *dinp, const E *dout, const E *inp, const E *w,
+                                                const float *mean, const float *rstd, int N,
+                                                int C, int accumulate) {
+    int row = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32);
+    int lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const E *d = dout + (long long)row * C;
+    const E *x = inp + (long long)row * C;
+    const float m = mean[row], r = rstd[row];
+    float s1 = 0.f, s2 = 0.f;
+    for (int c = lane; c < C; c += 32) {
+        float xhat = (to_f(x[c]) - m) * r;
+        float dn = to_f(w[c]) * to_f(d[c]);
+        s1 += dn;
+        s2 += dn * xhat;
+    }
+    s1 = warp_sum(s1) / C;
+    s2 = warp_sum(s2) / C;
+    E *di = dinp + (long long)row * C;
+    for (int c = lane; c < C; c += 32) {
+        float xhat = (to_f(x[c]) - m) * r;
+        float dn = to_f(w[c]) * to_f(d[c]);
+        float g = (dn - s1 - xhat * s2) * r;
+        di[c] = from_f<E>(accumulate ? to_f(di[c]) + g : g);
+    }
+}
+
+template <typename E>
+cudaError_t td_k_layernorm_backward_input(cudaStream_t s, E *dinp, const E *dout, const E *inp,
+                                          const E *w, const float *mean, const float *rstd,
+                                          int N, int C, int accumulate) {
+    layernorm_backward_input_kernel<E><<<blocks_for((long long)N * 32, 256), 256, 0, s>>>(
+        dinp, dout, inp, w, mean, rstd, N, C, accumulate);
+    return cudaGetLastError();
+}
+
+/* ---- deterministic column sums (bias and LayerNorm weight gradients) -------------------------- */
+
+template <typename E>
+__global__ void colsum_partial_kernel(float *pw, float *pb, const E *dout, const E *inp,
+                                      const float *mean, const float *rstd, int N, int C) {
+    __shared__ float sw[8][33], sb[8][33];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int col = blockIdx.x * 32 + tx, chunk = blockIdx.y;
+    const int r0 = chunk * TD_CS_ROWS, r1 = min(N, r0 + TD_CS_ROWS);
+    float aw = 0.f, ab = 0.f;
+    if (col < C) {
+        for (int r = r0 + ty; r < r1; r += 8) {
+            float dv = to_f(dout[(long long)r * C + col]);
+            ab += dv;
+            if (inp) aw += dv * ((to_f(inp[(long long)r * C + col]) - mean[r]) * rstd[r]);
+        }
+    }
+    sw[ty][tx] = aw;
+    sb[ty][tx] = ab;
+    __syncthreads();
+    if (ty == 0 && col < C) {
+        float tw = 0.f, tb = 0.f;
+        for (int k = 0; k < 8; k++) {
+            tw += sw[k][tx];
+            tb += sb[k][tx];
+        }
+        pb[(long long)chunk * C + col] = tb;
+        if (pw) pw[(long long)chunk * C + col] = tw;
+    }
+}
+
+__global__ void colsum_final_kernel(float *dw, float *db, const float *pw, const float *pb,
+                                    int nchunks, int C) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= C) return;
+    float tw = 0.f, tb = 0.f;
+    for (int k = 0; k < nchunks; k++) {
+        tb += pb[(long long)k * C + col];
+        if (pw) tw += pw[(long long)k * C + col];
+    }
+    db[col] += tb;
+    if (dw) dw[col] += tw;
+}
+
+template <typename E>
+cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, float *part_b,
+                        const E *dout, const E *inp, const float *mean, const float *rstd, int N,
+                        int C) {
+    const int nchunks = (N + TD_CS_ROWS - 1) / TD_CS_ROWS;
+    dim3 grid(blocks_for(C, 32), (unsigned)nchunks), block(32, 8);
+    colsum_partial_kernel<E><<<grid, block, 0, s>>>(dw ? part_w : NULL, part_b, dout, dw ? inp : NULL,
+                                                    mean, rstd, N, C);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    colsum_final_kernel<<<blocks_for(C, 256), 256, 0, s>>>(dw, db, dw ? part_w : NULL, part_b,
+                                                           nchunks, C);
+    return cudaGetLastError();
+}
+
+/* ---- GELU (tanh form), bias ------------------------------------------------------------------ */
+
+template <typename E>
+__global__ void gelu_forward_kernel(E *out, const E *inp, long long n) {
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = to_f(inp[i]);
+    out[i] = from_f<E>(0.5f * x * (1.f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x))));
+}
+
+template <typename E>
+__global__ void gelu_backward_kernel(E *d, const E *inp, long long n) {
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = to_f(inp[i]);
+    float th = tanhf(GELU_SCALE * (x + 0.044715f * x * x * x));
+    float sech2 = 1.f - th * th;
+    float g = 0.5f * (1.f + th) + 0.5f * x * sech2 * GELU_SCALE * (1.f + 3.f * 0.044715f * x * x);
+    d[i] = from_f<E>(g * to_f(d[i]));
+}
+
+template <typename E>
+cudaError_t td_k_gelu_forward(cudaStream_t s, E *out, const E *inp, long long n) {
+    gelu_forward_kernel<E><<<blocks_for(n, 256), 256, 0, s>>>(out, inp, n);
+    return cudaGetLastError();
+}
+template <typename E>
+cudaError_t td_k_gelu_backward_inplace(cudaStream_t s, E *d, const E *inp, long long n) {
+    gelu_backward_kernel<E><<<blocks_for(n, 256), 256, 0, s>>>(d, inp, n);
+    return cudaGetLastError();
+}
+
+template <typename E>
+__global__ void bias_add_kernel(E *out, const E *bias, int OC, int ld, long long n) {
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long r = i / OC;
+    int c = (int)(i % OC);
+    E *o = out + r * ld + c;
+    *o = from_f<E>(to_f(*o) + to_f(bias[c]));
+}
+template <typename E>
+cudaError_t td_k_bias_add(cudaStream_t s, E *out, const E *bias, int N, int OC, int ld) {
+    long long n = (long long)N * OC;
+    bias_add_kernel<E><<<blocks_for(n, 256), 256, 0, s>>>(out, bias, OC, ld, n);
+    return cudaGetLastError();
+}
+
+/* ---- attention layout changes: (B, T, 3, NH, HS) <-> 3 x (B, NH, T, HS) ----------------------- */
+
+template <typename E>
+__global__ void qkv_permute_kernel(E *qkvp, const E *qkv, int B, int T, int NH, int HS, int dir) {
+    const int C = NH * HS;
+    const long long n = (long long)B * T * 3 * C;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long bt = i / (3 * C);
+    int r = (int)(i % (3 * C));
+    int j = r / C, h = (r % C) / HS, dd = r % HS;
+    int b = (int)(bt / T), t = (int)(bt % T);
+    long long o = (long long)j * B * T * C + (((long long)b * NH + h) * T + t) * HS + dd;
+    if (dir == 0) qkvp[o] = qkv[i];
+    else ((E *)qkv)[i] = qkvp[o];
+}
+
+template <typename E>
+cudaError_t td_k_qkv_permute(cudaStream_t s, E *qkvp, const E *qkv, int B, int T, int NH, int HS) {
+    qkv_permute_kernel<E><<<blocks_for((long long)B * T * 3 * NH * HS, 256), 256, 0, s>>>(qkvp, qkv, B, T, NH, HS, 0);
+    return cudaGetLastError();
+}
+template <typename E>
+cudaError_t td_k_qkv_unpermute(cudaStream_t s, E *dqkv, const E *dqkvp, int B, int T, int NH,
+                               int HS) {
+    qkv_permute_kernel<E><<<blocks_for((long long)B * T * 3 * NH * HS, 256), 256, 0, s>>>((E *)dqkvp, dqkv, B, T, NH, HS, 1);
+    return cudaGetLastError();
+}
+
+template <typename E>
+__global__ void head_permute_kernel(E *y, E *x, int B, int T, int NH, int HS, int dir) {
+    const int C = NH * HS;
+    const long long n = (long long)B * T * C;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; /* index into x (B, T, C) */
+    if (i >= n) return;
+    long long bt = i / C;
+    int r = (int)(i % C), h = r / HS, dd = r % HS;
+    int b = (int)(bt / T), t = (int)(bt % T);
+    long long o = (((long long)b * NH + h) * T + t) * HS + dd;
+    if (dir == 0) y[o] = x[i];
+    else x[i] = y[o];
+}
+template <typename E>
+cudaError_t td_k_head_permute(cudaStream_t s, E *y, const E *x, int B, int T, int NH, int HS) {
+    head_permute_kernel<E><<<blocks_for((long long)B * T * NH * HS, 256), 256, 0, s>>>(y, (E *)x, B, T, NH, HS, 0);
+    return cudaGetLastError();
+}
+template <typename E>
+cudaError_t td_k_head_unpermute(cudaStream_t s, E *x, const E *y, int B, int T, int NH, int HS) {
+    head_permute_kernel<E><<<blocks_for((long long)B * T * NH * HS, 256), 256, 0, s>>>((E *)y, x, B, T, NH, HS, 1);
+    return cudaGetLastError();
+}
+
+/* ---- causal softmax over attention scores: one warp per (b, h, t) row --------------------------- */
+
+template <typename E>
+__global__ void attn_softmax_forward_kernel(E *P, const E *S, long long rows, int T, float scale) {
+    long long row = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const int t = (int)(row % T);
+    const E *s = S + row * T;
+    E *p = P + row * T;
+    float mx = -INFINITY;
+    for (int u = lane; u <= t; u += 32) mx = fmaxf(mx, to_f(s[u]) * scale);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int u = lane; u <= t; u += 32) sum += expf(to_f(s[u]) * scale - mx);
+    const float inv = 1.f / warp_sum(sum);
+    for (int u = lane; u < T; u += 32) p[u] = from_f<E>(u <= t ? expf(to_f(s[u]) * scale - mx) * inv : 0.f);
+}
+
+/* In place: dS (in: d(probs)) <- P * (dP - sum_u P dP) * scale, zero above the diagonal. */
+template <typename E>
+__global__ void attn_softmax_backward_kernel(E *dS, const E *P, long long rows, int T, float scale) {
+    long long row = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const int t = (int)(row % T);
+    const E *p = P + row * T;
+    E *d = dS + row * T;
+    float dot = 0.f;
+    for (int u = lane; u <= t; u += 32) dot += to_f(p[u]) * to_f(d[u]);
+    dot = warp_sum(dot);
+    for (int u = lane; u < T; u += 32) d[u] = from_f<E>(u <= t ? to_f(p[u]) * (to_f(d[u]) - dot) * scale : 0.f);
+}
+
+template <typename E>
+cudaError_t td_k_attn_softmax_forward(cudaStream_t s, E *P, const E *S, long long rows, int T,
+                                      float scale) {
+    attn_softmax_forward_kernel<E><<<blocks_for(rows * 32, 256), 256, 0, s>>>(P, S, rows, T, scale);
+    return cudaGetLastError();
+}
+template <typename E>
+cudaError_t td_k_attn_softmax_backward(cudaStream_t s, E *dS, const E *P, long long rows, int T,
+                                       float scale) {
+    attn_softmax_backward_kernel<E><<<blocks_for(rows * 32, 256), 256, 0, s>>>(dS, P, rows, T, scale);
+    return cudaGetLastError();
+}
+
+/* ---- softmax + cross-entropy over the vocabulary: one block per row, fp32 statistics ---------- */
+
+#define CE_THREADS 256
+
+template <typename E>
+__global__ void crossentropy_forward_kernel(float *losses, float *lse, const E *logits,
+                                            const int *targets, int V, int ld) {
+    __shared__ float sm[CE_THREADS / 32], ss[CE_THREADS / 32];
+    const int row = blockIdx.x;
+    const E *l = logits + (long long)row * ld;
+    float mx = -INFINITY, s = 0.f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float x = to_f(l[v]);
+        if (x > mx) {
+            s = s * expf(mx - x) + 1.f;
+            mx = x;
+        } else {
+            s += expf(x - mx);
+        }
+    }
+    /* combine (max, sum) pairs: first within the warp, then across warps, in a fixed order */
+    for (int o = 16; o > 0; o >>= 1) {
+        float mo = __shfl_xor_sync(0xffffffffu, mx, o), so = __shfl_xor_sync(0xffffffffu, s, o);
+        float mn = fmaxf(mx, mo);
+        float a = mx == -INFINITY ? 0.f : s * expf(mx - mn);
+        float b = mo == -INFINITY ? 0.f : so * expf(mo - mn);
+        mx = mn;
+        s = a + b;
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        sm[warp] = mx;
+        ss[warp] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = -INFINITY, S = 0.f;
+        for (int w = 0; w < (int)(blockDim.x / 32); w++) {
+            float mn = fmaxf(M, sm[w]);
+            float a = M == -INFINITY ? 0.f : S * expf(M - mn);
+            float b = sm[w] == -INFINITY ? 0.f : ss[w] * expf(sm[w] - mn);
+            M = mn;
+            S = a + b;
+        }
+        float z = M + logf(S);
+        lse[row] = z;
+        losses[row] = z - to_f(l[targets[row]]);
+    }
+}
+
+template <typename E>
+__global__ void crossentropy_backward_kernel(E *dlogits, const float *lse, const int *targets,
+                                             float dloss, int V, int ld) {
+    const int row = blockIdx.x;
+    E *d = dlogits + (long long)row * ld;
+    const float z = lse[row];
+    const int y = targets[row];
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float p = expf(to_f(d[v]) - z);
+        d[v] = from_f<E>((p - (v == y ? 1.f : 0.f)) * dloss);
+    }
+}
+
+template <typename E>
+cudaError_t td_k_crossentropy_forward(cudaStream_t s, float *losses, float *lse, const E *logits,
+                                      const int *targets, int N, int V, int ld) {
+    crossentropy_forward_kernel<E><<<(unsigned)N, CE_THREADS, 0, s>>>(losses, lse, logits, targets, V, ld);
+    return cudaGetLastError();
+}
+template <typename E>
+cudaError_t td_k_crossentropy_backward(cudaStream_t s, E *dlogits, const float *lse,
+                                       const int *targets, float dloss, int N, int V, int ld) {
+    crossentropy_backward_kernel<E><<<(unsigned)N, CE_THREADS, 0, s>>>(dlogits, lse, targets, dloss, V, ld);
+    return cudaGetLastError();
+}
+
+/* ---- parameters: bf16 copy, AdamW, sum of squares -------------------------------------------- */
+
+__global__ void cast_bf16_kernel(bf16 *out, const float *in, long long n) {
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __float2bfloat16_rn(in[i]);
+}
+cudaError_t td_k_cast_bf16(cudaStream_t s, bf16 *out, const float *in, long long n) {
+    if (n <= 0) return cudaSuccess;
+    cast_bf16_kernel<<<blocks_for(n, 256), 256, 0, s>>>(out, in, n);
+    return cudaGetLastError();
+}
+
+/* docs/model.md's AdamW, in the CPU's (optim.c) order of fp32 operations; one pass over every
+ * tensor. Which tensor an element belongs to (for weight decay) comes from seg_end: the block's
+ * first element is found by bisection, the threads then step forward. */
+__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, bf16 *p16, long long n,
+                             const int64_t *seg_end, const unsigned char *seg_decay, int nseg,
+                             float b1, float b2, float bc1, float bc2, float lr, float eps,
+                             float wd, float clip) {
+    __shared__ int s0;
+    const long long start = blockIdx.x * (long long)blockDim.x;
+    if (threadIdx.x == 0) {
+        int lo = 0, hi = nseg - 1;
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            if (seg_end[mid] > start) hi = mid;
+            else lo = mid + 1;
+        }
+        s0 = lo;
+    }
+    __syncthreads();
+    const long long i = start + threadIdx.x;
+    if (i >= n) return;
+    int sg = s0;
+    while (seg_end[sg] <= i) sg++;
+    const float w = seg_decay[sg] ? wd : 0.f;
+    const float gj = clip == 1.f ? g[i] : g[i] * clip;
+    const float mm = b1 * m[i] + (1.f - b1) * gj;
+    const float vv = b2 * v[i] + (1.f - b2) * gj * gj;
+    m[i] = mm;
+    v[i] = vv;
+    const float mhat = mm / bc1, vhat = vv / bc2;
+    float th = p[i];
+    th = th - lr * (mhat / (sqrtf(vhat) + eps) + w * th);
+    p[i] = th;
+    if (p16) p16[i] = __float2bfloat16_rn(th);
+}
+
+cudaError_t td_k_adamw(cudaStream_t s, float *p, const float *g, float *m, float *v, bf16 *p16,
+                       long long n, const int64_t *seg_end, const unsigned char *seg_decay,
+                       int nseg, float b1, float b2, float bc1, float bc2, float lr, float eps,
+                       float wd, float clip) {
+    if (n <= 0) return cudaSuccess;
+    adamw_kernel<<<blocks_for(n, 256), 256, 0, s>>>(p, g, m, v, p16, n, seg_end, seg_decay, nseg,
+                                                     b1, b2, bc1, bc2, lr, eps, wd, clip);
+    return cudaGetLastError();
+}
+
+/* Sum of squares in double: TD_SQ_BLOCKS fixed chunks, a fixed reduction tree in each, then one
+ * thread adds the chunk sums in order into part[TD_SQ_BLOCKS]. */
+__global__ void sq_partial_kernel(double *part, const float *g, long long n, long long chunk) {
+    __shared__ double sh[256 / 32];
+    const long long lo = blockIdx.x * chunk, hi = min(n, lo + chunk);
+    double acc = 0.0;
+    for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) acc += (double)g[i] * g[i];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (threadIdx.x % 32 == 0) sh[threadIdx.x / 32] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int w = 0; w < (int)(blockDim.x / 32); w++) t += sh[w];
+        part[blockIdx.x] = t;
+    }
+}
+__global__ void sq_final_kernel(double *part, int nb) {
+    double t = 0.0;
+    for (int b = 0; b < nb; b++) t += part[b];
+    part[nb] = t;
+}
+cudaError_t td_k_sq_sum(cudaStream_t s, double *part, const float *g, long long n) {
+    long long chunk = (n + TD_SQ_BLOCKS - 1) / TD_SQ_BLOCKS;
+    if (chunk < 1) chunk = 1;
+    sq_partial_kernel<<<TD_SQ_BLOCKS, 256, 0, s>>>(part, g, n, chunk);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    sq_final_kernel<<<1, 1, 0, s>>>(part, TD_SQ_BLOCKS);
+    return cudaGetLastError();
+}
+
+/* ---- explicit instantiations ----------------------------------------------------------------- */
+
+#define TD_INSTANTIATE(E)                                                                        \
+    template cudaError_t td_k_encoder_forward<E>(cudaStream_t, E *, const int *, const E *,      \
+                                                 const E *, int, int, int);                      \
+    template cudaError_t td_k_encoder_backward<E>(cudaStream_t, float *, float *, const E *,     \
+                                                  const int *, int, int, int, int);              \
+    template cudaError_t td_k_layernorm_forward<E>(cudaStream_t, E *, float *, float *,          \
+                                                   const E *, const E *, const E *, int, int);   \
+    template cudaError_t td_k_layernorm_backward_input<E>(cudaStream_t, E *, const E *,          \
+                                                          const E *, const E *, const float *,   \
+                                                          const float *, int, int, int);         \
+    template cudaError_t td_k_colsum<E>(cudaStream_t, float *, float *, float *, float *,        \
+                                        const E *, const E *, const float *, const float *, int, \
+                                        int);                                                    \
+    template cudaError_t td_k_gelu_forward<E>(cudaStream_t, E *, const E *, long long);          \
+    template cudaError_t td_k_gelu_backward_inplace<E>(cudaStream_t, E *, const E *, long long); \
+    template cudaError_t td_k_bias_add<E>(cudaStream_t, E *, const E *, int, int, int);          \
+    template cudaError_t td_k_qkv_permute<E>(cudaStream_t, E *, const E *, int, int, int, int);  \
+    template cudaError_t td_k_qkv_unpermute<E>(cudaStream_t, E *, const E *, int, int, int,      \
+                                               int);                                             \
+    template cudaError_t td_k_head_permute<E>(cudaStream_t, E *, const E *, int, int, int, int); \
+    template cudaError_t td_k_head_unpermute<E>(cudaStream_t, E *, const E *, int, int, int,     \
+                                                int);                                            \
+    template cudaError_t td_k_attn_softmax_forward<E>(cudaStream_t, E *, const E *, long long,   \
+                                                      int, float);                               \
+    template cudaError_t td_k_attn_softmax_backward<E>(cudaStream_t, E *, const E *, long long,  \
+                                                       int, float);                              \
+    template cudaError_t td_k_crossentropy_forward<E>(cudaStream_t, float *, float *, const E *, \
+                                                      const int *, int, int, int);               \
+    template cudaError_t td_k_crossentropy_backward<E>(cudaStream_t, E *, const float *,         \
+                                                       const int *, float, int, int, int);
+
+TD_INSTANTIATE(float)
+TD_INSTANTIATE(bf16)

@@ -1,0 +1,354 @@
+"""The CUDA backend held to the CPU engine (and, run as a script, to JAX on the same GPU).
+
+Tiers (docs/cuda.md has the measured numbers):
+  fp32  - the GPU in pure fp32 (cuBLASLt CUBLAS_COMPUTE_32F, no TF32) against the CPU engine on
+          odd shapes (V=311, NH=3, head sizes 16 and 24, T=1, both attention modes): logits and
+          loss within 1e-5 relative, every gradient within 1e-4 relative L2, parameters after 5
+          AdamW steps of 2 micro-batches within 1e-4 (the key-bias slice of c_attn.bias has an
+          analytically zero gradient, see _compare_params).
+  bf16  - bf16 compute with fp32 master weights against the CPU fp32 engine: the loss within 2%
+          at every one of 20 steps, every gradient within 2e-2 relative L2.
+  determinism - the same batch twice gives the same bits (no float atomics).
+Skipped with the reason when this libtandem was built without CUDA or no GPU is usable.
+`python tests/engine/test_cuda.py --json OUT.json` runs every tier (plus engine-vs-JAX fp32 on
+the GPU when JAX sees one) and prints a table of the measured values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # engine_util when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from engine_util import rough_params, tokens_for  # noqa: E402
+from harness import engine  # noqa: E402
+from harness.errors import EngineError  # noqa: E402
+from harness.init import init_params  # noqa: E402
+
+FP32_CASES = {
+    "hs16": dict(n_layer=2, n_embd=48, n_head=3, vocab_size=311, n_positions=16, seq_len=7,
+                 batch_size=3),
+    "hs24": dict(n_layer=2, n_embd=72, n_head=3, vocab_size=311, n_positions=16, seq_len=7,
+                 batch_size=3),
+    "t1": dict(n_layer=2, n_embd=48, n_head=3, vocab_size=311, n_positions=16, seq_len=1,
+               batch_size=4),
+}
+BF16_CASE = dict(n_layer=2, n_embd=128, n_head=4, vocab_size=311, n_positions=64, seq_len=64,
+                 batch_size=4)
+FP32_TOL = dict(logits=1e-5, loss=1e-5, grad=1e-4, param=1e-4)
+BF16_TOL = dict(loss=2e-2, grad=2e-2)
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA backend cannot run here, or None when it can."""
+    if shutil.which("nvidia-smi") is None:
+        return "no nvidia-smi: no NVIDIA GPU on this machine"
+    try:
+        with engine.Model(backend="cuda", dtype="fp32", **FP32_CASES["t1"]):
+            return None
+    except EngineError as exc:
+        msg = str(exc)
+        if "built without CUDA" in msg or "no CUDA device" in msg:
+            return msg
+        raise
+
+
+@pytest.fixture(scope="module")
+def cuda_ok(engine_library):
+    reason = cuda_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def rel_l2(a, ref) -> float:
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    n = np.linalg.norm(ref)
+    d = np.linalg.norm(a - ref)
+    return float(d / n) if n > 0 else float(d)
+
+
+def _models(config, params, dtype, attention=None, threads=2):
+    """(cpu, gpu) models with the same parameters; attention selects the CUDA attention mode."""
+    old = os.environ.get("TANDEM_CUDA_ATTENTION")
+    if attention:
+        os.environ["TANDEM_CUDA_ATTENTION"] = attention
+    try:
+        gpu = engine.Model(backend="cuda", dtype=dtype, **config)
+    finally:
+        if attention:
+            if old is None:
+                os.environ.pop("TANDEM_CUDA_ATTENTION", None)
+            else:
+                os.environ["TANDEM_CUDA_ATTENTION"] = old
+    cpu = engine.Model(threads=threads, **config)
+    cpu.set_params(params)
+    gpu.set_params(params)
+    return cpu, gpu
+
+
+def _table(config):
+    with engine.Model(**config) as m:
+        return [(p.name, p.shape) for p in m.table]
+
+
+def _kbias_split(name, a, C):
+    """c_attn.bias without its key slice [C:2C] (whose gradient is analytically zero: softmax
+    is shift-invariant, so AdamW turns rounding noise there into updates)."""
+    if name.endswith("attn.c_attn.bias"):
+        return np.concatenate([a[:C], a[2 * C:]]), a[C:2 * C]
+    return a, None
+
+
+def check_fp32(case: str, attention: str | None = None) -> list[dict]:
+    config = FP32_CASES[case]
+    C = config["n_embd"]
+    params = rough_params([engine.ParamInfo(n, s, 0, False) for n, s in _table(config)],
+                          config["n_layer"], seed=11)
+    cpu, gpu = _models(config, params, "fp32", attention)
+    label = f"fp32/{case}" + (f"/{attention}" if attention else "")
+    rows = []
+    try:
+        x, y = tokens_for(config, seed=5)
+        lc, loss_c = cpu.forward(x, y)
+        lg, loss_g = gpu.forward(x, y)
+        rows.append(dict(tier=label, metric="logits rel L2", tensor="logits",
+                         value=rel_l2(lg, lc), bound=FP32_TOL["logits"]))
+        rows.append(dict(tier=label, metric="loss rel", tensor="loss",
+                         value=abs(loss_g - loss_c) / abs(loss_c), bound=FP32_TOL["loss"]))
+        for m in (cpu, gpu):
+            m.zero_grad()
+            m.forward_backward(x, y, 0.5)  # a grad_scale other than 1 is part of the contract
+        gc, gg = cpu.grads(), gpu.grads()
+        total = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in gc.values()))
+        for name in gc:
+            a, kb = _kbias_split(name, gg[name], C)
+            r, kr = _kbias_split(name, gc[name], C)
+            rows.append(dict(tier=label, metric="grad rel L2", tensor=name, value=rel_l2(a, r),
+                             bound=FP32_TOL["grad"]))
+            if kb is not None:  # zero up to rounding on both sides
+                rows.append(dict(tier=label, metric="k-bias grad max abs / |grad|",
+                                 tensor=name + "[C:2C]",
+                                 value=float(max(np.abs(kb).max(), np.abs(kr).max()) / total),
+                                 bound=1e-5))
+        # 5 AdamW steps of 2 micro-batches each (from the same parameters again)
+        cpu.set_params(params)
+        gpu.set_params(params)
+        B, T = config["batch_size"], config["seq_len"]
+        rng = np.random.default_rng(9)
+        lossc, lossg = [], []
+        for _ in range(5):
+            ids = rng.integers(0, config["vocab_size"], size=(2, 2, B, T), dtype=np.int32)
+            lossc.append(cpu.train_step(ids[0], ids[1])[0])
+            lossg.append(gpu.train_step(ids[0], ids[1])[0])
+        rows.append(dict(tier=label, metric="5-step loss max rel", tensor="loss",
+                         value=float(np.max(np.abs(np.subtract(lossg, lossc)) / np.abs(lossc))),
+                         bound=FP32_TOL["loss"] * 10))
+        pc, pg = cpu.params(), gpu.params()
+        for name in pc:
+            a, _ = _kbias_split(name, pg[name], C)
+            r, _ = _kbias_split(name, pc[name], C)
+            rows.append(dict(tier=label, metric="params after 5 AdamW steps rel L2", tensor=name,
+                             value=rel_l2(a, r), bound=FP32_TOL["param"]))
+    finally:
+        cpu.close()
+        gpu.close()
+    return rows
+
+
+def check_bf16(steps: int = 20) -> list[dict]:
+    config = BF16_CASE
+    params = init_params(_table(config), config["n_layer"], seed=3)
+    cpu, gpu = _models(config, params, "bf16")
+    rows = []
+    try:
+        x, y = tokens_for(config, seed=5)
+        for m in (cpu, gpu):
+            m.zero_grad()
+            m.forward_backward(x, y, 1.0)
+        gc, gg = cpu.grads(), gpu.grads()
+        for name in gc:
+            rows.append(dict(tier="bf16", metric="grad rel L2 (vs CPU fp32)", tensor=name,
+                             value=rel_l2(gg[name], gc[name]), bound=BF16_TOL["grad"]))
+        lg_logits, _ = gpu.forward(x, y)  # bf16 logits come back as fp32
+        assert lg_logits.dtype == np.float32 and np.all(np.isfinite(lg_logits))
+        cpu.set_params(params)
+        gpu.set_params(params)
+        rng = np.random.default_rng(1)
+        worst = 0.0
+        B, T = config["batch_size"], config["seq_len"]
+        losses = []
+        for _ in range(steps):
+            ids = rng.integers(0, config["vocab_size"], size=(2, 1, B, T), dtype=np.int32)
+            a = cpu.train_step(ids[0], ids[1])[0]
+            b = gpu.train_step(ids[0], ids[1])[0]
+            losses.append((a, b))
+            worst = max(worst, abs(b - a) / abs(a))
+        rows.append(dict(tier="bf16", metric=f"loss max rel over {steps} steps", tensor="loss",
+                         value=worst, bound=BF16_TOL["loss"],
+                         note=f"first {losses[0][0]:.4f}/{losses[0][1]:.4f}, "
+                              f"last {losses[-1][0]:.4f}/{losses[-1][1]:.4f} (cpu/gpu)"))
+    finally:
+        cpu.close()
+        gpu.close()
+    return rows
+
+
+def check_determinism(dtype: str) -> list[dict]:
+    config = FP32_CASES["hs24"] if dtype == "fp32" else BF16_CASE
+    params = init_params(_table(config), config["n_layer"], seed=4)
+    x, y = tokens_for(config, seed=6)
+    with engine.Model(backend="cuda", dtype=dtype, **config) as gpu:
+        gpu.set_params(params)
+        runs = []
+        for _ in range(2):
+            gpu.zero_grad()
+            loss = gpu.forward_backward(x, y, 1.0)
+            runs.append((loss, gpu.grads()))
+    same = runs[0][0] == runs[1][0] and all(
+        runs[0][1][k].tobytes() == runs[1][1][k].tobytes() for k in runs[0][1])
+    return [dict(tier=f"determinism/{dtype}", metric="bit-identical rerun (1 = yes)",
+                 tensor="loss+grads", value=float(same), bound=None)]
+
+
+def check_jax_fp32(case: str = "hs24") -> list[dict]:
+    """Engine fp32 on the GPU against JAX fp32 ('highest' matmul precision) on the same GPU."""
+    import jax
+    import jax.numpy as jnp
+
+    from reference import gpt2
+    from reference.train import set_precision
+
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        return []
+    set_precision()
+    config = FP32_CASES[case]
+    params = rough_params([engine.ParamInfo(n, s, 0, False) for n, s in _table(config)],
+                          config["n_layer"], seed=11)
+    x, y = tokens_for(config, seed=5)
+    cfg = gpt2.GPTConfig(**{k: config[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size",
+                                                  "n_positions")})
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    loss_j, grads_j = jax.jit(lambda p, a, b: gpt2.loss_and_grads(p, a, b, cfg))(jp, x, y)
+    logits_j = np.asarray(jax.jit(lambda p, a: gpt2.forward(p, a, cfg))(jp, x))
+    rows = []
+    with engine.Model(backend="cuda", dtype="fp32", **config) as gpu:
+        gpu.set_params(params)
+        lg, loss_g = gpu.forward(x, y)
+        rows.append(dict(tier=f"fp32-vs-jax-gpu/{case}", metric="logits rel L2", tensor="logits",
+                         value=rel_l2(lg, logits_j), bound=FP32_TOL["logits"]))
+        rows.append(dict(tier=f"fp32-vs-jax-gpu/{case}", metric="loss rel", tensor="loss",
+                         value=abs(loss_g - float(loss_j)) / abs(float(loss_j)),
+                         bound=FP32_TOL["loss"]))
+        gpu.zero_grad()
+        gpu.forward_backward(x, y, 1.0)
+        for name, g in gpu.grads().items():
+            rows.append(dict(tier=f"fp32-vs-jax-gpu/{case}", metric="grad rel L2", tensor=name,
+                             value=rel_l2(g, np.asarray(grads_j[name])),
+                             bound=FP32_TOL["grad"]))
+    return rows
+
+
+def _failures(rows):
+    return [r for r in rows if r["bound"] is not None and not r["value"] <= r["bound"]]
+
+
+# ---- pytest ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case,attention", [("hs16", None), ("hs24", None), ("t1", None),
+                                            ("hs16", "recompute"), ("hs24", "store")])
+def test_fp32_matches_cpu(cuda_ok, case, attention):
+    rows = check_fp32(case, attention)
+    bad = _failures(rows)
+    assert not bad, bad
+
+
+def test_bf16_close_to_cpu_fp32(cuda_ok):
+    rows = check_bf16()
+    bad = _failures(rows)
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_reruns_are_bit_identical(cuda_ok, dtype):
+    assert check_determinism(dtype)[0]["value"] == 1.0
+
+
+def test_stage_passes_are_cpu_only(cuda_ok):
+    config = FP32_CASES["t1"]
+    with engine.Model(backend="cuda", dtype="fp32", **config) as m:
+        x, y = tokens_for(config, seed=1)
+        with pytest.raises(EngineError, match="CPU backend only"):
+            m.stage_forward(0, tokens=x, targets=y)
+
+
+def test_pipelined_cuda_is_refused(cuda_ok):
+    with pytest.raises(EngineError, match="one stage"):
+        engine.Model(backend="cuda", dtype="fp32", stages=2, **FP32_CASES["t1"])
+
+
+def test_bad_attention_mode_is_a_config_error(cuda_ok, monkeypatch):
+    monkeypatch.setenv("TANDEM_CUDA_ATTENTION", "sometimes")
+    with pytest.raises(EngineError, match="TANDEM_CUDA_ATTENTION"):
+        engine.Model(backend="cuda", dtype="fp32", **FP32_CASES["t1"])
+
+
+# ---- script: every tier, one table ------------------------------------------------------------
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write every measured row here")
+    ap.add_argument("--no-jax", action="store_true")
+    args = ap.parse_args(argv)
+    reason = cuda_unavailable_reason()
+    if reason:
+        print(f"SKIP: {reason}")
+        return 0
+    rows = []
+    for case, att in [("hs16", None), ("hs24", None), ("t1", None), ("hs16", "recompute"),
+                      ("hs24", "store")]:
+        rows += check_fp32(case, att)
+    rows += check_bf16()
+    rows += check_determinism("fp32") + check_determinism("bf16")
+    if not args.no_jax:
+        try:
+            rows += check_jax_fp32()
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal to the other tiers
+            rows.append(dict(tier="fp32-vs-jax-gpu", metric="error", tensor=repr(exc)[:200],
+                             value=float("nan"), bound=None))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    # summary: per tier and metric, the worst tensor
+    summary = {}
+    for r in rows:
+        k = (r["tier"], r["metric"])
+        if k not in summary or (r["value"] > summary[k]["value"]):
+            summary[k] = r
+    print(f"{'tier':28s} {'metric':38s} {'worst':>11s} {'bound':>8s}  tensor")
+    for (tier, metric), r in summary.items():
+        b = "" if r["bound"] is None else f"{r['bound']:.0e}"
+        print(f"{tier:28s} {metric:38s} {r['value']:11.3e} {b:>8s}  {r['tensor']}"
+              + (f"  ({r['note']})" if r.get("note") else ""))
+    grads = [r["value"] for r in rows if r["tier"] == "bf16" and r["metric"].startswith("grad")]
+    if grads:
+        q = np.quantile(grads, [0, 0.5, 0.9, 1])
+        print(f"bf16 grad rel L2 over {len(grads)} tensors: min {q[0]:.2e} median {q[1]:.2e} "
+              f"p90 {q[2]:.2e} max {q[3]:.2e}")
+    bad = _failures(rows)
+    print(f"{len(rows)} checks, {len(bad)} over their bound")
+    for r in bad:
+        print("  FAIL", r)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
