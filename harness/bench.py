@@ -1,0 +1,1046 @@
+"""`tandem bench`: engine vs JAX on the same case, weights and tokens, timed in alternating
+blocks (drift cancels in the ratio), warm-up excluded, JAX compile time apart; rows to
+DIR/records.parquet, environment and per-case notes to DIR/run.json, traces of pipelined runs.
+Not here: the JAX step (harness/bench_jax.py, a worker process), schedule theory, parity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import selectors
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness import flops as fl
+from harness.config import (CaseConfig, SuiteConfig, case_axes, case_id, case_slug, load_suite,
+                            microbatch_size)
+from harness.errors import ConfigError, DataError, EngineError, TandemError
+from harness.records import RECORD_COLUMNS, Record, append_parquet, to_frame, write_json
+
+MIN_BLOCK_S = 0.3  # a timed block lasts at least this long (steps per block chosen to fit)
+MAX_STEPS_PER_BLOCK = 2000  # ... but never more steps than this
+WORKER_TIMEOUT_S = 1800.0  # one JAX request (setup = compile; block) may take this long
+PIPELINE_TIMEOUT_S = 600.0  # one mpirun job
+RANK_SAMPLE_S = 0.1  # how often the ranks' VmHWM is read during a pipelined job
+
+# How the numbers are taken; copied into run.json so a reader of the results knows.
+METHOD = {
+    "alternation": "per case: engine block, JAX block, engine block, ... (`repeats` pairs); "
+                   "speedup = engine tokens/s / JAX tokens/s of each pair, then median [p25, p75]",
+    "block": "one repeat = a timed block of optimizer steps, at least case.steps and at least "
+             "min_block_s long (in-process engine and JAX: steps are added until the block has "
+             "lasted that long; a pipelined job: the step count comes from an untimed "
+             "calibration job); its value is the median per-step time in the block",
+    "warmup": "`warmup` untimed steps (at least one, for calibration) precede the first block "
+              "on each side; in a pipelined job the first `warmup` steps of every job are dropped",
+    "engine_timing": "one stage: wall time of Model.train_step (zero_grad, forward_backward per "
+                     "micro-batch, AdamW) per step, in this process; on CUDA the ABI returns the "
+                     "loss and norm to the host each step, so a block's per-step median holds "
+                     "any queued tail; pipelined: step_s of the last rank, per step, from the "
+                     "engine's own losses.csv",
+    "compile_s": "JAX: wall time of the first call (trace + compile + one step) minus the median "
+                 "of the steady warm-up steps",
+    "jax_timing": "JAX runs in a worker process per case (python -m harness.bench_jax), started "
+                  "with XLA_FLAGS=--xla_force_host_platform_device_count=P on CPU so the GPipe "
+                  "baseline has P devices; jax.block_until_ready on every step before the clock "
+                  "is read; batches are on the device before timing",
+    "peak_mem_bytes": "engine one-stage: VmHWM of the bench process, reset through "
+                      "/proc/self/clear_refs when the case starts (the bench process's baseline "
+                      "RSS included); engine pipelined: sum over ranks of each rank's VmHWM, "
+                      "sampled every 0.1 s during the job; JAX on CPU: VmHWM of the worker (JAX "
+                      "runtime included); JAX on GPU: allocator peak_bytes_in_use, summed over "
+                      "devices",
+    "mfu": "FLOPs per token (harness.flops, tandem 6N+6LTC; mfu_palm 6N+12LTC) x tokens/s / peak;"
+           " CPU peak: the fp32 GEMM peak measured once per results directory (all ranks share "
+           "the machine's cores); GPU: datasheet peak x stages (one device per stage)",
+    "bubble": "engine: harness.timeline.measured_bubble per timed step, median per job; theory "
+              "bubble: harness.schedule.theoretical_bubble (equal stage times) as a share of the "
+              "step; theory bubble_sim: harness.schedule.simulate with the job's mean F/B/W "
+              "durations",
+}
+
+
+class BenchFailure(TandemError):
+    """One side of one case failed (a rank, the engine, the JAX worker): the case is recorded
+    as failed in run.json and the run goes on; `tandem bench` then exits 3."""
+
+    exit_code = 3
+
+
+# ---- small helpers -----------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def summarize(values) -> tuple[float, float, float]:
+    """(median, 25th percentile, 75th percentile) with numpy's linear interpolation."""
+    a = np.asarray(values, dtype=float)
+    return float(np.median(a)), float(np.percentile(a, 25)), float(np.percentile(a, 75))
+
+
+def _vm_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_rss_high_water() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_high_water() -> tuple[int, str]:
+    kib = _vm_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024, "VmHWM of the bench process"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss (lifetime)"
+
+
+def _gpu_process_bytes(pid: int) -> int:
+    """Device memory `pid` holds according to nvidia-smi (0 when it cannot tell)."""
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                            "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                           timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    total = 0
+    for line in r.stdout.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
+            total += int(parts[1]) * 2**20
+    return total
+
+
+def _package_root() -> Path:
+    """The directory holding the harness package this process imported (the worker must import
+    the same harness and reference)."""
+    import harness
+
+    return Path(harness.__file__).resolve().parent.parent
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average: other work on the machine is the first suspect for noise."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _is_cuda(case: CaseConfig) -> bool:
+    return case.backend == "cuda"
+
+
+# ---- case selection ----------------------------------------------------------------------------
+
+
+def select_cases(suite: SuiteConfig, names: list[str] | None) -> list[CaseConfig]:
+    """The suite's cases, or those named: an exact case name, or a sweep's base name (every
+    point "base/axis=value,..." of it). Unknown names raise ConfigError."""
+    if not names:
+        return list(suite.cases)
+    chosen: list[CaseConfig] = []
+    for name in names:
+        hits = [c for c in suite.cases if c.name == name or c.name.split("/", 1)[0] == name]
+        if not hits:
+            raise ConfigError(f"--case {name!r}: suite {suite.name!r} has no such case "
+                              f"(cases: {', '.join(c.name for c in suite.cases)})")
+        chosen += [c for c in hits if c not in chosen]
+    return [c for c in suite.cases if c in chosen]  # suite order
+
+
+# ---- the JAX worker ----------------------------------------------------------------------------
+
+
+class JaxWorker:
+    """A `python -m harness.bench_jax` process for one case, driven line by line (see the
+    protocol at the top of bench_jax.py). Its stderr goes to `log`."""
+
+    def __init__(self, case: CaseConfig, log: Path):
+        env = dict(os.environ)
+        root = str(_package_root())
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "")
+                                                      .split(os.pathsep) if p])
+        if not _is_cuda(case):
+            # CPU cases stay on CPU even on a GPU host; P host devices for the GPipe baseline
+            env["JAX_PLATFORMS"] = "cpu"
+            flags = [f for f in env.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count")]
+            flags.append(f"--xla_force_host_platform_device_count={case.pipeline.stages}")
+            env["XLA_FLAGS"] = " ".join(flags)
+        else:
+            # allocate on demand: the engine shares the GPU, and peak_bytes_in_use is then the
+            # step's own peak rather than a preallocated pool
+            env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        self.log_path = log
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "harness.bench_jax"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, env=env)
+        self._buf = b""
+
+    def request(self, obj: dict[str, Any], timeout: float = WORKER_TIMEOUT_S) -> dict[str, Any]:
+        try:
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise BenchFailure(f"JAX worker died before {obj.get('op')!r}: "
+                               f"{self._tail()}") from None
+        line = self._readline(timeout, obj.get("op"))
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            self._log.write(reply.get("traceback", "") + "\n")
+            self._log.flush()
+            raise BenchFailure(f"JAX side ({obj.get('op')}): {reply.get('error')} "
+                               f"(traceback in {self.log_path})")
+        return reply
+
+    def _readline(self, timeout: float, op) -> bytes:
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._buf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.kill()
+                    raise BenchFailure(f"JAX worker gave no answer to {op!r} in {timeout:.0f} s "
+                                       f"and was killed (log: {self.log_path})")
+                if not sel.select(left):
+                    continue
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    code = self.proc.wait()
+                    raise BenchFailure(f"JAX worker exited with code {code} during {op!r}: "
+                                       f"{self._tail()}")
+                self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    def _tail(self, n: int = 6) -> str:
+        self._log.flush()
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return " | ".join(lines[-n:]) + f" (log: {self.log_path})"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.request({"op": "quit"}, timeout=10)
+                self.proc.wait(timeout=10)
+            except (BenchFailure, subprocess.TimeoutExpired, ValueError):
+                self.kill()
+        self._log.close()
+
+
+# ---- engine sides ------------------------------------------------------------------------------
+
+
+def engine_config(case: CaseConfig, threads: int, batch_size: int | None = None) -> dict:
+    """harness.engine.Model keys for a one-stage model of `case` (batch_size = micro-batch
+    size); CUDA cases ask for the engine's CUDA backend and the case's dtype."""
+    m, o = case.model, case.optim
+    device = {"backend": "cuda", "dtype": case.dtype} if _is_cuda(case) else {}
+    return dict(**device, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
+                vocab_size=m.vocab_size, n_positions=m.n_positions, seq_len=case.seq_len,
+                batch_size=batch_size or microbatch_size(case), threads=threads, lr=o.lr,
+                beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+                grad_clip=o.grad_clip)
+
+
+class InProcessEngine:
+    """One-stage engine through harness.engine.Model.train_step, in this process."""
+
+    def __init__(self, case: CaseConfig, threads: int):
+        from harness.engine import Model
+
+        self.model = Model(**engine_config(case, threads))
+        self.M, self.b = case.pipeline.microbatches, microbatch_size(case)
+        self.cuda = _is_cuda(case)
+
+    def peak_memory(self) -> tuple[int, str]:
+        """CPU: this process's VmHWM since the case started. CUDA: the device memory this
+        process holds (nvidia-smi; the engine allocates up front, so held ~ peak)."""
+        if self.cuda:
+            return _gpu_process_bytes(os.getpid()), "device memory held by the bench process " \
+                "(nvidia-smi used_memory)"
+        mem, src = _rss_high_water()
+        return mem, src + (" since the case started" if self.reset_ok else
+                           " (lifetime: could not be reset)")
+
+    def load(self, weights: Path) -> None:
+        """Load the case's weights; the process's RSS high-water mark restarts here, so the
+        harness's own work before (seeded init, data) does not count as the engine's."""
+        self.reset_ok = _reset_rss_high_water()
+        self.base_rss = (_vm_kib("VmRSS") or 0) * 1024
+        self.model.load_safetensors(weights)
+
+    def step(self, x_BT: np.ndarray, y_BT: np.ndarray) -> float:
+        T = x_BT.shape[-1]
+        t0 = time.perf_counter()
+        self.model.train_step(x_BT.reshape(self.M, self.b, T), y_BT.reshape(self.M, self.b, T))
+        return time.perf_counter() - t0
+
+    def block(self, x_SBT, y_SBT, timed: list[int], min_steps: int, min_s: float) -> list[float]:
+        """A timed block: at least `min_steps` steps, and more until it has lasted `min_s`
+        (at most MAX_STEPS_PER_BLOCK); per-step wall seconds."""
+        per: list[float] = []
+        t0 = time.perf_counter()
+        while len(per) < min_steps or (time.perf_counter() - t0 < min_s
+                                       and len(per) < MAX_STEPS_PER_BLOCK):
+            b = timed[len(per) % len(timed)]
+            per.append(self.step(x_SBT[b], y_SBT[b]))
+        return per
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class RankMemory:
+    """Samples the RSS high-water mark (VmHWM) of every `tandem-engine` rank whose command line
+    names `marker` (the job's run file), from a thread, every RANK_SAMPLE_S seconds. VmHWM only
+    grows and ranks allocate up front, so the last sample is the rank's peak up to what it
+    allocates in its final interval."""
+
+    def __init__(self, marker: str, ranks: int):
+        self.marker, self.ranks = marker, ranks
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _scan(self) -> None:
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in self.peaks:
+                continue
+            try:
+                argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"tandem-engine") and any(
+                    self.marker.encode() in a for a in argv[1:]):
+                self.peaks[int(name)] = 0
+
+    def _loop(self) -> None:
+        while True:
+            if len(self.peaks) < self.ranks:
+                self._scan()
+            for pid in list(self.peaks):
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peaks[pid] = max(self.peaks[pid], int(line.split()[1]) * 1024)
+                except (OSError, ValueError, IndexError):
+                    pass  # the rank has exited: its last sample stands
+            if self._stop.wait(RANK_SAMPLE_S):
+                return
+
+
+@dataclasses.dataclass
+class JobResult:
+    step_s: list[float]  # timed steps only
+    bubble: float
+    bubble_sim: float
+    mem_total: int
+    mem_max_rank: int
+    ranks_seen: int
+    timeline_dir: Path
+
+
+def _timed_bubble(timeline_dir: Path, case: CaseConfig, first_timed: int):
+    """(median measured bubble over the timed steps, simulated bubble from the mean F/B/W
+    durations of those steps, the timeline DataFrame)."""
+    from harness import schedule as sched
+    from harness.timeline import load_timelines, measured_bubble
+
+    df = load_timelines(timeline_dir)
+    steps = sorted(s for s in df["step"].unique() if s >= first_timed)
+    if not steps:
+        raise DataError(f"{timeline_dir}: no timed steps (>= {first_timed}) in the timeline")
+    bubble = statistics.median(measured_bubble(df, step=int(s)) for s in steps)
+    d = df[df["step"] >= first_timed]
+    dur = (d["end_us"] - d["start_us"]).groupby(d["kind"]).mean()
+    f = float(dur.get("F", 0.0))
+    if "BW" in dur:
+        b = w = float(dur["BW"]) / 2.0
+    else:
+        b, w = float(dur.get("B", 0.0)), float(dur.get("W", 0.0))
+    p = case.pipeline
+    sim = sched.simulate(sched.generate(p.schedule, p.stages, p.microbatches, p.chunks),
+                         f=f, b=b, w=w).bubble
+    return float(bubble), float(sim), df
+
+
+def run_pipeline_job(case: CaseConfig, weights: Path, x_SBT, y_SBT, order: list[int],
+                     warmup: int, workdir: Path, threads: int, timeout: float) -> JobResult:
+    """One mpirun job over the batches `order` (warm-up ones first); drops the first `warmup`
+    steps. RankFailure propagates."""
+    from harness.pipeline import run_pipeline
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker = str((workdir / "run.txt").resolve())
+    with RankMemory(marker, case.pipeline.stages) as mem:
+        res = run_pipeline(case, weights, x_SBT[order], y_SBT[order], workdir, timeout=timeout,
+                           threads=threads)
+    step_s = [float(s) for s in res.step_s[warmup:]]
+    bubble, sim, _ = _timed_bubble(res.timeline_dir, case, warmup)
+    peaks = list(mem.peaks.values())
+    return JobResult(step_s, bubble, sim, int(sum(peaks)), int(max(peaks, default=0)),
+                     len(peaks), res.timeline_dir)
+
+
+# ---- records -----------------------------------------------------------------------------------
+
+
+class RowMaker:
+    """Builds the Record rows of one case: every row carries the case axes, device, backend,
+    dtype, commit and timestamp."""
+
+    def __init__(self, suite: str, case: CaseConfig, device: str, commit: str, stamp: str):
+        axes = case_axes(case)
+        if case.pipeline.stages == 1:
+            axes["schedule"] = "none"  # one stage runs no schedule (the Record default)
+        self.base = dict(suite=suite, case=case_id(case), device=device, backend=case.backend,
+                         dtype=case.dtype, commit=commit, timestamp=stamp, **axes)
+        self.rows: list[Record] = []
+
+    def add(self, side: str, metric: str, unit: str, values, *, summary=None, peak=None) -> None:
+        """Raw rows (repeat = 0, 1, ...) for `values`, then the summary row (repeat = -1):
+        median [p25, p75] of `values`, or `summary` = (value, lo, hi) when given."""
+        extra = {} if peak is None else {"peak_flops": peak[0], "peak_source": peak[1]}
+        for i, v in enumerate(values):
+            self.rows.append(Record(side=side, metric=metric, unit=unit, value=float(v), repeat=i,
+                                    **extra, **self.base))
+        med, lo, hi = summary if summary is not None else summarize(values)
+        self.rows.append(Record(side=side, metric=metric, unit=unit, value=med, repeat=-1,
+                                spread_lo=lo, spread_hi=hi, **extra, **self.base))
+
+
+def add_throughput_rows(rows: RowMaker, side: str, case: CaseConfig, step_s: list[float],
+                        peak: tuple[float, str]) -> None:
+    """step_ms, tokens_per_s, flops_per_s, mfu, mfu_palm of one side from its per-repeat
+    median step times. The summaries of the derived metrics are computed from the tokens/s
+    summary (a linear map), so MFU = tokens/s x FLOPs/token / peak holds on every row."""
+    tokens = case.batch_size * case.seq_len
+    fpt, fpt_palm = fl.flops_for_case(case, "tandem"), fl.flops_for_case(case, "palm")
+    tps = [tokens / s for s in step_s]
+    s_tps = summarize(tps)
+    rows.add(side, "step_ms", "ms", [s * 1e3 for s in step_s])
+    rows.add(side, "tokens_per_s", "tokens/s", tps, summary=s_tps)
+    rows.add(side, "flops_per_s", "FLOP/s", [fl.achieved_flops(fpt, t) for t in tps],
+             summary=tuple(fl.achieved_flops(fpt, t) for t in s_tps))
+    if peak[0] > 0:  # NaN when no peak is known: no MFU rows rather than NaN rows
+        for metric, f in (("mfu", fpt), ("mfu_palm", fpt_palm)):
+            rows.add(side, metric, "fraction", [fl.mfu(f, t, peak[0]) for t in tps],
+                     summary=tuple(fl.mfu(f, t, peak[0]) for t in s_tps), peak=peak)
+
+
+# ---- one case ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Settings:
+    repeats: int
+    warmup: int
+    threads: int
+    jax: bool
+    min_block_s: float
+    timeout: float
+
+
+def _steps_for(calib_s: float, case: CaseConfig, min_block_s: float) -> int:
+    want = math.ceil(min_block_s / max(calib_s, 1e-9))
+    return int(min(max(case.steps, want), MAX_STEPS_PER_BLOCK))
+
+
+def _param_table(case: CaseConfig, engine: InProcessEngine | None) -> list[tuple[str, tuple]]:
+    """(name, shape) in table order: the engine's own table (exported through the ABI) where the
+    engine runs; reference.gpt2.param_shapes, which mirrors it, for cases the engine cannot run
+    (CUDA) so that a large model is not allocated on the host just to read names."""
+    if engine is not None:
+        return [(p.name, p.shape) for p in engine.model.table]
+    if not _is_cuda(case):
+        from harness.engine import Model
+
+        probe = Model(**engine_config(case, 1, batch_size=1) | {"seq_len": 1})
+        try:
+            return [(p.name, p.shape) for p in probe.table]
+        finally:
+            probe.close()
+    from reference.gpt2 import param_shapes
+
+    return list(param_shapes(case.model).items())
+
+
+def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of, pbar,
+             suite_name: str, notes: dict[str, Any]) -> list[Record]:
+    """Benchmark one case; returns its rows and fills `notes` (the case's run.json entry, kept
+    also when a side fails). Raises BenchFailure/TandemError on a failure of either side (the
+    caller records it)."""
+    from harness.data import make_case_data
+    from harness.init import init_params, write_safetensors
+
+    slug = case_slug(case)
+    work = out / "work" / slug
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    R, W = settings.repeats, settings.warmup
+    P = case.pipeline.stages
+    pipelined = P > 1
+    notes.update(slug=slug, notes=[], engine={}, jax={}, loadavg_start=_loadavg())
+    t_case = time.perf_counter()
+
+    # the same tokens for both sides: S = warmup + steps batches; untimed steps cycle over all
+    # of them, timed steps over the last `steps`
+    S = W + case.steps
+    x_SBT, y_SBT = make_case_data(dataclasses.replace(case, steps=S))
+    untimed = [j % S for j in range(max(W, 1))]
+    timed = [W + i for i in range(case.steps)]
+
+    # ---- which engine runs: in-process (one stage, CPU or the CUDA backend), mpirun (CPU
+    # pipelines), or none (a CUDA pipeline, or a library built without CUDA)
+    pbar.set_description(f"{case.name}: setup")
+    inproc: InProcessEngine | None = None
+    engine_available = True
+    if _is_cuda(case) and pipelined:
+        engine_available = False
+        why = "pipelined engine runs launch CPU ranks only (harness.pipeline has no CUDA ranks)"
+    elif not pipelined:
+        try:
+            inproc = InProcessEngine(case, settings.threads)
+        except EngineError as exc:
+            if not _is_cuda(case):
+                raise
+            engine_available, why = False, f"the engine cannot run on CUDA here: {exc}"
+    if not engine_available:
+        notes["engine"] = {"status": "unavailable", "note": why}
+        notes["notes"].append(f"engine side not run: {why}")
+        if not settings.jax:
+            raise BenchFailure(f"neither side can run: {why}; and --no-jax was given")
+
+    worker: JaxWorker | None = None
+    try:
+        # ---- weights: seeded init written once, loaded by both sides
+        table = _param_table(case, inproc)
+        weights = work / "weights.safetensors"
+        write_safetensors(weights, init_params(table, case.model.n_layer, case.seed),
+                          metadata={"case": case.name, "seed": str(case.seed)})
+
+        # ---- engine: warm-up and calibration (first: a failing engine costs no JAX compile)
+        pbar.set_description(f"{case.name}: engine warm-up")
+        threads_per_rank = max(1, settings.threads // P)
+        if inproc is not None:
+            inproc.load(weights)
+            warm = [inproc.step(x_SBT[j], y_SBT[j]) for j in untimed]
+            notes["engine"] = {"mode": "in-process harness.engine.Model.train_step",
+                               "threads": settings.threads, "warmup_step_s": warm,
+                               "steps_per_block": [], "base_rss_bytes": inproc.base_rss,
+                               "hwm_reset": inproc.reset_ok}
+        elif engine_available:
+            order = list(range(W)) + [timed[i % len(timed)] for i in range(case.steps)]
+            job = run_pipeline_job(case, weights, x_SBT, y_SBT, order, W, work / "calibrate",
+                                   threads_per_rank, settings.timeout)
+            # the fastest step: noise only slows steps down, and a block sized on the fastest
+            # one lasts at least min_block_s
+            calib = min(job.step_s)
+            n_engine = _steps_for(calib, case, settings.min_block_s)
+            shutil.rmtree(work / "calibrate", ignore_errors=True)
+            notes["engine"] = {"mode": f"mpirun -n {P} tandem-engine (harness.pipeline)",
+                               "threads_per_rank": threads_per_rank, "calib_step_s": calib,
+                               "steps_per_block": n_engine,
+                               "steps_per_job": W + n_engine,
+                               "calibration": "one untimed mpirun job of warmup + steps steps"}
+            ncpu = os.cpu_count() or 1
+            notes["notes"].append(
+                f"CPU pipeline: {P} ranks x {threads_per_rank} thread(s) share {ncpu} cores, so "
+                "these timings measure the schedule (bubble, ordering), not the speed a "
+                f"{P}-device pipeline would reach")
+
+        # ---- JAX: worker start, compile, warm-up, calibration
+        jax_step_s: list[float] = []
+        jax_mem: list[float] = []
+        if settings.jax:
+            pbar.set_description(f"{case.name}: JAX compile")
+            data_path = work / "data.npz"
+            np.savez(data_path, inputs_SBT=x_SBT, targets_SBT=y_SBT,
+                     untimed_order=np.asarray([0] + untimed), timed_order=np.asarray(timed))
+            worker = JaxWorker(case, work / "jax.log")
+            if _is_cuda(case) and not peak_of(case)[0] > 0:
+                env["gpu_gemm_peak"] = worker.request({"op": "peak"})["gpu_gemm_peak"]
+            c = {"model": dataclasses.asdict(case.model), "optim": dataclasses.asdict(case.optim),
+                 "stages": P, "microbatches": case.pipeline.microbatches,
+                 "schedule": case.pipeline.schedule, "dtype": case.dtype,
+                 "backend": case.backend, "uneven_layers": case.pipeline.layers is not None}
+            setup = worker.request({"op": "setup", "case": c, "data": str(data_path.resolve()),
+                                    "weights": str(weights.resolve()), "warmup": W,
+                                    "steps": case.steps, "min_block_s": settings.min_block_s,
+                                    "max_steps": MAX_STEPS_PER_BLOCK})
+            notes["jax_baseline"] = setup["baseline"]
+            notes["jax_baseline_note"] = setup["baseline_note"]
+            notes["jax"] = {k: setup[k] for k in ("compile_s", "first_call_s", "calib_step_s",
+                                                  "compilations", "compile_events_s",
+                                                  "devices", "base_rss_bytes")}
+            if setup["baseline"].startswith("single-device (fallback)"):
+                notes["notes"].append(setup["baseline_note"])
+        else:
+            notes["jax_baseline"] = "none (--no-jax)"
+            notes["jax"] = {"status": "not run (--no-jax)"}
+
+        # ---- alternating repeats
+        eng_step_s: list[float] = []
+        eng_mem: list[float] = []
+        bubbles: list[float] = []
+        sims: list[float] = []
+        last_job: JobResult | None = None
+        for r in range(R):
+            pbar.set_description(f"{case.name}: repeat {r + 1}/{R}")
+            if inproc is not None:
+                per = inproc.block(x_SBT, y_SBT, timed, case.steps, settings.min_block_s)
+                eng_step_s.append(statistics.median(per))
+                notes["engine"]["steps_per_block"].append(len(per))
+                mem, src = inproc.peak_memory()
+                eng_mem.append(mem)
+                notes["engine"]["peak_mem_source"] = src
+            elif engine_available:
+                if last_job is not None:
+                    shutil.rmtree(work / f"job{r - 1}", ignore_errors=True)
+                order = list(range(W)) + [timed[i % len(timed)] for i in range(n_engine)]
+                last_job = run_pipeline_job(case, weights, x_SBT, y_SBT, order, W,
+                                            work / f"job{r}", threads_per_rank, settings.timeout)
+                eng_step_s.append(statistics.median(last_job.step_s))
+                bubbles.append(last_job.bubble)
+                sims.append(last_job.bubble_sim)
+                eng_mem.append(last_job.mem_total)
+                notes["engine"]["peak_mem_source"] = (
+                    f"sum over {last_job.ranks_seen} ranks of VmHWM (sampled every "
+                    f"{RANK_SAMPLE_S} s); largest rank {last_job.mem_max_rank} bytes")
+            if worker is not None:
+                blk = worker.request({"op": "block"})
+                jax_step_s.append(statistics.median(blk["step_s"]))
+                jax_mem.append(blk["peak_mem_bytes"])
+                notes["jax"]["peak_mem_source"] = blk["peak_mem_source"]
+                notes["jax"]["recompiled_steps"] = blk["recompiled_steps"]
+                notes["jax"].setdefault("steps_per_block", []).append(len(blk["step_s"]))
+            pbar.update(1)
+
+        # ---- traces and timelines of the last pipelined job
+        if last_job is not None:
+            from harness.timeline import load_timelines, write_chrome_trace
+
+            tl_dir = out / "timelines" / slug
+            if tl_dir.exists():
+                shutil.rmtree(tl_dir)
+            tl_dir.mkdir(parents=True)
+            for f in sorted(last_job.timeline_dir.glob("timeline_rank*.csv")):
+                shutil.copy2(f, tl_dir / f.name)
+            df = load_timelines(tl_dir)
+            keep = df[(df["step"] >= W) & (df["step"] < W + 10)]  # the first 10 timed steps
+            write_chrome_trace(keep, out / "traces" / f"{slug}.json")
+            notes["trace"] = f"traces/{slug}.json (timed steps {W}..{W + 9} of the last job)"
+            notes["timelines"] = f"timelines/{slug}/ (every step of the last job; steps < {W} "\
+                                 "are warm-up)"
+    finally:
+        if worker is not None:
+            worker.close()
+        if inproc is not None:
+            inproc.close()
+
+    # ---- rows
+    stamp = _now()
+    device = (env.get("gpu_name") or "cuda") if _is_cuda(case) else env.get("cpu_model", "cpu")
+    rows = RowMaker(suite_name, case, device, env.get("commit", "unknown"), stamp)
+    peak = peak_of(case)
+    if not peak[0] > 0:
+        notes["notes"].append(f"no peak FLOP/s for {case.backend} {case.dtype} ({peak[1]}): "
+                              "no MFU rows")
+    if eng_step_s:
+        add_throughput_rows(rows, "engine", case, eng_step_s, peak)
+        rows.add("engine", "peak_mem_bytes", "B", eng_mem)
+    if jax_step_s:
+        add_throughput_rows(rows, "jax", case, jax_step_s, peak)
+        rows.add("jax", "peak_mem_bytes", "B", jax_mem)
+        cs = notes["jax"]["compile_s"]
+        rows.add("jax", "compile_s", "s", [cs], summary=(cs, cs, cs))
+    if eng_step_s and jax_step_s:
+        rows.add("ratio", "speedup", "x", [j / e for e, j in zip(eng_step_s, jax_step_s)])
+    if pipelined:
+        from harness import schedule as sched
+
+        p = case.pipeline
+        th = sched.theoretical_bubble(p.schedule, P, p.microbatches, p.chunks)
+        rows.add("theory", "bubble", "fraction", [], summary=(th.of_step,) * 3)
+        notes["bubble_theory"] = (f"{th.formula} = {th.of_compute:.4g} of ideal compute, "
+                                  f"{th.of_step:.4g} of the step (equal stage times)")
+        if bubbles:
+            rows.add("engine", "bubble", "fraction", bubbles)
+            rows.add("theory", "bubble_sim", "fraction", sims)
+    if notes["jax"].get("recompiled_steps"):
+        notes["notes"].append(f"JAX compiled again during {notes['jax']['recompiled_steps']} "
+                              "timed step(s): its timings include compile time")
+    notes["loadavg_end"] = _loadavg()
+    notes["wall_s"] = time.perf_counter() - t_case
+    shutil.rmtree(work, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (out / "work").rmdir()  # only when no other case left scratch files there
+    return rows.rows
+
+
+# ---- run.json and the final table --------------------------------------------------------------
+
+
+def _load_run_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read run.json to resume: {e}. HINT: use another --out "
+                        "or remove the file") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: run.json is not a JSON object")
+    return obj
+
+
+def _drop_case_rows(path: Path, suite: str, case: str) -> None:
+    """Remove rows of an unfinished case (an interrupted earlier run) before it runs again."""
+    if not path.exists():
+        return
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    keep = ~((df["suite"] == suite) & (df["case"] == case))
+    if not keep.all():
+        tmp = path.with_suffix(".parquet.tmp")
+        df[keep].to_parquet(tmp, index=False)
+        tmp.replace(path)
+
+
+def _fmt_si(x: float) -> str:
+    if not math.isfinite(x):
+        return "-"
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suf}"
+    return f"{x:.3g}"
+
+
+def format_table(records, cases: list[CaseConfig], run: dict) -> str:
+    """The final table: case, engine tok/s, JAX tok/s, speedup median [p25, p75], MFU
+    engine / JAX, bubble measured / theory; failed or partial cases say so."""
+    import pandas as pd
+
+    s = records[records["repeat"] == -1] if len(records) else pd.DataFrame(columns=RECORD_COLUMNS)
+
+    def get(case, side, metric):
+        m = s[(s["case"] == case) & (s["side"] == side) & (s["metric"] == metric)]
+        return m.iloc[0] if len(m) else None
+
+    head = ["case", "engine tok/s", "JAX tok/s", "speedup [p25, p75]", "MFU engine / JAX",
+            "bubble meas. / theory"]
+    body = []
+    for c in cases:
+        name = case_id(c)
+        info = run.get("cases", {}).get(name, {})
+        if info.get("status") == "failed":
+            body.append([name, "FAILED (see below)", "-", "-", "-", "-"])
+            continue
+        e, j = get(name, "engine", "tokens_per_s"), get(name, "jax", "tokens_per_s")
+        sp = get(name, "ratio", "speedup")
+        me, mj = get(name, "engine", "mfu"), get(name, "jax", "mfu")
+        bm, bt = get(name, "engine", "bubble"), get(name, "theory", "bubble")
+        pct = lambda r: f"{100 * r['value']:.1f}%" if r is not None else "-"  # noqa: E731
+        body.append([
+            name,
+            _fmt_si(e["value"]) if e is not None else (
+                "n/a" if info.get("engine", {}).get("status") == "unavailable" else "-"),
+            _fmt_si(j["value"]) if j is not None else "-",
+            f"{sp['value']:.2f}x [{sp['spread_lo']:.2f}, {sp['spread_hi']:.2f}]"
+            if sp is not None else "-",
+            f"{pct(me)} / {pct(mj)}",
+            f"{pct(bm)} / {pct(bt)}" if bt is not None else "-",
+        ])
+    widths = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                       for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+             for r in [head] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _table_notes(cases: list[CaseConfig], run: dict) -> list[str]:
+    out = []
+    for c in cases:
+        info = run.get("cases", {}).get(case_id(c), {})
+        if info.get("jax_baseline"):
+            out.append(f"{case_id(c)}: JAX baseline = {info['jax_baseline']}")
+        for n in info.get("notes", []):
+            out.append(f"{case_id(c)}: {n}")
+        if info.get("status") == "failed":
+            out.append(f"{case_id(c)}: FAILED: {info.get('error', '')}")
+    return out
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def _count(flag: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{flag} = {value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def bench_suite(suite_arg: str, out: Path | None = None, *, repeats: int | None = None,
+                warmup: int | None = None, cases: list[str] | None = None,
+                threads: int | None = None, jax: bool = True, min_block_s: float = MIN_BLOCK_S,
+                timeout: float = PIPELINE_TIMEOUT_S, fresh: bool = False,
+                command: str = "") -> int:
+    """Run (or resume) a bench into `out`; returns the exit code (0, or 3 when a case failed).
+    Bad input raises ConfigError/DataError (exit 2)."""
+    from tqdm import tqdm
+
+    from harness.envinfo import collect_env, peak_for
+
+    suite = load_suite(suite_arg)
+    settings = Settings(
+        repeats=_count("--repeats" if repeats is not None else "bench.repeats",
+                       suite.bench.repeats if repeats is None else repeats, 1),
+        warmup=_count("--warmup" if warmup is not None else "bench.warmup",
+                      suite.bench.warmup if warmup is None else warmup, 0),
+        threads=_count("--threads", threads if threads is not None else (os.cpu_count() or 1), 1),
+        jax=jax, min_block_s=float(min_block_s), timeout=float(timeout))
+    if not (math.isfinite(settings.min_block_s) and settings.min_block_s >= 0):
+        raise ConfigError(f"--min-time = {min_block_s!r}: must be a number >= 0")
+    chosen = select_cases(suite, cases)
+    out = Path(out) if out is not None else Path("tandem-results") / f"bench-{suite.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    run_path, rec_path = out / "run.json", out / "records.parquet"
+    if fresh:
+        for f in (run_path, rec_path):
+            f.unlink(missing_ok=True)
+        for d in ("traces", "timelines", "work"):
+            shutil.rmtree(out / d, ignore_errors=True)
+    run = _load_run_json(run_path)
+    old_suite = (run.get("suite") or {}).get("name")
+    if old_suite not in (None, suite.name):
+        raise ConfigError(f"--out {out}: holds results of suite {old_suite!r}, not "
+                          f"{suite.name!r}. HINT: give another --out to keep them apart")
+
+    env = collect_env()
+    old_env = run.get("env") or {}
+    if old_env.get("hostname") == env["hostname"]:
+        for key in ("cpu_gemm_peak", "gpu_gemm_peak"):  # one peak per results directory
+            if old_env.get(key):
+                env[key] = old_env[key]
+    run.update({
+        "machine": f"{env['hostname']} ({env['platform']})",
+        "cpu": f"{env['cpu_model']} ({env['cpu_count']} cores)",
+        "gpu": env.get("gpu_name"),
+        "versions": {k: env[k] for k in ("python", "numpy", "jax", "jaxlib", "engine")},
+        "commit": env["commit"], "timestamp": env["timestamp"], "env": env,
+        "command": command, "commands": run.get("commands", []) + [command],
+        "suite": {"name": suite.name, "description": suite.description,
+                  "path": str(suite.path) if suite.path else None},
+        "bench": {"repeats": settings.repeats, "warmup": settings.warmup,
+                  "threads": settings.threads, "jax": settings.jax,
+                  "min_block_s": settings.min_block_s, "method": METHOD},
+    })
+    run.setdefault("cases", {})
+    run.setdefault("peaks", {})
+
+    def peak_of(case: CaseConfig) -> tuple[float, str]:
+        """Per-device peak for the case's backend and dtype (measured once, kept in env and
+        run.json), times the stage count on GPUs (one device per stage)."""
+        if _is_cuda(case):
+            value, source = peak_for("cuda", case.dtype, env, measure=False)
+            if case.pipeline.stages > 1 and value > 0:
+                value, source = value * case.pipeline.stages, \
+                    f"{source} x {case.pipeline.stages} devices"
+        else:
+            value, source = peak_for("cpu", case.dtype, env)
+        if value > 0:
+            run["peaks"][f"{case.backend} {case.dtype}"] = {"flops": value, "source": source}
+        return value, source
+
+    # the commit hash alone: a dirty flag would not tell two sets of local edits apart either
+    commit = env["commit"]
+
+    def finished(c: CaseConfig) -> bool:
+        """Done in an earlier run of the same code (resume); rows of another commit are
+        measured again so that one results directory describes one version."""
+        entry = run["cases"].get(case_id(c), {})
+        return entry.get("status") == "done" and entry.get("commit") == commit
+
+    todo = [c for c in chosen if not finished(c)]
+    if any(not _is_cuda(c) for c in todo):
+        peak_of(next(c for c in todo if not _is_cuda(c)))  # measure now, on a quiet machine
+    write_json(run_path, run)
+
+    failed = []
+    with tqdm(total=len(chosen) * settings.repeats, file=sys.stderr, unit="repeat",
+              dynamic_ncols=True) as pbar:
+        for case in chosen:
+            name = case_id(case)
+            if case not in todo:
+                pbar.write(f"{name}: done in an earlier run of commit {commit[:12]}, skipped "
+                           "(resume; --fresh measures again)", file=sys.stderr)
+                pbar.update(settings.repeats)
+                continue
+            _drop_case_rows(rec_path, suite.name, name)
+            old = run["cases"].get(name, {})
+            if old.get("status") == "done":
+                pbar.write(f"{name}: results of commit {str(old.get('commit'))[:12]} replaced "
+                           f"(now {commit[:12]})", file=sys.stderr)
+            entry = run["cases"][name] = {"status": "running", "started": _now(),
+                                          "commit": commit}
+            write_json(run_path, run)
+            done_before = pbar.n
+            try:
+                rows = run_case(case, out, settings, env, peak_of, pbar, suite.name, entry)
+            except Exception as exc:  # noqa: BLE001 - one failed case must not end the sweep
+                entry.update(status="failed", finished=_now())
+                if isinstance(exc, TandemError):
+                    entry["error"] = str(exc)
+                else:  # a bug rather than a failing side: keep the traceback
+                    entry["error"] = f"{type(exc).__name__}: {exc}"
+                    entry["traceback"] = traceback.format_exc()
+                    traceback.print_exc(file=sys.stderr)
+                msg = entry["error"]
+                pbar.write(f"{name}: FAILED: {msg}", file=sys.stderr)
+                failed.append(name)
+                pbar.update(done_before + settings.repeats - pbar.n)
+            else:
+                append_parquet(rec_path, to_frame(rows, RECORD_COLUMNS))
+                entry.update(status="done", finished=_now())
+            write_json(run_path, run)
+
+    import pandas as pd
+
+    records = pd.read_parquet(rec_path) if rec_path.exists() else pd.DataFrame(
+        columns=RECORD_COLUMNS)
+    if len(records):
+        records = records[records["suite"] == suite.name]
+    print(f"tandem bench: suite {suite.name}, {settings.repeats} repeats x (engine, JAX), "
+          f"warm-up {settings.warmup}; results in {out}")
+    print(format_table(records, chosen, run))
+    for line in _table_notes(chosen, run):
+        print(f"  {line}")
+    ncpu = os.cpu_count() or 1
+    loads = [v for c in chosen for k in ("loadavg_start", "loadavg_end")
+             if (v := run["cases"].get(case_id(c), {}).get(k)) is not None]
+    if loads and max(loads) > 0.25 * ncpu:
+        print(f"  machine load during the run up to {max(loads):.2f} on {ncpu} cores: other "
+              "processes competed for the CPU; compare the ratios (measured in alternation), "
+              "not absolute figures")
+    peaks = "; ".join(f"{k}: {v['flops'] / 1e9:.1f} GFLOP/s ({v['source']})"
+                      for k, v in run["peaks"].items())
+    if peaks:
+        print(f"  MFU peak: {peaks}")
+    return 3 if failed else 0
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", required=True, metavar="NAME|PATH",
+                   help="a built-in suite name (cpu-smoke, cpu-perf, ...) or a .toml file")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="results directory (default tandem-results/bench-SUITE); a directory "
+                        "holding an earlier run of the same suite is resumed: cases finished "
+                        "on the same commit are skipped")
+    p.add_argument("--repeats", type=int, metavar="N",
+                   help="timed (engine, JAX) pairs per case (default: the suite's [bench])")
+    p.add_argument("--warmup", type=int, metavar="N",
+                   help="untimed warm-up steps per side (default: the suite's [bench])")
+    p.add_argument("--case", action="append", nargs="+", metavar="NAME",
+                   help="run only these cases (a sweep's base name selects all its points)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="engine threads (default: all cores); pipelined ranks get N / stages")
+    p.add_argument("--no-jax", action="store_true", help="time the engine only")
+    p.add_argument("--min-time", type=float, default=MIN_BLOCK_S, metavar="S",
+                   help=f"shortest timed block in seconds (default {MIN_BLOCK_S}); a block is "
+                        "at least the case's `steps` steps")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard earlier results in DIR instead of resuming")
+    p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT_S, metavar="S",
+                   help=f"limit for one mpirun job (default {PIPELINE_TIMEOUT_S:.0f} s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [n for group in (args.case or []) for n in group]
+    command = "tandem bench " + " ".join(shlex.quote(a) for a in _argv_of(args))
+    t0 = time.perf_counter()
+    rc = bench_suite(args.suite, args.out, repeats=args.repeats, warmup=args.warmup,
+                   cases=names or None, threads=args.threads, jax=not args.no_jax,
+                   min_block_s=args.min_time, timeout=args.timeout, fresh=args.fresh,
+                   command=command)
+    print(f"  wall time {time.perf_counter() - t0:.1f} s")
+    return rc
+
+
+def _argv_of(args: argparse.Namespace) -> list[str]:
+    """The command line, rebuilt from `args` (the same whether started as `tandem` or from
+    Python through cli.main)."""
+    out = ["--suite", str(args.suite)]
+    if args.out is not None:
+        out += ["--out", str(args.out)]
+    for flag in ("repeats", "warmup", "threads"):
+        if getattr(args, flag) is not None:
+            out += [f"--{flag}", str(getattr(args, flag))]
+    for group in args.case or []:
+        out += ["--case", *group]
+    if args.no_jax:
+        out.append("--no-jax")
+    if args.fresh:
+        out.append("--fresh")
+    if args.min_time != MIN_BLOCK_S:
+        out += ["--min-time", str(args.min_time)]
+    if args.timeout != PIPELINE_TIMEOUT_S:
+        out += ["--timeout", str(args.timeout)]
+    return out
+
+
+__all__ = ["bench_suite", "select_cases", "summarize", "format_table", "add_parser", "run",
+           "JaxWorker", "InProcessEngine", "RankMemory", "BenchFailure", "METHOD"]
