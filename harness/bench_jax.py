@@ -88,6 +88,11 @@ class _Side:
                     f"backend = 'cuda' but JAX sees no GPU (jax.devices(): {jax.devices()}). "
                     "HINT: install jax with CUDA support (pip install 'jax[cuda13]') on a GPU host")
             self.devices = gpus
+            if self.dtype == "bf16":
+                # JAX at its best on a GPU: cuDNN's fused attention (FACTS.md's anchors)
+                from reference.ops import set_attention_implementation
+                set_attention_implementation("cudnn")
+                self.attention = "cudnn"
         else:
             self.devices = jax.devices("cpu")
         self.base_rss = (_vm_kib("VmRSS") or 0) * 1024
@@ -174,6 +179,8 @@ class _Side:
         if self.dtype == "bf16":
             note += ("; bf16 compute (parameters cast to bf16 inside the step, loss in fp32), "
                      "fp32 master weights, gradients and AdamW")
+            if getattr(self, "attention", None):
+                note += f"; attention through jax.nn.dot_product_attention({self.attention!r})"
             return self._bf16_single_step(cfg, opt, M), label, note
         return make_train_step(cfg, opt, M), label, note
 

@@ -45,6 +45,20 @@ def matmul(x_BTK, W_KN, bias_N=None):
     return y_BTN if bias_N is None else y_BTN + _lead(bias_N, y_BTN)
 
 
+# None: the explicit attention below (the spec, used by parity). "cudnn" or "xla": the same
+# maths through jax.nn.dot_product_attention, the fast path a framework user would run; benchmarks
+# on GPUs pick "cudnn" so that the engine is compared with JAX at its best (FACTS.md anchors).
+_ATTENTION_IMPL: str | None = None
+
+
+def set_attention_implementation(impl: str | None) -> None:
+    """Select how `attention` computes (None, "xla" or "cudnn"); takes effect at the next trace."""
+    global _ATTENTION_IMPL
+    if impl not in (None, "xla", "cudnn"):
+        raise ValueError(f"attention implementation {impl!r}: use None, 'xla' or 'cudnn'")
+    _ATTENTION_IMPL = impl
+
+
 def attention(qkv_BT3C, n_head):
     """Causal multi-head attention on packed qkv (q = [0:C], k = [C:2C], v = [2C:3C]) -> (B, T, C).
 
@@ -59,6 +73,10 @@ def attention(qkv_BT3C, n_head):
     HS = C // n_head
     q_BTNH, k_BTNH, v_BTNH = (t.reshape(B, T, n_head, HS)
                               for t in jnp.split(qkv_BT3C, 3, axis=-1))
+    if _ATTENTION_IMPL is not None:
+        o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True,
+                                              implementation=_ATTENTION_IMPL)
+        return o_BTNH.reshape(B, T, C)
     s_BNTT = jnp.einsum("btnh,bunh->bntu", q_BTNH, k_BTNH) / math.sqrt(HS)
     causal_11TT = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]
     s_BNTT = jnp.where(causal_11TT, s_BNTT, -jnp.inf)
