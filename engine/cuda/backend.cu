@@ -7,6 +7,7 @@
  * param_mem / grad_mem stay the staging area for get/set and safetensors (upload / download).
  * Attention materialises the (B, NH, T, T) probabilities of one layer at a time in batched
  * products; they are kept per layer when the device has room (else recomputed in the backward).
+ * TANDEM_CUDA_ATTENTION=flash selects flash.cu instead (bf16 only).
  * Every CUDA and cuBLASLt status is checked; a failure returns a td_status with the call, the
  * error string and the place on the handle. Nothing here exits.
  */
@@ -155,9 +156,18 @@ static td_status cuda_build(td_model *m) {
                        "driver and CUDA_VISIBLE_DEVICES",
                        cudaGetErrorString(e), ndev);
     }
-    const char *att_env = getenv("TANDEM_CUDA_ATTENTION"); /* store | recompute | unset: auto */
-    if (att_env && *att_env && strcmp(att_env, "store") && strcmp(att_env, "recompute"))
-        return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_ATTENTION=%s (allowed: store, recompute, or unset for automatic)", att_env);
+    /* flash | store | recompute | unset: store the probabilities when they fit, else recompute
+     * them. flash (bf16, head size a multiple of 16 up to 128) is exact to the same tolerances
+     * and needs no (B, NH, T, T) memory, but measured slower than the materialised attention
+     * (docs/cuda.md), so it is asked for, not chosen */
+    const char *att_env = getenv("TANDEM_CUDA_ATTENTION");
+    if (att_env && !*att_env) att_env = NULL;
+    if (att_env && strcmp(att_env, "flash") && strcmp(att_env, "store") && strcmp(att_env, "recompute"))
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_ATTENTION=%s (allowed: flash, store, recompute, or unset for automatic)", att_env);
+    const int flash_ok = m->bf16 && td_flash_supported((int)(m->n_embd / m->n_head));
+    if (att_env && !strcmp(att_env, "flash") && !flash_ok)
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_ATTENTION=flash needs bf16=1 and a head size n_embd/n_head that is a multiple of 16 up to 128 (bf16=%lld, head size %lld)", (long long)m->bf16, (long long)(m->n_embd / m->n_head));
+    d->flash = att_env && !strcmp(att_env, "flash");
 
     d->bf16 = m->bf16 != 0;
     d->es = d->bf16 ? 2 : 4;
@@ -251,6 +261,8 @@ static td_status cuda_build(td_model *m) {
     ALLOC(d->lnf_mean, BT * 4, "activations");
     ALLOC(d->lnf_rstd, BT * 4, "activations");
     ALLOC(d->logits, BT * (size_t)d->Vp * es, "the logits");
+    ALLOC(d->wte_pad, (size_t)d->Vp * C * es, "the padded LM head");
+    TD_CK(cudaMemsetAsync(d->wte_pad, 0, (size_t)d->Vp * C * es, d->stream));
     ALLOC(d->lse, BT * 4, "the loss statistics");
     ALLOC(d->losses, BT * 4, "the loss statistics");
     ALLOC(d->tok, 2 * BT * 4, "tokens and targets");
@@ -258,25 +270,34 @@ static td_status cuda_build(td_model *m) {
 
     /* scratch */
     const size_t att = B * NH * T * T * es;
-    const size_t nchunks = (BT + TD_CS_ROWS - 1) / TD_CS_ROWS;
+    const size_t nchunks = (BT + TD_CS_ROWS - 1) / TD_CS_ROWS, nlnb = (BT + TD_LNB_ROWS - 1) / TD_LNB_ROWS;
+    const size_t part = nchunks * 4 * C > nlnb * C ? nchunks * 4 * C : nlnb * C;
     ALLOC(d->dres, BTC * es, "backward scratch");
     ALLOC(d->dln, BTC * es, "backward scratch");
     ALLOC(d->dbig, 4 * BTC * es, "backward scratch");
     ALLOC(d->qkvp, 3 * BTC * es, "attention scratch");
     ALLOC(d->yb, BTC * es, "attention scratch");
     ALLOC(d->dqkvp, 3 * BTC * es, "attention scratch");
-    ALLOC(d->attS, att, "attention scratch (B, NH, T, T)");
-    ALLOC(d->part_w, nchunks * 4 * C * 4, "column-sum partials");
-    ALLOC(d->part_b, nchunks * 4 * C * 4, "column-sum partials");
+    if (!d->flash) ALLOC(d->attS, att, "attention scratch (B, NH, T, T)");
+    ALLOC(d->part_w, part * 4, "column-sum partials");
+    ALLOC(d->part_b, part * 4, "column-sum partials");
     ALLOC(d->sq_part, (TD_SQ_BLOCKS + 1) * sizeof(double), "norm partials");
 
     /* keep every layer's attention probabilities when they fit with 2 GiB to spare */
     size_t fr = 0, tot = 0;
     TD_CK(cudaMemGetInfo(&fr, &tot));
     const size_t keep = (size_t)m->nl * att;
-    if (att_env && *att_env) d->store_att = !strcmp(att_env, "store");
-    else d->store_att = keep + ((size_t)2 << 30) <= fr;
-    if (d->store_att) {
+    if (d->flash) {
+        d->store_att = 0;
+        for (int l = 0; l < m->nl; l++) ALLOC(d->L[l].lse, B * NH * T * 4, "attention statistics");
+        ALLOC(d->Dsum, B * NH * T * 4, "attention scratch");
+    } else if (att_env) {
+        d->store_att = !strcmp(att_env, "store");
+    } else {
+        d->store_att = keep + ((size_t)2 << 30) <= fr;
+    }
+    if (d->flash) {
+    } else if (d->store_att) {
         for (int l = 0; l < m->nl; l++) ALLOC(d->L[l].att, att, "attention probabilities (B, NH, T, T) per layer");
     } else {
         ALLOC(d->attP, att, "attention scratch (B, NH, T, T)");
@@ -296,12 +317,20 @@ static td_status cuda_build(td_model *m) {
 
 /* ---- host <-> device ------------------------------------------------------------------------- */
 
+/* the padded LM-head copy of wte follows the compute copy of the parameters */
+static td_status refresh_wte_pad(td_cuda_dev *d) {
+    const size_t bytes = (size_t)d->m->vocab_size * (size_t)d->m->n_embd * d->es;
+    TD_CK(cudaMemcpyAsync(d->wte_pad, (const char *)d->pc + d->off_wte * d->es, bytes, cudaMemcpyDeviceToDevice, d->stream));
+    return TD_OK;
+}
+
 static td_status cuda_upload(td_model *m, int grads) {
     td_cuda_dev *d = (td_cuda_dev *)m->device;
     const size_t bytes = m->total * sizeof(float);
     TD_CK(cudaMemcpyAsync(grads ? d->g32 : d->p32, grads ? m->grad_mem : m->param_mem, bytes,
                           cudaMemcpyHostToDevice, d->stream));
     if (!grads && d->bf16) TD_CK(td_k_cast_bf16(d->stream, (bf16 *)d->pc, d->p32, (long long)m->total));
+    if (!grads) TD_TRY(refresh_wte_pad(d));
     TD_CK(cudaStreamSynchronize(d->stream));
     return TD_OK;
 }
@@ -404,6 +433,12 @@ static td_status attention_forward(td_cuda_dev *d, int l, int B, int T) {
     E *qkvp = (E *)d->qkvp, *q = qkvp, *k = qkvp + BTC, *v = qkvp + 2 * BTC;
     E *S = (E *)d->attS, *P = (E *)(d->store_att ? A->att : d->attP);
     TD_CK(td_k_qkv_permute<E>(d->stream, qkvp, (const E *)A->qkv, B, T, NH, HS));
+    if (d->flash) { /* bf16 only (build checks): E is bf16 whenever this runs */
+        TD_CK(td_k_flash_forward(d->stream, (bf16 *)d->yb, A->lse, (const bf16 *)q, (const bf16 *)k,
+                                 (const bf16 *)v, B * NH, T, HS, scale));
+        TD_CK(td_k_head_unpermute<E>(d->stream, (E *)A->atty, (const E *)d->yb, B, T, NH, HS));
+        return TD_OK;
+    }
     TD_TRY(heads_mm(d, S, q, 0, k, 1, T, T, HS, HS, HS, T, THS, THS, TT, B * NH)); /* S = q k^T */
     TD_CK(td_k_attn_softmax_forward<E>(d->stream, P, S, (long long)B * NH * T, T, scale));
     TD_TRY(heads_mm(d, d->yb, P, 0, v, 0, T, HS, T, T, HS, HS, TT, THS, THS, B * NH)); /* y = P v */
@@ -425,6 +460,14 @@ static td_status attention_backward(td_cuda_dev *d, int l, int B, int T, E *dqkv
     E *P = (E *)(d->store_att ? A->att : d->attP);
     TD_CK(td_k_qkv_permute<E>(d->stream, qkvp, (const E *)A->qkv, B, T, NH, HS));
     TD_CK(td_k_head_permute<E>(d->stream, dy, datty, B, T, NH, HS));
+    if (d->flash) {
+        TD_CK(td_k_attn_rowdot(d->stream, d->Dsum, (const bf16 *)datty, (const bf16 *)A->atty, B, T, NH, HS));
+        TD_CK(td_k_flash_backward(d->stream, (bf16 *)dq, (bf16 *)dk, (bf16 *)dv, (const bf16 *)q,
+                                  (const bf16 *)k, (const bf16 *)v, (const bf16 *)dy, A->lse,
+                                  d->Dsum, B * NH, T, HS, scale));
+        TD_CK(td_k_qkv_unpermute<E>(d->stream, dqkv, dqkvp, B, T, NH, HS));
+        return TD_OK;
+    }
     if (!d->store_att) { /* recompute the probabilities exactly as the forward did */
         TD_TRY(heads_mm(d, dS, q, 0, k, 1, T, T, HS, HS, HS, T, THS, THS, TT, B * NH));
         TD_CK(td_k_attn_softmax_forward<E>(d->stream, P, dS, (long long)B * NH * T, T, scale));
@@ -489,8 +532,8 @@ static td_status forward_impl(td_cuda_dev *d, float *logits_out, double *out_los
         memset(&p, 0, sizeof p);
         p.out = d->logits, p.ldo = Vp;
         p.A = d->lnf, p.lda = C;
-        p.B = W + d->off_wte, p.ldb = C, p.transB = 1;
-        p.M = BT, p.N = V, p.K = C, p.batch = 1;
+        p.B = d->wte_pad, p.ldb = C, p.transB = 1;
+        p.M = BT, p.N = Vp, p.K = C, p.batch = 1; /* columns V.. are 0: wte_pad's rows are */
         TD_TRY(td_cuda_matmul(d, &p));
     }
     prof(d, "(end)");
@@ -550,8 +593,8 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
         memset(&p, 0, sizeof p);
         p.out = dln, p.ldo = C;
         p.A = d->logits, p.lda = Vp;
-        p.B = W + d->off_wte, p.ldb = C;
-        p.M = BT, p.N = C, p.K = V, p.batch = 1;
+        p.B = d->wte_pad, p.ldb = C;
+        p.M = BT, p.N = C, p.K = Vp, p.batch = 1; /* d(logits) is 0 in the padding columns */
         TD_TRY(td_cuda_matmul(d, &p));
         memset(&p, 0, sizeof p); /* dwte += dlogits^T @ lnf */
         p.out = G + d->off_wte, p.ldo = C, p.out_f32 = 1;
@@ -562,8 +605,7 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
     }
     const E *res_last = m->nl ? (const E *)d->L[m->nl - 1].res3 : x0;
     prof(d, "bwd: layernorm + weight sums");
-    TD_CK(td_k_layernorm_backward_input<E>(st, dres, dln, res_last, W + d->off_lnfw, d->lnf_mean, d->lnf_rstd, BT, C, 0));
-    TD_CK(td_k_colsum<E>(st, G + d->off_lnfw, G + d->off_lnfb, d->part_w, d->part_b, dln, res_last, d->lnf_mean, d->lnf_rstd, BT, C));
+    TD_CK(td_k_layernorm_backward<E>(st, dres, G + d->off_lnfw, G + d->off_lnfb, d->part_w, d->part_b, dln, res_last, W + d->off_lnfw, d->lnf_mean, d->lnf_rstd, BT, C, 0));
 
     for (int l = m->nl - 1; l >= 0; l--) {
         td_cuda_layer *A = &d->L[l];
@@ -581,8 +623,7 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
         prof(d, "bwd: bias sums");
         TD_CK(td_k_colsum<E>(st, NULL, G + o->fcb, NULL, d->part_b, dbig, NULL, NULL, NULL, BT, 4 * C));
         prof(d, "bwd: layernorm + weight sums");
-        TD_CK(td_k_layernorm_backward_input<E>(st, dres, dln, (const E *)A->res2, W + o->ln2w, A->ln2_mean, A->ln2_rstd, BT, C, 1));
-        TD_CK(td_k_colsum<E>(st, G + o->ln2w, G + o->ln2b, d->part_w, d->part_b, dln, (const E *)A->res2, A->ln2_mean, A->ln2_rstd, BT, C));
+        TD_CK(td_k_layernorm_backward<E>(st, dres, G + o->ln2w, G + o->ln2b, d->part_w, d->part_b, dln, (const E *)A->res2, W + o->ln2w, A->ln2_mean, A->ln2_rstd, BT, C, 1));
         /* attention block: res2 = res + attproj(attention(qkv(ln1(res)))) */
         prof(d, "bwd: matmul");
         TD_TRY(linear_dinput(d, dln, dres, W + o->attprojw, BT, C, C, TD_EPI_NONE, NULL)); /* d atty */
@@ -597,8 +638,7 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
         prof(d, "bwd: bias sums");
         TD_CK(td_k_colsum<E>(st, NULL, G + o->qkvb, NULL, d->part_b, dbig, NULL, NULL, NULL, BT, 3 * C));
         prof(d, "bwd: layernorm + weight sums");
-        TD_CK(td_k_layernorm_backward_input<E>(st, dres, dln, res, W + o->ln1w, A->ln1_mean, A->ln1_rstd, BT, C, 1));
-        TD_CK(td_k_colsum<E>(st, G + o->ln1w, G + o->ln1b, d->part_w, d->part_b, dln, res, A->ln1_mean, A->ln1_rstd, BT, C));
+        TD_CK(td_k_layernorm_backward<E>(st, dres, G + o->ln1w, G + o->ln1b, d->part_w, d->part_b, dln, res, W + o->ln1w, A->ln1_mean, A->ln1_rstd, BT, C, 1));
     }
     prof(d, "bwd: embedding");
     TD_CK(td_k_encoder_backward<E>(st, G + d->off_wte, G + d->off_wpe, dres, d->csr, d->n_uniq, B, T, C));
@@ -650,6 +690,7 @@ static td_status cuda_adamw(td_model *m, double grad_norm) {
                      (long long)m->total, d->seg_end, d->seg_decay, m->nparams, (float)m->beta1,
                      (float)m->beta2, bc1, bc2, (float)m->lr, (float)m->eps,
                      (float)m->weight_decay, clip));
+    TD_TRY(refresh_wte_pad(d));
     prof(d, "(end)");
     TD_CK(cudaStreamSynchronize(d->stream));
     prof_flush(d);

@@ -47,18 +47,25 @@ def model_cfg(size):
 
 
 def write_weights(size: str, path: Path, seed: int = 0) -> None:
-    """docs/model.md's initialisation (std per tensor from harness.init.init_rule), drawn in
-    float32 for speed: these are timing weights, not a parity fixture."""
+    """docs/model.md's initialisation scale per tensor (harness.init.init_rule), but the normal
+    values are cycled from a pool of 2^24 float32 draws so that 1.5B parameters take seconds:
+    these are timing weights (random, never zeros), not a parity fixture."""
     from harness.init import init_rule, write_safetensors
     from reference.gpt2 import GPTConfig, param_shapes
 
     cfg = model_cfg(size)
     rng = np.random.default_rng(seed)
+    pool = rng.standard_normal(1 << 24, dtype=np.float32)
+    pool2 = np.concatenate([pool, pool])
+    start = 0
     tensors = {}
     for name, shape in param_shapes(GPTConfig(**cfg)).items():
         kind, std = init_rule(name, cfg["n_layer"])
         if kind == "normal":
-            a = rng.standard_normal(shape, dtype=np.float32)
+            n = int(np.prod(shape))
+            window = pool2[start:start + min(n, pool.size)]
+            a = (window.copy() if n <= pool.size else np.resize(window, n)).reshape(shape)
+            start = (start + 7919) % pool.size
             a *= np.float32(std)
         else:
             a = np.full(shape, 1.0 if kind == "ones" else 0.0, np.float32)
@@ -123,9 +130,13 @@ def side_engine(size, weights, warmup, steps, profile=False):
         prof = path.read_text() if path.exists() else "no profile written"
     return dict(side="engine", step_s=times, device_step_s=dev_times, losses=losses,
                 setup_s=setup_s, zero_grad_s=zero_s, profile=prof,
+                attention=os.environ.get("TANDEM_CUDA_ATTENTION") or "default",
                 note="Tandem CUDA engine, bf16 compute, fp32 master weights; attention: "
-                     "cuBLASLt batched products + softmax kernels, probabilities kept per layer "
-                     "when they fit")
+                     + {"flash": "flash.cu (WMMA flash attention)",
+                        "recompute": "materialised, recomputed in the backward"}.get(
+                         os.environ.get("TANDEM_CUDA_ATTENTION", ""),
+                         "materialised (cuBLASLt batched products + softmax kernels), kept "
+                         "per layer when they fit"))
 
 
 def side_jax(size, weights, warmup, steps):
@@ -210,8 +221,11 @@ def side_jax(size, weights, warmup, steps):
 def run_side(side, size, weights, warmup, steps, timeout, profile=""):
     cmd = [sys.executable, __file__, "--side", side, "--sizes", size, "--weights", str(weights),
            "--warmup", str(warmup), "--steps", str(steps), "--profile", profile]
+    env = dict(os.environ)
+    if side == "jax":  # let XLA take what the 80 GB of an H100 allow (default: 75%)
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     except subprocess.TimeoutExpired:
         return dict(side=side, error=f"timed out after {timeout} s")
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -279,17 +293,22 @@ def main(argv=None) -> int:
             for row in ej:
                 row["engine_over_jax"] = jax_rows[0]["median_step_ms"] / row["median_step_ms"]
         weights.unlink(missing_ok=True)
+        write_out(args.out, rows, raw)  # after every size: a later timeout keeps these
     print_table(rows, gpu, args)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(dict(rows=rows, raw=raw), indent=1))
-        with open(out / "bench.csv", "w", newline="") as f:
-            keys = sorted({k for r in rows for k in r})
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
     return 0 if rows else 1
+
+
+def write_out(out, rows, raw):
+    if not out:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(dict(rows=rows, raw=raw), indent=1))
+    with open(out / "bench.csv", "w", newline="") as f:
+        keys = sorted({k for r in rows for k in r})
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def make_row(size, side, step_s, r, tokens, fpt, gpu):

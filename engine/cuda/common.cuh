@@ -37,6 +37,7 @@ typedef struct {
     float *ln1_mean, *ln1_rstd;     /* (B, T) f32 */
     void *qkv;                      /* (B, T, 3C) */
     void *att;                      /* (B, NH, T, T) softmax probabilities, NULL when recomputed */
+    float *lse;                     /* (B, NH, T) log-sum-exp of the scores (flash attention) */
     void *atty;                     /* (B, T, C) attention output before the projection */
     void *res2;                     /* (B, T, C) residual after attention */
     void *ln2;                      /* (B, T, C) */
@@ -63,6 +64,7 @@ typedef struct td_cuda_dev {
     int bf16;          /* 1: E = bf16 */
     size_t es;         /* bytes per E */
     int store_att;     /* 1: keep every layer's (B, NH, T, T) probabilities; 0: recompute */
+    int flash;         /* 1: flash.cu attention (TANDEM_CUDA_ATTENTION=flash; bf16 only) */
     cudaStream_t stream;
     cublasLtHandle_t lt;
     void *ws;          /* cuBLASLt workspace */
@@ -92,6 +94,9 @@ typedef struct td_cuda_dev {
     void *dres, *dln, *dbig;      /* (B,T,C), (B,T,C), (B,T,4C) */
     void *qkvp, *yb, *dqkvp;      /* (3,B,NH,T,HS), (B,NH,T,HS), (3,B,NH,T,HS) */
     void *attS, *attP;            /* (B,NH,T,T): scores / d(probs); probabilities when recomputed */
+    float *Dsum;                  /* (B,NH,T) rowsum(dO * O), flash backward */
+    void *wte_pad;                /* (Vp, C) wte in the compute type, rows V.. zero: the head's
+                                     products run over Vp columns (odd V is slow in cuBLASLt) */
     float *part_w, *part_b;       /* column-sum partials: (ceil(BT/CS_ROWS), 4C) each */
     double *sq_part;              /* grad_sq_sum partials (SQ_BLOCKS + 1) */
 
@@ -186,6 +191,14 @@ template <typename E>
 cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, float *part_b,
                         const E *dout, const E *inp, const float *mean, const float *rstd, int N,
                         int C);
+/* LayerNorm backward, input and weight gradients in one pass over the rows (dinp += when
+ * accumulate); partials of TD_LNB_ROWS rows, summed in a fixed order. */
+#define TD_LNB_ROWS 32
+template <typename E>
+cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *db, float *part_w,
+                                    float *part_b, const E *dout, const E *inp, const E *w,
+                                    const float *mean, const float *rstd, int N, int C,
+                                    int accumulate);
 template <typename E>
 cudaError_t td_k_gelu_forward(cudaStream_t s, E *out, const E *inp, long long n);
 template <typename E>
@@ -219,5 +232,16 @@ cudaError_t td_k_adamw(cudaStream_t s, float *p, const float *g, float *m, float
                        int nseg, float b1, float b2, float bc1, float bc2, float lr, float eps,
                        float wd, float clip);
 cudaError_t td_k_sq_sum(cudaStream_t s, double *part, const float *g, long long n);
+
+/* flash.cu: bf16 causal attention on permuted heads (B*NH, T, HS); lse, D: (B*NH, T) fp32 */
+int td_flash_supported(int HS);
+cudaError_t td_k_flash_forward(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
+                               const bf16 *v, int BH, int T, int HS, float scale);
+cudaError_t td_k_flash_backward(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *q,
+                                const bf16 *k, const bf16 *v, const bf16 *dO, const float *lse,
+                                const float *D, int BH, int T, int HS, float scale);
+/* D[b, h, t] = sum_j dout[b, t, h*HS + j] * out[b, t, h*HS + j], inputs (B, T, C) */
+cudaError_t td_k_attn_rowdot(cudaStream_t s, float *D, const bf16 *dout, const bf16 *out, int B,
+                             int T, int NH, int HS);
 
 #endif /* TD_CUDA_COMMON_CUH */

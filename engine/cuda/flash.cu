@@ -10,6 +10,12 @@
  * probabilities from the stored log-sum-exp, with D = rowsum(dO * O) precomputed.
  * Head sizes: multiples of 16 up to 128 (td_flash_supported); fp32 mode uses the materialised
  * attention of backend.cu, so that fp32 stays exact to the CPU engine's tolerances.
+ * Status: correct (tests/engine/test_cuda.py, bf16 tiers) but SLOWER than the materialised
+ * attention on an H100 (GPT-2 124M: 46.7 ms against 38.5 ms a step, docs/cuda.md), so it is
+ * opt-in (TANDEM_CUDA_ATTENTION=flash). Where the time goes: the online softmax walks the 16
+ * rows of a warp one at a time through shared memory, S and P make a round trip through shared
+ * memory, and 4 warps per block leave the tensor cores idle; a register-resident softmax on
+ * mma.sync / wgmma fragments (FlashAttention-2/3) is the way forward.
  */
 #include <mma.h>
 

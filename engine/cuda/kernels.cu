@@ -183,17 +183,30 @@ __global__ void colsum_partial_kernel(float *pw, float *pb, const E *dout, const
     }
 }
 
+/* db[col] += sum over chunks of pb[chunk, col] (and dw from pw): 8 threads per column take every
+ * 8th chunk, then one adds the 8 sums in order. Fixed order for a given shape. */
 __global__ void colsum_final_kernel(float *dw, float *db, const float *pw, const float *pb,
                                     int nchunks, int C) {
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= C) return;
+    __shared__ float sw[8][33], sb[8][33];
+    const int tx = threadIdx.x, ty = threadIdx.y, col = blockIdx.x * 32 + tx;
     float tw = 0.f, tb = 0.f;
-    for (int k = 0; k < nchunks; k++) {
-        tb += pb[(long long)k * C + col];
-        if (pw) tw += pw[(long long)k * C + col];
+    if (col < C)
+        for (int k = ty; k < nchunks; k += 8) {
+            tb += pb[(long long)k * C + col];
+            if (pw) tw += pw[(long long)k * C + col];
+        }
+    sw[ty][tx] = tw;
+    sb[ty][tx] = tb;
+    __syncthreads();
+    if (ty == 0 && col < C) {
+        float a = 0.f, b = 0.f;
+        for (int k = 0; k < 8; k++) {
+            a += sw[k][tx];
+            b += sb[k][tx];
+        }
+        db[col] += b;
+        if (dw) dw[col] += a;
     }
-    db[col] += tb;
-    if (dw) dw[col] += tw;
 }
 
 template <typename E>
@@ -206,8 +219,106 @@ cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, flo
                                                     mean, rstd, N, C);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    colsum_final_kernel<<<blocks_for(C, 256), 256, 0, s>>>(dw, db, dw ? part_w : NULL, part_b,
-                                                           nchunks, C);
+    colsum_final_kernel<<<blocks_for(C, 32), dim3(32, 8), 0, s>>>(dw, db, dw ? part_w : NULL, part_b,
+                                                                  nchunks, C);
+    return cudaGetLastError();
+}
+
+/* LayerNorm backward in one pass over the rows: dinp (+)= d/dx, and per block of TD_LNB_ROWS rows
+ * the partial sums of dout * xhat and dout per column (each warp's in registers, the 4 warps'
+ * added in order), which colsum_final_kernel adds in a fixed order. K = columns per lane. */
+template <typename E, int K>
+__global__ void __launch_bounds__(128) layernorm_backward_fused_kernel(
+    E *dinp, float *pw, float *pb, const E *dout, const E *inp, const E *w, const float *mean,
+    const float *rstd, int N, int C, int accumulate) {
+    extern __shared__ float red[]; /* [4][C] */
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float wr[K], aw[K], ab[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        const int c = lane + 32 * k;
+        wr[k] = c < C ? to_f(w[c]) : 0.f;
+        aw[k] = ab[k] = 0.f;
+    }
+    const int r0 = blockIdx.x * TD_LNB_ROWS;
+    for (int i = 0; i < TD_LNB_ROWS / 4; i++) {
+        const int row = r0 + warp + 4 * i;
+        if (row >= N) break;
+        const E *d = dout + (long long)row * C;
+        const E *x = inp + (long long)row * C;
+        const float m = mean[row], r = rstd[row];
+        float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            const int c = lane + 32 * k;
+            if (c < C) {
+                const float dv = to_f(d[c]), xh = (to_f(x[c]) - m) * r, dn = wr[k] * dv;
+                s1 += dn;
+                s2 += dn * xh;
+                aw[k] += dv * xh;
+                ab[k] += dv;
+            }
+        }
+        s1 = warp_sum(s1) / C;
+        s2 = warp_sum(s2) / C;
+        E *di = dinp + (long long)row * C;
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            const int c = lane + 32 * k;
+            if (c < C) {
+                const float dv = to_f(d[c]), xh = (to_f(x[c]) - m) * r;
+                const float g = (wr[k] * dv - s1 - xh * s2) * r;
+                di[c] = from_f<E>(accumulate ? to_f(di[c]) + g : g);
+            }
+        }
+    }
+    for (int pass = 0; pass < 2; pass++) {
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            const int c = lane + 32 * k;
+            if (c < C) red[warp * C + c] = pass ? ab[k] : aw[k];
+        }
+        __syncthreads();
+        float *out = pass ? pb : pw;
+        for (int c = threadIdx.x; c < C; c += blockDim.x)
+            out[(long long)blockIdx.x * C + c] = ((red[c] + red[C + c]) + red[2 * C + c]) + red[3 * C + c];
+        __syncthreads();
+    }
+}
+
+template <typename E, int K>
+static cudaError_t ln_bwd_launch(cudaStream_t s, E *dinp, float *part_w, float *part_b,
+                                 const E *dout, const E *inp, const E *w, const float *mean,
+                                 const float *rstd, int N, int C, int accumulate, int nb) {
+    const size_t sm = (size_t)4 * C * sizeof(float);
+    layernorm_backward_fused_kernel<E, K><<<(unsigned)nb, 128, sm, s>>>(dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate);
+    return cudaGetLastError();
+}
+
+template <typename E>
+cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *db, float *part_w,
+                                    float *part_b, const E *dout, const E *inp, const E *w,
+                                    const float *mean, const float *rstd, int N, int C,
+                                    int accumulate) {
+    const int per_lane = (C + 31) / 32;
+    if (per_lane > 64) { /* very wide rows: the two-kernel path */
+        cudaError_t e = td_k_layernorm_backward_input<E>(s, dinp, dout, inp, w, mean, rstd, N, C, accumulate);
+        if (e != cudaSuccess) return e;
+        return td_k_colsum<E>(s, dw, db, part_w, part_b, dout, inp, mean, rstd, N, C);
+    }
+    const int nb = (N + TD_LNB_ROWS - 1) / TD_LNB_ROWS;
+    cudaError_t e;
+    if (per_lane <= 2) e = ln_bwd_launch<E, 2>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    else if (per_lane <= 4) e = ln_bwd_launch<E, 4>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    else if (per_lane <= 8) e = ln_bwd_launch<E, 8>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    else if (per_lane <= 16) e = ln_bwd_launch<E, 16>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    else if (per_lane <= 24) e = ln_bwd_launch<E, 24>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    else if (per_lane <= 32) e = ln_bwd_launch<E, 32>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    else if (per_lane <= 40) e = ln_bwd_launch<E, 40>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    else if (per_lane <= 52) e = ln_bwd_launch<E, 52>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    else e = ln_bwd_launch<E, 64>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    if (e != cudaSuccess) return e;
+    colsum_final_kernel<<<blocks_for(C, 32), dim3(32, 8), 0, s>>>(dw, db, part_w, part_b, nb, C);
     return cudaGetLastError();
 }
 
@@ -409,6 +520,7 @@ __global__ void crossentropy_forward_kernel(float *losses, float *lse, const E *
     }
 }
 
+/* rows are ld apart; the padding columns [V, ld) become 0 (the head's products run over ld) */
 template <typename E>
 __global__ void crossentropy_backward_kernel(E *dlogits, const float *lse, const int *targets,
                                              float dloss, int V, int ld) {
@@ -416,7 +528,11 @@ __global__ void crossentropy_backward_kernel(E *dlogits, const float *lse, const
     E *d = dlogits + (long long)row * ld;
     const float z = lse[row];
     const int y = targets[row];
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    for (int v = threadIdx.x; v < ld; v += blockDim.x) {
+        if (v >= V) {
+            d[v] = from_f<E>(0.f);
+            continue;
+        }
         float p = expf(to_f(d[v]) - z);
         d[v] = from_f<E>((p - (v == y ? 1.f : 0.f)) * dloss);
     }
@@ -539,6 +655,9 @@ cudaError_t td_k_sq_sum(cudaStream_t s, double *part, const float *g, long long 
     template cudaError_t td_k_colsum<E>(cudaStream_t, float *, float *, float *, float *,        \
                                         const E *, const E *, const float *, const float *, int, \
                                         int);                                                    \
+    template cudaError_t td_k_layernorm_backward<E>(cudaStream_t, E *, float *, float *, float *, \
+                                                    float *, const E *, const E *, const E *,     \
+                                                    const float *, const float *, int, int, int); \
     template cudaError_t td_k_gelu_forward<E>(cudaStream_t, E *, const E *, long long);          \
     template cudaError_t td_k_gelu_backward_inplace<E>(cudaStream_t, E *, const E *, long long); \
     template cudaError_t td_k_bias_add<E>(cudaStream_t, E *, const E *, int, int, int);          \

@@ -308,7 +308,9 @@ static td_status copy_tensor(td_model *m, const char *fn, td_real *base, const c
     if (!(out || in)) return td_fail(m, TD_ERR_ARG, "%s: buffer is NULL", fn);
     td_real *t = base + p->offset;
     const int grads = base == m->grad_mem;
-    if (out && m->ops && (st = m->ops->download(m, grads))) return st;
+    /* with a device backend the host buffer is a staging copy: refresh it first, so that setting
+     * one tensor uploads current values for all the others */
+    if (m->ops && (st = m->ops->download(m, grads))) return st;
     if (out) for (int64_t i = 0; i < numel; i++) out[i] = (float)t[i];
     else for (int64_t i = 0; i < numel; i++) t[i] = (td_real)in[i];
     if (in && m->ops && (st = m->ops->upload(m, grads))) return st;
@@ -477,8 +479,9 @@ td_status td_model_forward(td_model *m, float *logits_BTV, double *out_loss,
 
 td_status td_model_zero_grad(td_model *m) {
     REQUIRE_BUILT("td_model_zero_grad");
+    if (m->ops) return m->ops->zero_grad(m); /* the host copy is refreshed on download */
     memset(m->grad_mem, 0, sizeof(td_real) * m->total);
-    return m->ops ? m->ops->zero_grad(m) : TD_OK;
+    return TD_OK;
 }
 
 td_status td_model_forward_backward(td_model *m, double *out_loss, const int32_t *tokens_BT,

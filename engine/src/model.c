@@ -269,6 +269,8 @@ td_status td_model_layout(td_model *m) {
     bind_ptrs(m, &m->P, m->param_mem);
     bind_ptrs(m, &m->G, m->grad_mem);
 
+    if (m->backend == 1) return TD_OK; /* a device backend keeps its own activations; the
+                                          * slots' tokens and targets above stay for staging */
     size_t n = layout_buffers(m, NULL);
     td_real *acts = (n && checked_mul(n, sizeof(td_real), &bytes)) ? calloc(n, sizeof(td_real)) : NULL;
     if (!acts)

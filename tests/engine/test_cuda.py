@@ -7,7 +7,9 @@ Tiers (docs/cuda.md has the measured numbers):
           AdamW steps of 2 micro-batches within 1e-4 (the key-bias slice of c_attn.bias has an
           analytically zero gradient, see _compare_params).
   bf16  - bf16 compute with fp32 master weights against the CPU fp32 engine: the loss within 2%
-          at every one of 20 steps, every gradient within 2e-2 relative L2.
+          at every one of 20 steps, every gradient within 2e-2 relative L2; with the default
+          (materialised) attention and with TANDEM_CUDA_ATTENTION=flash, whose 64-row tiles are
+          crossed at T=200; and flash against the materialised attention directly.
   determinism - the same batch twice gives the same bits (no float atomics).
 Skipped with the reason when this libtandem was built without CUDA or no GPU is usable.
 `python tests/engine/test_cuda.py --json OUT.json` runs every tier (plus engine-vs-JAX fp32 on
@@ -41,8 +43,15 @@ FP32_CASES = {
     "t1": dict(n_layer=2, n_embd=48, n_head=3, vocab_size=311, n_positions=16, seq_len=1,
                batch_size=4),
 }
-BF16_CASE = dict(n_layer=2, n_embd=128, n_head=4, vocab_size=311, n_positions=64, seq_len=64,
-                 batch_size=4)
+BF16_CASES = {
+    # head size 32, one 64-row attention tile
+    "hs32": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=311, n_positions=64, seq_len=64,
+                 batch_size=4),
+    # head size 64 (GPT-2's), T=200: four flash tiles, the last one partial
+    "hs64-t200": dict(n_layer=2, n_embd=128, n_head=2, vocab_size=311, n_positions=256,
+                      seq_len=200, batch_size=2),
+}
+BF16_CASE = BF16_CASES["hs32"]
 FP32_TOL = dict(logits=1e-5, loss=1e-5, grad=1e-4, param=1e-4)
 BF16_TOL = dict(loss=2e-2, grad=2e-2)
 
@@ -163,10 +172,12 @@ def check_fp32(case: str, attention: str | None = None) -> list[dict]:
     return rows
 
 
-def check_bf16(steps: int = 20) -> list[dict]:
-    config = BF16_CASE
+def check_bf16(steps: int = 20, case: str = "hs32", attention: str | None = None) -> list[dict]:
+    """attention None: the automatic choice (materialised attention, kept per layer)."""
+    config = BF16_CASES[case]
     params = init_params(_table(config), config["n_layer"], seed=3)
-    cpu, gpu = _models(config, params, "bf16")
+    cpu, gpu = _models(config, params, "bf16", attention)
+    tier = f"bf16/{case}/{attention or 'auto'}"
     rows = []
     try:
         x, y = tokens_for(config, seed=5)
@@ -175,7 +186,7 @@ def check_bf16(steps: int = 20) -> list[dict]:
             m.forward_backward(x, y, 1.0)
         gc, gg = cpu.grads(), gpu.grads()
         for name in gc:
-            rows.append(dict(tier="bf16", metric="grad rel L2 (vs CPU fp32)", tensor=name,
+            rows.append(dict(tier=tier, metric="grad rel L2 (vs CPU fp32)", tensor=name,
                              value=rel_l2(gg[name], gc[name]), bound=BF16_TOL["grad"]))
         lg_logits, _ = gpu.forward(x, y)  # bf16 logits come back as fp32
         assert lg_logits.dtype == np.float32 and np.all(np.isfinite(lg_logits))
@@ -191,13 +202,42 @@ def check_bf16(steps: int = 20) -> list[dict]:
             b = gpu.train_step(ids[0], ids[1])[0]
             losses.append((a, b))
             worst = max(worst, abs(b - a) / abs(a))
-        rows.append(dict(tier="bf16", metric=f"loss max rel over {steps} steps", tensor="loss",
+        rows.append(dict(tier=tier, metric=f"loss max rel over {steps} steps", tensor="loss",
                          value=worst, bound=BF16_TOL["loss"],
                          note=f"first {losses[0][0]:.4f}/{losses[0][1]:.4f}, "
                               f"last {losses[-1][0]:.4f}/{losses[-1][1]:.4f} (cpu/gpu)"))
     finally:
         cpu.close()
         gpu.close()
+    return rows
+
+
+def check_flash_vs_materialized(case: str = "hs64-t200") -> list[dict]:
+    """bf16 flash attention against the bf16 materialised attention, both on the GPU."""
+    config = BF16_CASES[case]
+    params = init_params(_table(config), config["n_layer"], seed=3)
+    x, y = tokens_for(config, seed=8)
+    out = {}
+    for mode in ("flash", "store"):
+        os.environ["TANDEM_CUDA_ATTENTION"] = mode
+        try:
+            m = engine.Model(backend="cuda", dtype="bf16", **config)
+        finally:
+            os.environ.pop("TANDEM_CUDA_ATTENTION", None)
+        with m:
+            m.set_params(params)
+            logits, loss = m.forward(x, y)
+            m.zero_grad()
+            m.forward_backward(x, y, 1.0)
+            out[mode] = (logits, loss, m.grads())
+    tier = f"bf16-flash-vs-store/{case}"
+    rows = [dict(tier=tier, metric="logits rel L2", tensor="logits",
+                 value=rel_l2(out["flash"][0], out["store"][0]), bound=2e-2),
+            dict(tier=tier, metric="loss rel", tensor="loss",
+                 value=abs(out["flash"][1] - out["store"][1]) / abs(out["store"][1]), bound=2e-2)]
+    for name, g in out["flash"][2].items():
+        rows.append(dict(tier=tier, metric="grad rel L2", tensor=name,
+                         value=rel_l2(g, out["store"][2][name]), bound=2e-2))
     return rows
 
 
@@ -270,10 +310,23 @@ def test_fp32_matches_cpu(cuda_ok, case, attention):
     assert not bad, bad
 
 
-def test_bf16_close_to_cpu_fp32(cuda_ok):
-    rows = check_bf16()
+@pytest.mark.parametrize("case,attention", [("hs32", None), ("hs32", "flash"),
+                                            ("hs64-t200", None), ("hs64-t200", "flash")])
+def test_bf16_close_to_cpu_fp32(cuda_ok, case, attention):
+    rows = check_bf16(case=case, attention=attention)
     bad = _failures(rows)
     assert not bad, bad
+
+
+def test_flash_matches_materialized_attention(cuda_ok):
+    bad = _failures(check_flash_vs_materialized())
+    assert not bad, bad
+
+
+def test_flash_needs_bf16(cuda_ok, monkeypatch):
+    monkeypatch.setenv("TANDEM_CUDA_ATTENTION", "flash")
+    with pytest.raises(EngineError, match="flash needs bf16"):
+        engine.Model(backend="cuda", dtype="fp32", **FP32_CASES["hs16"])
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -317,7 +370,18 @@ def main(argv=None) -> int:
     for case, att in [("hs16", None), ("hs24", None), ("t1", None), ("hs16", "recompute"),
                       ("hs24", "store")]:
         rows += check_fp32(case, att)
-    rows += check_bf16()
+    for case, att in [("hs32", None), ("hs32", "flash"), ("hs64-t200", None),
+                      ("hs64-t200", "flash")]:
+        try:
+            rows += check_bf16(case=case, attention=att)
+        except Exception as exc:  # noqa: BLE001 - one tier's crash must not hide the others
+            rows.append(dict(tier=f"bf16/{case}/{att}", metric="error", tensor=repr(exc)[:300],
+                             value=float("inf"), bound=0.0))
+    try:
+        rows += check_flash_vs_materialized()
+    except Exception as exc:  # noqa: BLE001
+        rows.append(dict(tier="bf16-flash-vs-store", metric="error", tensor=repr(exc)[:300],
+                         value=float("inf"), bound=0.0))
     rows += check_determinism("fp32") + check_determinism("bf16")
     if not args.no_jax:
         try:
@@ -338,11 +402,12 @@ def main(argv=None) -> int:
         b = "" if r["bound"] is None else f"{r['bound']:.0e}"
         print(f"{tier:28s} {metric:38s} {r['value']:11.3e} {b:>8s}  {r['tensor']}"
               + (f"  ({r['note']})" if r.get("note") else ""))
-    grads = [r["value"] for r in rows if r["tier"] == "bf16" and r["metric"].startswith("grad")]
-    if grads:
-        q = np.quantile(grads, [0, 0.5, 0.9, 1])
-        print(f"bf16 grad rel L2 over {len(grads)} tensors: min {q[0]:.2e} median {q[1]:.2e} "
-              f"p90 {q[2]:.2e} max {q[3]:.2e}")
+    for tier in sorted({r["tier"] for r in rows if r["tier"].startswith("bf16/")}):
+        grads = [r["value"] for r in rows if r["tier"] == tier and r["metric"].startswith("grad")]
+        if grads:
+            q = np.quantile(grads, [0, 0.5, 0.9, 1])
+            print(f"{tier} grad rel L2 over {len(grads)} tensors: min {q[0]:.2e} median "
+                  f"{q[1]:.2e} p90 {q[2]:.2e} max {q[3]:.2e}")
     bad = _failures(rows)
     print(f"{len(rows)} checks, {len(bad)} over their bound")
     for r in bad:
