@@ -19,6 +19,8 @@ option, 3 when the engine or a rank failed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import datetime as _dt
 import sys
@@ -552,10 +554,15 @@ def _select_cases(suite: SuiteConfig, names: list[str] | None, backend: str
     cases = [suite.case(n) for n in names] if names else list(suite.cases)  # ConfigError
     chosen, skipped = [], []
     for c in cases:
-        if c.backend != backend:
-            skipped.append((c.name, f"backend = {c.backend!r}, running --backend {backend}"))
-        else:
+        if c.backend == backend:
             chosen.append(c)
+        elif c.pipeline.stages > 1:
+            skipped.append((c.name, f"pipelined ({c.pipeline.stages} stages) runs on CPU ranks "
+                                    f"only, not --backend {backend}"))
+        elif c.dtype == "bf16" and backend == "cpu":
+            skipped.append((c.name, "bf16 needs a device backend"))
+        else:  # --backend moves a one-stage case to that backend (fp32 stays fp32)
+            chosen.append(dataclasses.replace(c, backend=backend))
     if not chosen:
         raise ConfigError(f"--backend {backend}: no case of suite {suite.name!r} runs on this "
                           f"backend (cases: {', '.join(f'{c.name} ({c.backend})' for c in cases)})")
