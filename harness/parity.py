@@ -551,7 +551,13 @@ def tier_summary(res: TierResult) -> dict:
 
 def _select_cases(suite: SuiteConfig, names: list[str] | None, backend: str
                   ) -> tuple[list[CaseConfig], list[tuple[str, str]]]:
-    cases = [suite.case(n) for n in names] if names else list(suite.cases)  # ConfigError
+    if names:  # a name selects that case, or every point of the sweep it names ("base/...")
+        cases = []
+        for n in names:
+            points = [c for c in suite.cases if c.name.startswith(n + "/")]
+            cases += points or [suite.case(n)]  # suite.case raises ConfigError naming the cases
+    else:
+        cases = list(suite.cases)
     chosen, skipped = [], []
     for c in cases:
         if c.backend == backend:

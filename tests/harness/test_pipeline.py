@@ -117,3 +117,28 @@ def test_hung_job_is_killed_at_the_timeout(setup, tmp_path):
     with pytest.raises(RankFailure, match=r"did not finish in 1 s"):
         pipeline.run_pipeline(case, weights, x, y, tmp_path / "run", timeout=1)
     assert time.monotonic() - t0 < 15
+
+
+def test_schedule_invariance_sweep(tmp_path):
+    """The full suite's sweep — GPipe, 1F1B, ZB-H1 x P in {1,2,3,4} x M in {1,2,4,8}, and
+    interleaved where it fits — reproduces the one-stage engine at the fp32 gates (~75 s)."""
+    import json
+
+    from harness.cli import main
+
+    out = tmp_path / "invariance"
+    rc = main(["parity", "--suite", "full", "--case", "invariance",
+               "--case", "invariance-interleaved", "--case", "invariance-interleaved-l8",
+               "--tier", "schedule", "--out", str(out), "-q"])
+    summary = json.loads((out / "parity_summary.json").read_text())
+    assert rc == 0, summary
+    import pandas as pd
+
+    rows = pd.read_parquet(out / "parity.parquet")
+    cases = set(rows.case)
+    for schedule in ("gpipe", "1f1b", "zb-h1"):
+        for p in (2, 3, 4):
+            for m in (1, 2, 4, 8):
+                assert f"invariance/schedule={schedule},stages={p},microbatches={m}" in cases
+    assert any(c.startswith("invariance-interleaved-l8/stages=4") for c in cases)
+    assert (rows.share <= 1).all() and rows.passed.all()
