@@ -1,15 +1,19 @@
 /* gemm.c — the GEMM every linear layer and the LM head go through.
  *
  * td_gemm computes C (+)= op(A) @ op(B) with a packed, cache-blocked algorithm (the BLIS loop
- * nest): K is cut into KC-deep slices walked in order, op(B) is packed into KC x NR micro-panels
- * and op(A) into MR x KC micro-panels, and a register-blocked micro-kernel (AVX-512 12x32, AVX2
- * 6x16, or portable C) accumulates one MR x NR tile of C. Every element of C is summed over k in
- * the same order whatever the thread count, so results are bit-identical run to run and across
- * OpenMP thread counts. The float64 build and tiny problems use td_gemm_reference (kernels.c),
+ * nest): each thread owns a rectangle of C, cuts K into KC-deep slices walked in order, packs
+ * its op(B) block into KC x NR micro-panels and op(A) into MR x KC micro-panels, and a
+ * register-blocked micro-kernel (AVX-512 12x32, AVX2 6x16, or portable C) accumulates one
+ * MR x NR tile. Threads share nothing, so a call has one fork/join and no barrier (barriers are
+ * what collapse on a shared machine). Every element of C is summed over k in the same order
+ * whatever the thread count: results are bit-identical run to run and across thread counts. The float64 build and tiny problems use td_gemm_reference (kernels.c),
  * which the C and Python tests hold this kernel to.
  */
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kernels.h"
 
@@ -131,18 +135,23 @@ const char *td_gemm_kernel_name(void) { return pick_kernel().name; }
 static void pack_A(float *Ap, const float *A, int M, int K, int transA, int i0, int m, int p0,
                    int kc, int MR) {
     int panels = (m + MR - 1) / MR;
-#pragma omp for schedule(static)
     for (int p = 0; p < panels; p++) {
         float *dst = Ap + (size_t)p * kc * MR;
-        for (int ii = 0; ii < MR; ii++) {
-            int i = i0 + p * MR + ii;
-            if (p * MR + ii >= m) {
-                for (int k = 0; k < kc; k++) dst[k * MR + ii] = 0.0f;
-            } else if (!transA) {
-                const float *src = A + (size_t)i * K + p0;
+        const int rows = m - p * MR < MR ? m - p * MR : MR;
+        if (transA) { /* A stored K x M: a panel's rows are contiguous for each k */
+            for (int k = 0; k < kc; k++) {
+                const float *src = A + (size_t)(p0 + k) * M + i0 + p * MR;
+                for (int ii = 0; ii < rows; ii++) dst[k * MR + ii] = src[ii];
+                for (int ii = rows; ii < MR; ii++) dst[k * MR + ii] = 0.0f;
+            }
+        } else {
+            for (int ii = 0; ii < MR; ii++) {
+                if (ii >= rows) {
+                    for (int k = 0; k < kc; k++) dst[k * MR + ii] = 0.0f;
+                    continue;
+                }
+                const float *src = A + (size_t)(i0 + p * MR + ii) * K + p0;
                 for (int k = 0; k < kc; k++) dst[k * MR + ii] = src[k];
-            } else {
-                for (int k = 0; k < kc; k++) dst[k * MR + ii] = A[(size_t)(p0 + k) * M + i];
             }
         }
     }
@@ -152,7 +161,6 @@ static void pack_A(float *Ap, const float *A, int M, int K, int transA, int i0, 
 static void pack_B(float *Bp, const float *B, int N, int K, int transB, int j0, int n, int p0,
                    int kc, int NR) {
     int panels = (n + NR - 1) / NR;
-#pragma omp for schedule(static)
     for (int p = 0; p < panels; p++) {
         float *dst = Bp + (size_t)p * kc * NR;
         int jn = n - p * NR < NR ? n - p * NR : NR;
@@ -175,7 +183,8 @@ static void pack_B(float *Bp, const float *B, int N, int K, int transB, int j0, 
     }
 }
 
-/* Per calling thread, grown on demand and kept: no allocation in a steady-state step. */
+/* Per thread (OpenMP keeps its pool threads, so these persist): grown on demand and kept, so a
+ * steady-state step allocates nothing. */
 static _Thread_local float *tl_Ap, *tl_Bp;
 static _Thread_local size_t tl_Ap_cap, tl_Bp_cap;
 
@@ -186,6 +195,54 @@ static float *grow(float **buf, size_t *cap, size_t n) {
         *cap = *buf ? n : 0;
     }
     return *buf;
+}
+
+#define MC 192
+
+/* One thread's rectangle of C: rows [m0, m1), columns [n0, n1) (panel-aligned). It packs its
+ * own blocks of op(A) and op(B), so threads share nothing and never wait for each other. */
+static int gemm_block(const kernel_desc *kd, float *C, const float *A, const float *B, int M,
+                      int N, int K, int transA, int transB, int accumulate, int m0, int m1,
+                      int n0, int n1) {
+    const int MR = kd->mr, NR = kd->nr;
+    float *Ap = grow(&tl_Ap, &tl_Ap_cap, (size_t)MC * KC);
+    float *Bp = grow(&tl_Bp, &tl_Bp_cap, (size_t)NC * KC);
+    if (!Ap || !Bp) return 0;
+    float tile[MR_MAX * NR_MAX];
+    for (int j0 = n0; j0 < n1; j0 += NC) {
+        const int n = n1 - j0 < NC ? n1 - j0 : NC;
+        const int npanels = (n + NR - 1) / NR;
+        for (int p0 = 0; p0 < K; p0 += KC) {
+            const int kc = K - p0 < KC ? K - p0 : KC;
+            const int overwrite = p0 == 0 && !accumulate;
+            pack_B(Bp, B, N, K, transB, j0, n, p0, kc, NR);
+            for (int i0 = m0; i0 < m1; i0 += MC) {
+                const int m = m1 - i0 < MC ? m1 - i0 : MC;
+                const int mpanels = (m + MR - 1) / MR;
+                pack_A(Ap, A, M, K, transA, i0, m, p0, kc, MR);
+                for (int jp = 0; jp < npanels; jp++) {
+                    const int j = j0 + jp * NR, nn = N - j < NR ? N - j : NR;
+                    const float *b = Bp + (size_t)jp * kc * NR;
+                    for (int ip = 0; ip < mpanels; ip++) {
+                        const int i = i0 + ip * MR, mm = M - i < MR ? M - i : MR;
+                        const float *a = Ap + (size_t)ip * kc * MR;
+                        float *c = C + (size_t)i * N + j;
+                        if (mm == MR && nn == NR) {
+                            kd->fn(kc, a, b, c, N, overwrite);
+                        } else { /* edge tile: compute in full, write back the valid part */
+                            kd->fn(kc, a, b, tile, NR, 1);
+                            for (int ii = 0; ii < mm; ii++)
+                                for (int jj = 0; jj < nn; jj++) {
+                                    float *dst = c + (size_t)ii * N + jj;
+                                    *dst = overwrite ? tile[ii * NR + jj] : *dst + tile[ii * NR + jj];
+                                }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    return 1;
 }
 
 void td_gemm(float *C, const float *A, const float *B, int M, int N, int K, int transA,
@@ -202,55 +259,38 @@ void td_gemm(float *C, const float *A, const float *B, int M, int N, int K, int 
         kd = pick_kernel();
         kd_ready = 1;
     }
-    const int MR = kd.mr, NR = kd.nr;
     /* small problems: packing costs more than it saves */
     if ((double)M * N * K < 4096.0 * 16) {
         td_gemm_reference(C, A, B, M, N, K, transA, transB, accumulate);
         return;
     }
-    const int Mp = (M + MR - 1) / MR * MR;
-    const int nc_max = N < NC ? (N + NR - 1) / NR * NR : NC;
-    float *Ap = grow(&tl_Ap, &tl_Ap_cap, (size_t)Mp * KC);
-    float *Bp = grow(&tl_Bp, &tl_Bp_cap, (size_t)nc_max * KC);
-    if (!Ap || !Bp) { /* out of memory for packing: the reference needs none */
-        td_gemm_reference(C, A, B, M, N, K, transA, transB, accumulate);
-        return;
-    }
-    const int mpanels = Mp / MR;
-#pragma omp parallel
+    const int MR = kd.mr, NR = kd.nr;
+    const int mpanels = (M + MR - 1) / MR, npanels = (N + NR - 1) / NR;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
     {
-        float tile[MR_MAX * NR_MAX];
-        for (int p0 = 0; p0 < K; p0 += KC) {
-            const int kc = K - p0 < KC ? K - p0 : KC;
-            const int overwrite = p0 == 0 && !accumulate;
-            pack_A(Ap, A, M, K, transA, 0, M, p0, kc, MR); /* ends with a barrier */
-            for (int j0 = 0; j0 < N; j0 += NC) {
-                const int n = N - j0 < NC ? N - j0 : NC;
-                const int npanels = (n + NR - 1) / NR;
-                pack_B(Bp, B, N, K, transB, j0, n, p0, kc, NR);
-#pragma omp for collapse(2) schedule(static)
-                for (int jp = 0; jp < npanels; jp++) {
-                    for (int ip = 0; ip < mpanels; ip++) {
-                        const int i = ip * MR, j = j0 + jp * NR;
-                        const float *a = Ap + (size_t)ip * kc * MR;
-                        const float *b = Bp + (size_t)jp * kc * NR;
-                        const int mm = M - i < MR ? M - i : MR, nn = N - j < NR ? N - j : NR;
-                        float *c = C + (size_t)i * N + j;
-                        if (mm == MR && nn == NR) {
-                            kd.fn(kc, a, b, c, N, overwrite);
-                        } else { /* edge tile: compute in full, write back the valid part */
-                            kd.fn(kc, a, b, tile, NR, 1);
-                            for (int ii = 0; ii < mm; ii++)
-                                for (int jj = 0; jj < nn; jj++) {
-                                    float *dst = c + (size_t)ii * N + jj;
-                                    *dst = overwrite ? tile[ii * NR + jj] : *dst + tile[ii * NR + jj];
-                                }
-                        }
-                    }
-                }
-            }
+        int nt = 1, t = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        t = omp_get_thread_num();
+#endif
+        /* Split C along N when op(A) is the smaller operand (each thread re-packs all of it),
+         * else along M; panel-aligned contiguous ranges, the same every call. */
+        int m0 = 0, m1 = M, n0 = 0, n1 = N;
+        if ((M <= N && npanels >= nt) || mpanels < nt) {
+            n0 = (int)((int64_t)npanels * t / nt) * NR;
+            n1 = (int)((int64_t)npanels * (t + 1) / nt) * NR;
+            if (n1 > N) n1 = N;
+        } else {
+            m0 = (int)((int64_t)mpanels * t / nt) * MR;
+            m1 = (int)((int64_t)mpanels * (t + 1) / nt) * MR;
+            if (m1 > M) m1 = M;
         }
+        if (m0 < m1 && n0 < n1)
+            failed = !gemm_block(&kd, C, A, B, M, N, K, transA, transB, accumulate, m0, m1, n0, n1);
     }
+    if (failed) /* out of memory for packing buffers: the reference needs none */
+        td_gemm_reference(C, A, B, M, N, K, transA, transB, accumulate);
 }
 
 #endif /* TD_FLOAT64 */
