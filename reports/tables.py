@@ -75,21 +75,44 @@ ENV_FIELDS = [("machine", "machine"), ("cpu", "CPU"), ("gpu", "GPU"), ("versions
               ("timestamp", "timestamp")]
 
 
+# run.json keys whose values are method descriptions or per-case notes: long prose that belongs
+# in run.json itself, not in a table row (the table links the file instead)
+ENV_SKIP = {"bench", "cases", "tolerances", "env_vars", "argv"}
+ENV_MAX_CHARS = 160
+
+
+def _env_view(run: dict) -> dict:
+    """The table's view of one run.json: top-level scalars plus the scalars of a nested "env"
+    (bench nests the machine description there, parity keeps it flat)."""
+    view = {k: v for k, v in run.items() if k not in ENV_SKIP}
+    nested = view.pop("env", None)
+    if isinstance(nested, dict):
+        for k, v in nested.items():
+            view.setdefault(k, v)
+    return view
+
+
 def environment(res: Results) -> Table:
     """One column per results directory: run.json fields, the peaks MFU rows divided by (with
-    their source) and the FLOPs-per-token formula."""
+    their source) and the FLOPs-per-token formula. Long or nested values (method notes, per-case
+    notes) stay in run.json, which the report links."""
     sources = res.sources
+    views = {s: _env_view(res.runs[s]) for s in sources}
     rows: list[list[str]] = []
     known = {k for k, _ in ENV_FIELDS}
     for key, name in ENV_FIELDS:
-        vals = [_flat(res.runs[s].get(key)) if res.runs[s].get(key) not in (None, "", {}) else DASH
+        vals = [_flat(views[s].get(key)) if views[s].get(key) not in (None, "", {}) else DASH
                 for s in sources]
         if any(v != DASH for v in vals):
             rows.append([name] + vals)
-    extra = sorted({k for s in sources for k in res.runs[s] if k not in known})
+    extra = sorted({k for s in sources for k, v in views[s].items()
+                    if k not in known and not isinstance(v, (dict, list, tuple))
+                    and len(str(v)) <= ENV_MAX_CHARS and v not in (None, "")})
     for key in extra:
-        rows.append([key] + [_flat(res.runs[s][key]) if key in res.runs[s] else DASH
+        rows.append([key] + [_flat(views[s][key]) if views[s].get(key) not in (None, "") else DASH
                              for s in sources])
+    rows.append(["run.json (everything)"] + [f"{s}/run.json" if res.runs[s] else DASH
+                                             for s in sources])
     rows.append(["peak used for MFU (records)"] +
                 [peaks_used(res.records[res.records["source"] == s]) if len(res.records) else DASH
                  for s in sources])
