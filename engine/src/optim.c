@@ -11,26 +11,27 @@
  * when the stage does not also hold the embedding: its gradient equals the first stage's after
  * the tied-gradient sum, and the global norm counts each parameter once. */
 double td_grad_sq_sum_local(const td_model *m) {
-    /* Fixed chunks summed in a fixed order: the same bits whatever the thread count. */
+    /* Fixed chunks of the flat gradient buffer, summed in a fixed order: the same bits whatever
+     * the thread count, one parallel region. The head-only stage's wte (the last tensor of its
+     * table) is left out. */
     enum { CHUNK = 1 << 16 };
+    size_t n = m->total;
+    if (!m->has_embed && m->nparams > 0 && strcmp(m->params[m->nparams - 1].name, "wte.weight") == 0)
+        n = m->params[m->nparams - 1].offset;
+    const int64_t nchunks = ((int64_t)n + CHUNK - 1) / CHUNK;
     double sum = 0.0;
-    for (int32_t i = 0; i < m->nparams; i++) {
-        const td_param *p = &m->params[i];
-        if (!m->has_embed && strcmp(p->name, "wte.weight") == 0) continue;
-        const td_real *g = m->grad_mem + p->offset;
-        const int64_t nchunks = (p->numel + CHUNK - 1) / CHUNK;
-        double partial[64];
-        for (int64_t c0 = 0; c0 < nchunks; c0 += 64) {
-            const int64_t cn = nchunks - c0 < 64 ? nchunks - c0 : 64;
+    double partial[256];
+    for (int64_t c0 = 0; c0 < nchunks; c0 += 256) {
+        const int64_t cn = nchunks - c0 < 256 ? nchunks - c0 : 256;
 #pragma omp parallel for schedule(static)
-            for (int64_t c = 0; c < cn; c++) {
-                const int64_t lo = (c0 + c) * CHUNK, hi = lo + CHUNK < p->numel ? lo + CHUNK : p->numel;
-                double s = 0.0;
-                for (int64_t j = lo; j < hi; j++) s += (double)g[j] * g[j];
-                partial[c] = s;
-            }
-            for (int64_t c = 0; c < cn; c++) sum += partial[c];
+        for (int64_t c = 0; c < cn; c++) {
+            const int64_t lo = (c0 + c) * CHUNK, hi = lo + CHUNK < (int64_t)n ? lo + CHUNK : (int64_t)n;
+            const td_real *g = m->grad_mem;
+            double s = 0.0;
+            for (int64_t j = lo; j < hi; j++) s += (double)g[j] * g[j];
+            partial[c] = s;
         }
+        for (int64_t c = 0; c < cn; c++) sum += partial[c];
     }
     return sum;
 }
@@ -44,12 +45,15 @@ void td_adamw(td_model *m, double grad_norm) {
     const td_real lr = (td_real)m->lr, eps = (td_real)m->eps;
     td_real clip_scale = 1;
     if (m->grad_clip > 0 && grad_norm > m->grad_clip) clip_scale = (td_real)(m->grad_clip / grad_norm);
+    /* One parallel region for every tensor (no barrier between tensors: elements are
+     * independent), so the optimizer costs one fork/join, not one per tensor. */
+#pragma omp parallel
     for (int32_t i = 0; i < m->nparams; i++) {
         const td_param *p = &m->params[i];
         const td_real wd = p->decayed ? (td_real)m->weight_decay : 0;
         td_real *theta = m->param_mem + p->offset, *g = m->grad_mem + p->offset;
         td_real *mm = m->m_mem + p->offset, *vv = m->v_mem + p->offset;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t j = 0; j < p->numel; j++) {
             td_real gj = clip_scale == 1 ? g[j] : g[j] * clip_scale;
             mm[j] = b1 * mm[j] + (1 - b1) * gj;
