@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from harness import flops as fl
+from harness.bench_jax import _vm_kib, rss_high_water_bytes
 from harness.config import (CaseConfig, SuiteConfig, case_axes, case_id, case_slug, load_suite,
                             microbatch_size)
 from harness.errors import ConfigError, DataError, EngineError, TandemError
@@ -96,16 +97,6 @@ def summarize(values) -> tuple[float, float, float]:
     return float(np.median(a)), float(np.percentile(a, 25)), float(np.percentile(a, 75))
 
 
-def _vm_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _reset_rss_high_water() -> bool:
     """Reset this process's VmHWM to its current RSS (Linux >= 4.0: write 5 to clear_refs)."""
     try:
@@ -114,15 +105,6 @@ def _reset_rss_high_water() -> bool:
         return True
     except OSError:
         return False
-
-
-def _rss_high_water() -> tuple[int, str]:
-    kib = _vm_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024, "VmHWM of the bench process"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss (lifetime)"
 
 
 def _gpu_process_bytes(pid: int) -> int:
@@ -301,7 +283,7 @@ class InProcessEngine:
         if self.cuda:
             return _gpu_process_bytes(os.getpid()), "device memory held by the bench process " \
                 "(nvidia-smi used_memory)"
-        mem, src = _rss_high_water()
+        mem, src = rss_high_water_bytes()
         return mem, src + (" since the case started" if self.reset_ok else
                            " (lifetime: could not be reset)")
 
