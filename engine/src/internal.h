@@ -180,5 +180,9 @@ td_status td_load_safetensors(td_model *m, const char *path);
 td_status td_save_safetensors(td_model *m, const char *path, int grads);
 
 void td_set_threads(const td_model *m);
+/* Around every compute entry point: threads, and denormals flushed (returns the caller's FP
+ * state, which td_fp_leave restores). */
+unsigned td_fp_enter(const td_model *m);
+void td_fp_leave(unsigned saved);
 
 #endif /* TD_INTERNAL_H */
