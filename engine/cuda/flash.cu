@@ -1,25 +1,32 @@
-/* flash.cu — causal attention without the (T, T) matrix in memory, bf16 mode (FlashAttention-2
- * style, on the tensor cores through WMMA 16x16x16 bf16 fragments with fp32 accumulation).
+/* flash.cu — causal attention without the (T, T) matrix in memory, bf16 mode.
  *
- * Inputs are the permuted heads q, k, v (B*NH, T, HS) (kernels.cu's qkv_permute). Forward: one
- * block of 4 warps per (head, 64 queries); each warp owns 16 query rows, walks the key tiles up to
- * the diagonal with an online softmax (fp32 statistics) and keeps its output rows in shared memory;
- * it writes O (bf16) and the log-sum-exp of each row (fp32). Backward, deterministic (no atomics):
- * one kernel per (head, 64 keys) accumulates dK and dV over the query tiles at or below the
- * diagonal; another per (head, 64 queries) accumulates dQ over the key tiles; both recompute the
- * probabilities from the stored log-sum-exp, with D = rowsum(dO * O) precomputed.
+ * Inputs are the permuted heads q, k, v (B*NH, T, HS) (kernels.cu's qkv_permute); outputs O
+ * (B*NH, T, HS) bf16 and the log-sum-exp of every row (fp32, natural log); the backward takes
+ * dO and D = rowsum(dO * O) (td_k_attn_rowdot) and writes dq, dk, dv. Deterministic (no atomics).
+ *
+ * Two implementations:
+ *  - fa2:: (below the first one), FlashAttention-2 on mma.sync m16n8k16 with register-resident
+ *    online softmax, cp.async double buffering and causal tile skipping: what td_k_flash_* run
+ *    for head sizes 16..64 (td_flash_fa2; every GPT-2 size has 64), and backend.cu's default
+ *    attention in bf16 mode for those sizes. H100, B*NH = 192, T = 1024, HS = 64 (GPT-2 124M,
+ *    one layer): forward 0.137 ms (188 TFLOP/s), backward 0.399 ms, against 1.004 / 1.855 ms for
+ *    v1 (flash_bench.cu; docs/cuda.md).
+ *  - v1, the first version on WMMA 16x16x16 fragments, its softmax walking rows through shared
+ *    memory (measured slower than the materialised cuBLASLt attention on an H100, docs/cuda.md):
+ *    kept for head sizes 80..128 and as the reference the benchmark (flash_bench.cu) compares
+ *    against (td_k_flash_forward_v1 / td_k_flash_backward_v1, flash.cuh).
  * Head sizes: multiples of 16 up to 128 (td_flash_supported); fp32 mode uses the materialised
  * attention of backend.cu, so that fp32 stays exact to the CPU engine's tolerances.
- * Status: correct (tests/engine/test_cuda.py, bf16 tiers) but SLOWER than the materialised
- * attention on an H100 (GPT-2 124M: 46.7 ms against 38.5 ms a step, docs/cuda.md), so it is
- * opt-in (TANDEM_CUDA_ATTENTION=flash). Where the time goes: the online softmax walks the 16
- * rows of a warp one at a time through shared memory, S and P make a round trip through shared
- * memory, and 4 warps per block leave the tensor cores idle; a register-resident softmax on
- * mma.sync / wgmma fragments (FlashAttention-2/3) is the way forward.
+ *
+ * v1: one block of 4 warps per (head, 64 queries); each warp owns 16 query rows, walks the key
+ * tiles up to the diagonal with an online softmax (fp32 statistics) and keeps its output rows in
+ * shared memory. Backward: one kernel per (head, 64 keys) accumulates dK and dV over the query
+ * tiles at or below the diagonal; another per (head, 64 queries) accumulates dQ over the key
+ * tiles; both recompute the probabilities from the stored log-sum-exp.
  */
 #include <mma.h>
 
-#include "common.cuh"
+#include "flash.cuh"
 
 using namespace nvcuda;
 
@@ -126,6 +133,7 @@ __global__ void __launch_bounds__(128) flash_forward_kernel(bf16 *O, float *lse,
             const float sum = fa_warp_sum(p0 + p1);
             P_w[r * LDP + c0] = __float2bfloat16_rn(p0);
             P_w[r * LDP + c1] = __float2bfloat16_rn(p1);
+            __syncwarp(); /* every lane has read sM[r] before lane 0 rewrites it (racecheck) */
             if (lane == 0) {
                 const float alpha = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
                 sM[warp * 16 + r] = m_new;
@@ -382,6 +390,7 @@ __global__ void __launch_bounds__(128) flash_backward_q_kernel(bf16 *dQ, const b
     }
 }
 
+
 /* D[b, h, t] = sum over the head's columns of dout * out, both (B, T, C) */
 __global__ void attn_rowdot_kernel(float *D, const bf16 *dout, const bf16 *out, int B, int T, int NH,
                                    int HS) {
@@ -398,13 +407,424 @@ __global__ void attn_rowdot_kernel(float *D, const bf16 *dout, const bf16 *out, 
     if (lane == 0) D[((long long)b * NH + h) * T + t] = s;
 }
 
+
+/* ==== FlashAttention-2 on mma.sync (the path td_k_flash_* take for head sizes up to 64) ========
+ *
+ * Tensor-core tiles: mma.sync.aligned.m16n8k16 bf16 x bf16 -> fp32 through inline PTX; operands
+ * come from shared memory by ldmatrix (.trans for the operand whose reduction index runs down the
+ * rows: V in P V, dO / Q in the dV / dK products, K in dS K). Shared rows are padded by 8 elements
+ * (16 bytes), so the 8 row addresses of an ldmatrix phase fall in 8 different bank groups.
+ * Blocks of 4 warps, 64 rows; each warp owns 16 rows (one m16 tile) across the whole head size.
+ * Key / query tiles of 64 stream through shared memory by cp.async, two stages (the next tile is
+ * in flight while the current one is multiplied). Causal: only tiles at or below the diagonal are
+ * visited, and only the diagonal tile (and the tile crossing T) is masked.
+ * Register fragment layouts (PTX ISA, m16n8k16): with g = lane / 4 and t = lane % 4, an
+ * accumulator holds rows g and g + 8, columns 2t and 2t + 1 of its 16 x 8 tile; the A operand of
+ * the next product is the accumulator of two neighbouring 8-column tiles, packed to bf16 pairs
+ * (the FA2 register reuse: P and dS never touch shared memory).
+ * Forward: per block 64 queries; online softmax in fp32 registers (max and sum per row, the 4
+ * threads of a quad combined by shuffles), exp2 with the scale folded in; writes O and the
+ * natural-log log-sum-exp per row. Backward (deterministic, no atomics): fa2_bwd_kv per 64 keys
+ * walks the query tiles at and after the diagonal (S^T = K Q^T, dP^T = V dO^T, P^T, dS^T in
+ * registers, dV += P^T dO, dK += dS^T Q); fa2_bwd_q per 64 queries walks the key tiles up to the
+ * diagonal (S, dP again, dQ += dS K). The recomputation of S and dP in the second kernel costs
+ * 2 of the 7 products (FA2 with fp32 atomics on dQ needs 5) and keeps reruns bit-identical.
+ */
+namespace fa2 {
+
+constexpr float LOG2E = 1.4426950408889634f;
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+/* 16 bytes global -> shared, zero-filled when !ok (src must still be a valid address) */
+__device__ __forceinline__ void cp16(void *dst, const void *src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp4(void *dst, const void *src, bool ok) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(ok ? 4 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const bf16 *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const bf16 *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+/* c += a b, a 16x16 (row), b 16x8 (col), fp32 accumulators */
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi); /* .x (lo) in the low half */
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+/* rows [r0, r0 + 64) of a (T, HS) head into shared memory (row stride HS + 8), zeros past T */
+template <int HS>
+__device__ __forceinline__ void tile_async(bf16 *s, const bf16 *g, int r0, int T) {
+    constexpr int LD = HS + 8, V8 = HS / 8, N = 64 * V8;
+#pragma unroll
+    for (int it = 0; it < (N + 127) / 128; it++) {
+        const int i = threadIdx.x + it * 128;
+        if (N % 128 == 0 || i < N) {
+            const int r = i / V8, c = (i % V8) * 8;
+            const bool ok = r0 + r < T;
+            cp16(s + r * LD + c, g + (long long)(ok ? r0 + r : 0) * HS + c, ok);
+        }
+    }
+}
+
+/* A operand (16 rows x HS) of one warp from shared rows [row0, row0 + 16) */
+template <int HS>
+__device__ __forceinline__ void load_a(uint32_t (&f)[HS / 16][4], const bf16 *s, int lane) {
+    constexpr int LD = HS + 8;
+#pragma unroll
+    for (int kc = 0; kc < HS / 16; kc++) ldsm4(f[kc], s + (lane & 15) * LD + kc * 16 + (lane >> 4) * 8);
+}
+
+/* acc[j] (16 x 8, j < 8: 64 columns) += A (16 x HS, registers) * B^T where B is 64 shared rows of
+ * HS (K, Q, dO or V as stored, row-major): the products Q K^T, dO V^T, K Q^T, V dO^T */
+template <int HS>
+__device__ __forceinline__ void mma_abt(float (&acc)[8][4], const uint32_t (&a)[HS / 16][4],
+                                        const bf16 *sb, int lane) {
+    constexpr int LD = HS + 8;
+#pragma unroll
+    for (int kc = 0; kc < HS / 16; kc++) {
+#pragma unroll
+        for (int np = 0; np < 4; np++) {
+            uint32_t b[4];
+            ldsm4(b, sb + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kc * 16 + ((lane >> 3) & 1) * 8);
+            mma(acc[2 * np], a[kc], b[0], b[1]);
+            mma(acc[2 * np + 1], a[kc], b[2], b[3]);
+        }
+    }
+}
+
+/* out[d] (16 x HS as HS/8 tiles) += P (16 x 64, accumulator layout in p) * B where B is 64 shared
+ * rows of HS (V, dO, Q or K as stored): the products P V, P^T dO, dS^T Q, dS K */
+template <int HS>
+__device__ __forceinline__ void mma_pb(float (&out)[HS / 8][4], const float (&p)[8][4],
+                                       const bf16 *sb, int lane) {
+    constexpr int LD = HS + 8;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        const uint32_t a[4] = {pack(p[2 * kk][0], p[2 * kk][1]), pack(p[2 * kk][2], p[2 * kk][3]),
+                               pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                               pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < HS / 16; dp++) {
+            uint32_t b[4];
+            ldsm4t(b, sb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
+            mma(out[2 * dp], a, b[0], b[1]);
+            mma(out[2 * dp + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+/* rows r (g) and r + 8 of a warp's 16 x HS accumulator to bf16 global rows (those < T) */
+template <int HS>
+__device__ __forceinline__ void store_rows(bf16 *dst, const float (&acc)[HS / 8][4], int row0, int T,
+                                           int t, float s0, float s1) {
+#pragma unroll
+    for (int d = 0; d < HS / 8; d++) {
+        if (row0 < T)
+            *reinterpret_cast<uint32_t *>(dst + (long long)row0 * HS + d * 8 + 2 * t) =
+                pack(acc[d][0] * s0, acc[d][1] * s0);
+        if (row0 + 8 < T)
+            *reinterpret_cast<uint32_t *>(dst + (long long)(row0 + 8) * HS + d * 8 + 2 * t) =
+                pack(acc[d][2] * s1, acc[d][3] * s1);
+    }
+}
+
+template <int HS>
+constexpr size_t fwd_smem() { return (size_t)5 * 64 * (HS + 8) * sizeof(bf16); }
+
+template <int HS>
+__global__ void __launch_bounds__(128) fwd_kernel(bf16 *O, float *lse, const bf16 *Q, const bf16 *K,
+                                                  const bf16 *V, int T, float scale, float scale_log2) {
+    constexpr int LD = HS + 8, TILE = 64 * LD;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16 *sQ = (bf16 *)smem, *sK = sQ + TILE, *sV = sK + 2 * TILE; /* sK, sV: two stages each */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int qt = (int)gridDim.x - 1 - (int)blockIdx.x; /* the longest rows first */
+    const int q0 = qt * 64;
+    const long long head = (long long)blockIdx.y * T * HS;
+    const bf16 *Kh = K + head, *Vh = V + head;
+    tile_async<HS>(sQ, Q + head, q0, T);
+    tile_async<HS>(sK, Kh, 0, T);
+    tile_async<HS>(sV, Vh, 0, T);
+    cp_commit();
+
+    uint32_t qf[HS / 16][4];
+    float o[HS / 8][4];
+#pragma unroll
+    for (int d = 0; d < HS / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f; /* rows g, g + 8 (raw score units) */
+    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    const int nkt = qt + 1; /* key tiles 0..qt; tile qt is the diagonal */
+    for (int kt = 0; kt < nkt; kt++) {
+        const int buf = kt & 1;
+        if (kt + 1 < nkt) {
+            tile_async<HS>(sK + (buf ^ 1) * TILE, Kh, (kt + 1) * 64, T);
+            tile_async<HS>(sV + (buf ^ 1) * TILE, Vh, (kt + 1) * 64, T);
+            cp_commit();
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        if (kt == 0) load_a<HS>(qf, sQ + warp * 16 * LD, lane);
+        float s[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        mma_abt<HS>(s, qf, sK + buf * TILE, lane);
+        if (kt == nkt - 1) { /* diagonal: key > query -> -inf (keys >= T are > every query < T) */
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int key = kt * 64 + j * 8 + 2 * t;
+                if (key > row0) s[j][0] = -INFINITY;
+                if (key + 1 > row0) s[j][1] = -INFINITY;
+                if (key > row1) s[j][2] = -INFINITY;
+                if (key + 1 > row1) s[j][3] = -INFINITY;
+            }
+        }
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        /* a row always has key 0 unmasked, so mx is finite; guard anyway */
+        const float ms0 = mx0 == -INFINITY ? 0.f : mx0 * scale_log2;
+        const float ms1 = mx1 == -INFINITY ? 0.f : mx1 * scale_log2;
+        const float a0 = exp2f(m0 * scale_log2 - ms0), a1 = exp2f(m1 * scale_log2 - ms1); /* 0 at first */
+        m0 = mx0;
+        m1 = mx1;
+        float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            s[j][0] = exp2f(fmaf(s[j][0], scale_log2, -ms0));
+            s[j][1] = exp2f(fmaf(s[j][1], scale_log2, -ms0));
+            s[j][2] = exp2f(fmaf(s[j][2], scale_log2, -ms1));
+            s[j][3] = exp2f(fmaf(s[j][3], scale_log2, -ms1));
+            rs0 += s[j][0] + s[j][1];
+            rs1 += s[j][2] + s[j][3];
+        }
+        l0 = l0 * a0 + rs0; /* per-thread partial sums; the quad is combined at the end */
+        l1 = l1 * a1 + rs1;
+#pragma unroll
+        for (int d = 0; d < HS / 8; d++) {
+            o[d][0] *= a0;
+            o[d][1] *= a0;
+            o[d][2] *= a1;
+            o[d][3] *= a1;
+        }
+        mma_pb<HS>(o, s, sV + buf * TILE, lane);
+        __syncthreads(); /* every warp is done with this stage before it is refilled */
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    store_rows<HS>(O + head, o, row0, T, t, 1.f / l0, 1.f / l1);
+    if (t == 0) {
+        const long long hr = (long long)blockIdx.y * T;
+        if (row0 < T) lse[hr + row0] = m0 * scale + logf(l0);
+        if (row1 < T) lse[hr + row1] = m1 * scale + logf(l1);
+    }
+}
+
+template <int HS>
+constexpr size_t bwd_kv_smem() { return (size_t)6 * 64 * (HS + 8) * sizeof(bf16) + 4 * 64 * sizeof(float); }
+
+/* dK, dV of 64 keys: query tiles from the diagonal to the end */
+template <int HS>
+__global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const bf16 *Q, const bf16 *K,
+                                                     const bf16 *V, const bf16 *dO, const float *lse,
+                                                     const float *Dsum, int T, float scale,
+                                                     float scale_log2) {
+    constexpr int LD = HS + 8, TILE = 64 * LD;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16 *sK = (bf16 *)smem, *sV = sK + TILE, *sQ = sV + TILE, *sdO = sQ + 2 * TILE;
+    float *sL = (float *)(sdO + 2 * TILE), *sD = sL + 2 * 64; /* two stages of 64 each */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int kt = blockIdx.x, k0 = kt * 64; /* the longest columns (smallest keys) first */
+    const long long head = (long long)blockIdx.y * T * HS, hr = (long long)blockIdx.y * T;
+    const bf16 *Qh = Q + head, *dOh = dO + head;
+    const int nqt = (T + 63) / 64;
+    auto load_q = [&](int qt, int buf) {
+        tile_async<HS>(sQ + buf * TILE, Qh, qt * 64, T);
+        tile_async<HS>(sdO + buf * TILE, dOh, qt * 64, T);
+        const int i = threadIdx.x & 63, q = qt * 64 + i;
+        const bool ok = q < T;
+        if (threadIdx.x < 64) cp4(sL + buf * 64 + i, lse + hr + (ok ? q : 0), ok);
+        else cp4(sD + buf * 64 + i, Dsum + hr + (ok ? q : 0), ok);
+    };
+    tile_async<HS>(sK, K + head, k0, T);
+    tile_async<HS>(sV, V + head, k0, T);
+    load_q(kt, 0);
+    cp_commit();
+
+    uint32_t kf[HS / 16][4], vf[HS / 16][4];
+    float dk[HS / 8][4], dv[HS / 8][4];
+#pragma unroll
+    for (int d = 0; d < HS / 8; d++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[d][e] = dv[d][e] = 0.f;
+    const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;
+    for (int qt = kt; qt < nqt; qt++) {
+        const int buf = (qt - kt) & 1;
+        if (qt + 1 < nqt) {
+            load_q(qt + 1, buf ^ 1);
+            cp_commit();
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        if (qt == kt) {
+            load_a<HS>(kf, sK + warp * 16 * LD, lane);
+            load_a<HS>(vf, sV + warp * 16 * LD, lane);
+        }
+        const bf16 *q_s = sQ + buf * TILE, *do_s = sdO + buf * TILE;
+        const float *L = sL + buf * 64, *Dv = sD + buf * 64;
+        float s[8][4], dp[8][4]; /* S^T, dP^T: rows = keys, columns = queries */
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+        mma_abt<HS>(s, kf, q_s, lane);
+        mma_abt<HS>(dp, vf, do_s, lane);
+        const bool mask = qt == kt || qt * 64 + 64 > T;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int qc = j * 8 + 2 * t + c, q = qt * 64 + qc;
+                const float lq = L[qc] * LOG2E, dq = Dv[qc];
+                float p0 = exp2f(fmaf(s[j][c], scale_log2, -lq));     /* key0 */
+                float p1 = exp2f(fmaf(s[j][c + 2], scale_log2, -lq)); /* key1 */
+                if (mask) {
+                    if (key0 > q || q >= T) p0 = 0.f;
+                    if (key1 > q || q >= T) p1 = 0.f;
+                }
+                s[j][c] = p0;
+                s[j][c + 2] = p1;
+                dp[j][c] = p0 * (dp[j][c] - dq) * scale;
+                dp[j][c + 2] = p1 * (dp[j][c + 2] - dq) * scale;
+            }
+        }
+        mma_pb<HS>(dv, s, do_s, lane);  /* dV += P^T dO */
+        mma_pb<HS>(dk, dp, q_s, lane);  /* dK += dS^T Q */
+        __syncthreads();
+    }
+    store_rows<HS>(dK + head, dk, key0, T, t, 1.f, 1.f);
+    store_rows<HS>(dV + head, dv, key0, T, t, 1.f, 1.f);
+}
+
+template <int HS>
+constexpr size_t bwd_q_smem() { return (size_t)6 * 64 * (HS + 8) * sizeof(bf16); }
+
+/* dQ of 64 queries: key tiles up to the diagonal */
+template <int HS>
+__global__ void __launch_bounds__(128) bwd_q_kernel(bf16 *dQ, const bf16 *Q, const bf16 *K,
+                                                    const bf16 *V, const bf16 *dO, const float *lse,
+                                                    const float *Dsum, int T, float scale,
+                                                    float scale_log2) {
+    constexpr int LD = HS + 8, TILE = 64 * LD;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16 *sQ = (bf16 *)smem, *sdO = sQ + TILE, *sK = sdO + TILE, *sV = sK + 2 * TILE;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int qt = (int)gridDim.x - 1 - (int)blockIdx.x;
+    const int q0 = qt * 64;
+    const long long head = (long long)blockIdx.y * T * HS, hr = (long long)blockIdx.y * T;
+    const bf16 *Kh = K + head, *Vh = V + head;
+    tile_async<HS>(sQ, Q + head, q0, T);
+    tile_async<HS>(sdO, dO + head, q0, T);
+    tile_async<HS>(sK, Kh, 0, T);
+    tile_async<HS>(sV, Vh, 0, T);
+    cp_commit();
+    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    const float L0 = row0 < T ? lse[hr + row0] * LOG2E : 0.f, L1 = row1 < T ? lse[hr + row1] * LOG2E : 0.f;
+    const float D0 = row0 < T ? Dsum[hr + row0] : 0.f, D1 = row1 < T ? Dsum[hr + row1] : 0.f;
+
+    uint32_t qf[HS / 16][4], of[HS / 16][4];
+    float dq[HS / 8][4];
+#pragma unroll
+    for (int d = 0; d < HS / 8; d++) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
+    const int nkt = qt + 1;
+    for (int kt = 0; kt < nkt; kt++) {
+        const int buf = kt & 1;
+        if (kt + 1 < nkt) {
+            tile_async<HS>(sK + (buf ^ 1) * TILE, Kh, (kt + 1) * 64, T);
+            tile_async<HS>(sV + (buf ^ 1) * TILE, Vh, (kt + 1) * 64, T);
+            cp_commit();
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        if (kt == 0) {
+            load_a<HS>(qf, sQ + warp * 16 * LD, lane);
+            load_a<HS>(of, sdO + warp * 16 * LD, lane);
+        }
+        const bf16 *k_s = sK + buf * TILE, *v_s = sV + buf * TILE;
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
+        mma_abt<HS>(s, qf, k_s, lane);
+        mma_abt<HS>(dp, of, v_s, lane);
+        const bool mask = kt == nkt - 1;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int key = kt * 64 + j * 8 + 2 * t + c;
+                float p0 = exp2f(fmaf(s[j][c], scale_log2, -L0));
+                float p1 = exp2f(fmaf(s[j][c + 2], scale_log2, -L1));
+                if (mask) {
+                    if (key > row0) p0 = 0.f;
+                    if (key > row1) p1 = 0.f;
+                }
+                dp[j][c] = p0 * (dp[j][c] - D0) * scale;
+                dp[j][c + 2] = p1 * (dp[j][c + 2] - D1) * scale;
+            }
+        }
+        mma_pb<HS>(dq, dp, k_s, lane); /* dQ += dS K */
+        __syncthreads();
+    }
+    store_rows<HS>(dQ + head, dq, row0, T, t, 1.f, 1.f);
+}
+
+} /* namespace fa2 */
+
 /* ---- launchers ---------------------------------------------------------------------------- */
 
 int td_flash_supported(int HS) { return HS % 16 == 0 && HS >= 16 && HS <= 128; }
+int td_flash_fa2(int HS) { return HS == 16 || HS == 32 || HS == 48 || HS == 64; }
 
 template <int HS>
-static cudaError_t fwd(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
-                       const bf16 *v, int BH, int T, float scale) {
+static cudaError_t fwd_v1(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
+                          const bf16 *v, int BH, int T, float scale) {
     const size_t sm = fwd_smem_bytes<HS>();
     cudaError_t e = cudaFuncSetAttribute(flash_forward_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     if (e != cudaSuccess) return e;
@@ -414,9 +834,9 @@ static cudaError_t fwd(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const
 }
 
 template <int HS>
-static cudaError_t bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *q, const bf16 *k,
-                       const bf16 *v, const bf16 *dO, const float *lse, const float *D, int BH,
-                       int T, float scale) {
+static cudaError_t bwd_v1(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *q, const bf16 *k,
+                          const bf16 *v, const bf16 *dO, const float *lse, const float *D, int BH,
+                          int T, float scale) {
     const size_t sm = bwd_smem_bytes<HS>();
     cudaError_t e = cudaFuncSetAttribute(flash_backward_kv_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     if (e == cudaSuccess) e = cudaFuncSetAttribute(flash_backward_q_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
@@ -429,18 +849,41 @@ static cudaError_t bwd(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 
     return cudaGetLastError();
 }
 
+template <int HS>
+static cudaError_t fwd_fa2(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
+                           const bf16 *v, int BH, int T, float scale) {
+    const size_t sm = fa2::fwd_smem<HS>();
+    cudaError_t e = cudaFuncSetAttribute(fa2::fwd_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    if (e != cudaSuccess) return e;
+    dim3 grid((unsigned)((T + 63) / 64), (unsigned)BH);
+    fa2::fwd_kernel<HS><<<grid, 128, sm, s>>>(O, lse, q, k, v, T, scale, scale * fa2::LOG2E);
+    return cudaGetLastError();
+}
+
+template <int HS>
+static cudaError_t bwd_fa2(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *q, const bf16 *k,
+                           const bf16 *v, const bf16 *dO, const float *lse, const float *D, int BH,
+                           int T, float scale) {
+    const size_t smkv = fa2::bwd_kv_smem<HS>(), smq = fa2::bwd_q_smem<HS>();
+    cudaError_t e = cudaFuncSetAttribute(fa2::bwd_kv_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smkv);
+    if (e == cudaSuccess) e = cudaFuncSetAttribute(fa2::bwd_q_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smq);
+    if (e != cudaSuccess) return e;
+    dim3 grid((unsigned)((T + 63) / 64), (unsigned)BH);
+    fa2::bwd_kv_kernel<HS><<<grid, 128, smkv, s>>>(dk, dv, q, k, v, dO, lse, D, T, scale, scale * fa2::LOG2E);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    fa2::bwd_q_kernel<HS><<<grid, 128, smq, s>>>(dq, q, k, v, dO, lse, D, T, scale, scale * fa2::LOG2E);
+    return cudaGetLastError();
+}
+
 cudaError_t td_k_flash_forward(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
                                const bf16 *v, int BH, int T, int HS, float scale) {
     switch (HS) {
-    case 16: return fwd<16>(s, O, lse, q, k, v, BH, T, scale);
-    case 32: return fwd<32>(s, O, lse, q, k, v, BH, T, scale);
-    case 48: return fwd<48>(s, O, lse, q, k, v, BH, T, scale);
-    case 64: return fwd<64>(s, O, lse, q, k, v, BH, T, scale);
-    case 80: return fwd<80>(s, O, lse, q, k, v, BH, T, scale);
-    case 96: return fwd<96>(s, O, lse, q, k, v, BH, T, scale);
-    case 112: return fwd<112>(s, O, lse, q, k, v, BH, T, scale);
-    case 128: return fwd<128>(s, O, lse, q, k, v, BH, T, scale);
-    default: return cudaErrorInvalidValue;
+    case 16: return fwd_fa2<16>(s, O, lse, q, k, v, BH, T, scale);
+    case 32: return fwd_fa2<32>(s, O, lse, q, k, v, BH, T, scale);
+    case 48: return fwd_fa2<48>(s, O, lse, q, k, v, BH, T, scale);
+    case 64: return fwd_fa2<64>(s, O, lse, q, k, v, BH, T, scale);
+    default: return td_k_flash_forward_v1(s, O, lse, q, k, v, BH, T, HS, scale);
     }
 }
 
@@ -448,14 +891,41 @@ cudaError_t td_k_flash_backward(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, co
                                 const bf16 *k, const bf16 *v, const bf16 *dO, const float *lse,
                                 const float *D, int BH, int T, int HS, float scale) {
     switch (HS) {
-    case 16: return bwd<16>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    case 32: return bwd<32>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    case 48: return bwd<48>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    case 64: return bwd<64>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    case 80: return bwd<80>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    case 96: return bwd<96>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    case 112: return bwd<112>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    case 128: return bwd<128>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 16: return bwd_fa2<16>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 32: return bwd_fa2<32>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 48: return bwd_fa2<48>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 64: return bwd_fa2<64>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    default: return td_k_flash_backward_v1(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, HS, scale);
+    }
+}
+
+cudaError_t td_k_flash_forward_v1(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
+                                  const bf16 *v, int BH, int T, int HS, float scale) {
+    switch (HS) {
+    case 16: return fwd_v1<16>(s, O, lse, q, k, v, BH, T, scale);
+    case 32: return fwd_v1<32>(s, O, lse, q, k, v, BH, T, scale);
+    case 48: return fwd_v1<48>(s, O, lse, q, k, v, BH, T, scale);
+    case 64: return fwd_v1<64>(s, O, lse, q, k, v, BH, T, scale);
+    case 80: return fwd_v1<80>(s, O, lse, q, k, v, BH, T, scale);
+    case 96: return fwd_v1<96>(s, O, lse, q, k, v, BH, T, scale);
+    case 112: return fwd_v1<112>(s, O, lse, q, k, v, BH, T, scale);
+    case 128: return fwd_v1<128>(s, O, lse, q, k, v, BH, T, scale);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+cudaError_t td_k_flash_backward_v1(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *q,
+                                   const bf16 *k, const bf16 *v, const bf16 *dO, const float *lse,
+                                   const float *D, int BH, int T, int HS, float scale) {
+    switch (HS) {
+    case 16: return bwd_v1<16>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 32: return bwd_v1<32>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 48: return bwd_v1<48>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 64: return bwd_v1<64>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 80: return bwd_v1<80>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 96: return bwd_v1<96>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 112: return bwd_v1<112>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
+    case 128: return bwd_v1<128>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
     default: return cudaErrorInvalidValue;
     }
 }

@@ -8,9 +8,11 @@ Tiers (docs/cuda.md has the measured numbers):
           analytically zero gradient, see _compare_params).
   bf16  - bf16 compute with fp32 master weights against the CPU fp32 engine: the loss within 2%
           at every one of 20 steps, every gradient within 2e-2 relative L2; with the default
-          (materialised) attention and with TANDEM_CUDA_ATTENTION=flash, whose 64-row tiles are
-          crossed at T=200; and flash against the materialised attention directly.
-  determinism - the same batch twice gives the same bits (no float atomics).
+          automatic attention (flash for bf16 head sizes 16..64, else materialised) and with
+          TANDEM_CUDA_ATTENTION=flash (64-row tiles crossed at T=130 and T=200; head sizes 32, 48,
+          64 on the FlashAttention-2 kernels, 96 on the first ones); flash against the
+          materialised attention directly; the default picks the mode it should.
+  determinism - the same batch twice gives the same bits (no float atomics), flash included.
 Skipped with the reason when this libtandem was built without CUDA or no GPU is usable.
 `python tests/engine/test_cuda.py --json OUT.json` runs every tier (plus engine-vs-JAX fp32 on
 the GPU when JAX sees one) and prints a table of the measured values.
@@ -50,6 +52,12 @@ BF16_CASES = {
     # head size 64 (GPT-2's), T=200: four flash tiles, the last one partial
     "hs64-t200": dict(n_layer=2, n_embd=128, n_head=2, vocab_size=311, n_positions=256,
                       seq_len=200, batch_size=2),
+    # head size 48 (mma.sync flash kernels, 3 k-chunks), T=130: a 2-row last tile
+    "hs48-t130": dict(n_layer=2, n_embd=96, n_head=2, vocab_size=311, n_positions=192,
+                      seq_len=130, batch_size=2),
+    # head size 96: flash.cu's first (WMMA) kernels, kept for head sizes above 64
+    "hs96-t80": dict(n_layer=1, n_embd=192, n_head=2, vocab_size=311, n_positions=128,
+                     seq_len=80, batch_size=2),
 }
 BF16_CASE = BF16_CASES["hs32"]
 FP32_TOL = dict(logits=1e-5, loss=1e-5, grad=1e-4, param=1e-4)
@@ -173,7 +181,8 @@ def check_fp32(case: str, attention: str | None = None) -> list[dict]:
 
 
 def check_bf16(steps: int = 20, case: str = "hs32", attention: str | None = None) -> list[dict]:
-    """attention None: the automatic choice (materialised attention, kept per layer)."""
+    """attention None: the automatic choice (bf16: flash for head sizes 16..64, else the
+    materialised attention, kept per layer)."""
     config = BF16_CASES[case]
     params = init_params(_table(config), config["n_layer"], seed=3)
     cpu, gpu = _models(config, params, "bf16", attention)
@@ -241,11 +250,23 @@ def check_flash_vs_materialized(case: str = "hs64-t200") -> list[dict]:
     return rows
 
 
-def check_determinism(dtype: str) -> list[dict]:
-    config = FP32_CASES["hs24"] if dtype == "fp32" else BF16_CASE
+def check_determinism(dtype: str, attention: str | None = None,
+                      case: str | None = None) -> list[dict]:
+    config = FP32_CASES["hs24"] if dtype == "fp32" else BF16_CASES[case or "hs32"]
     params = init_params(_table(config), config["n_layer"], seed=4)
     x, y = tokens_for(config, seed=6)
-    with engine.Model(backend="cuda", dtype=dtype, **config) as gpu:
+    old = os.environ.get("TANDEM_CUDA_ATTENTION")
+    if attention:
+        os.environ["TANDEM_CUDA_ATTENTION"] = attention
+    try:
+        gpu = engine.Model(backend="cuda", dtype=dtype, **config)
+    finally:
+        if attention:
+            if old is None:
+                os.environ.pop("TANDEM_CUDA_ATTENTION", None)
+            else:
+                os.environ["TANDEM_CUDA_ATTENTION"] = old
+    with gpu:
         gpu.set_params(params)
         runs = []
         for _ in range(2):
@@ -254,7 +275,41 @@ def check_determinism(dtype: str) -> list[dict]:
             runs.append((loss, gpu.grads()))
     same = runs[0][0] == runs[1][0] and all(
         runs[0][1][k].tobytes() == runs[1][1][k].tobytes() for k in runs[0][1])
-    return [dict(tier=f"determinism/{dtype}", metric="bit-identical rerun (1 = yes)",
+    label = f"determinism/{dtype}" + (f"/{attention}" if attention else "") + \
+        (f"/{case}" if case else "")
+    return [dict(tier=label, metric="bit-identical rerun (1 = yes)",
+                 tensor="loss+grads", value=float(same), bound=None)]
+
+
+DEFAULT_ATTENTION = {"hs64-t200": "flash", "hs48-t130": "flash", "hs96-t80": "store"}
+
+
+def check_default_attention(case: str) -> list[dict]:
+    """The bf16 default picks flash for head sizes with the FlashAttention-2 kernels (16..64) and
+    the materialised attention otherwise: the default run and the forced mode give the same bits."""
+    config = BF16_CASES[case]
+    params = init_params(_table(config), config["n_layer"], seed=4)
+    x, y = tokens_for(config, seed=6)
+    runs = []
+    for mode in (None, DEFAULT_ATTENTION[case]):
+        old = os.environ.pop("TANDEM_CUDA_ATTENTION", None)
+        if mode:
+            os.environ["TANDEM_CUDA_ATTENTION"] = mode
+        try:
+            gpu = engine.Model(backend="cuda", dtype="bf16", **config)
+        finally:
+            os.environ.pop("TANDEM_CUDA_ATTENTION", None)
+            if old is not None:
+                os.environ["TANDEM_CUDA_ATTENTION"] = old
+        with gpu:
+            gpu.set_params(params)
+            gpu.zero_grad()
+            loss = gpu.forward_backward(x, y, 1.0)
+            runs.append((loss, gpu.grads()))
+    same = runs[0][0] == runs[1][0] and all(
+        runs[0][1][k].tobytes() == runs[1][1][k].tobytes() for k in runs[0][1])
+    return [dict(tier=f"default-attention/{case}",
+                 metric=f"default == {DEFAULT_ATTENTION[case]}, bitwise (1 = yes)",
                  tensor="loss+grads", value=float(same), bound=None)]
 
 
@@ -310,16 +365,21 @@ def test_fp32_matches_cpu(cuda_ok, case, attention):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("case,attention", [("hs32", None), ("hs32", "flash"),
-                                            ("hs64-t200", None), ("hs64-t200", "flash")])
+BF16_TIERS = [("hs32", None), ("hs32", "flash"), ("hs64-t200", None), ("hs64-t200", "flash"),
+              ("hs48-t130", "flash"), ("hs96-t80", "flash")]
+FLASH_VS_STORE = ["hs64-t200", "hs48-t130", "hs96-t80"]
+
+
+@pytest.mark.parametrize("case,attention", BF16_TIERS)
 def test_bf16_close_to_cpu_fp32(cuda_ok, case, attention):
     rows = check_bf16(case=case, attention=attention)
     bad = _failures(rows)
     assert not bad, bad
 
 
-def test_flash_matches_materialized_attention(cuda_ok):
-    bad = _failures(check_flash_vs_materialized())
+@pytest.mark.parametrize("case", FLASH_VS_STORE)
+def test_flash_matches_materialized_attention(cuda_ok, case):
+    bad = _failures(check_flash_vs_materialized(case))
     assert not bad, bad
 
 
@@ -332,6 +392,16 @@ def test_flash_needs_bf16(cuda_ok, monkeypatch):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_reruns_are_bit_identical(cuda_ok, dtype):
     assert check_determinism(dtype)[0]["value"] == 1.0
+
+
+@pytest.mark.parametrize("case", sorted(DEFAULT_ATTENTION))
+def test_bf16_default_attention(cuda_ok, case):
+    assert check_default_attention(case)[0]["value"] == 1.0
+
+
+def test_flash_reruns_are_bit_identical(cuda_ok):
+    """The flash backward is two kernels (dK/dV, then dQ) with no atomics: same bits twice."""
+    assert check_determinism("bf16", "flash", "hs64-t200")[0]["value"] == 1.0
 
 
 def test_stage_passes_are_cpu_only(cuda_ok):
@@ -370,19 +440,22 @@ def main(argv=None) -> int:
     for case, att in [("hs16", None), ("hs24", None), ("t1", None), ("hs16", "recompute"),
                       ("hs24", "store")]:
         rows += check_fp32(case, att)
-    for case, att in [("hs32", None), ("hs32", "flash"), ("hs64-t200", None),
-                      ("hs64-t200", "flash")]:
+    for case, att in BF16_TIERS:
         try:
             rows += check_bf16(case=case, attention=att)
         except Exception as exc:  # noqa: BLE001 - one tier's crash must not hide the others
             rows.append(dict(tier=f"bf16/{case}/{att}", metric="error", tensor=repr(exc)[:300],
                              value=float("inf"), bound=0.0))
-    try:
-        rows += check_flash_vs_materialized()
-    except Exception as exc:  # noqa: BLE001
-        rows.append(dict(tier="bf16-flash-vs-store", metric="error", tensor=repr(exc)[:300],
-                         value=float("inf"), bound=0.0))
+    for case in FLASH_VS_STORE:
+        try:
+            rows += check_flash_vs_materialized(case)
+        except Exception as exc:  # noqa: BLE001
+            rows.append(dict(tier=f"bf16-flash-vs-store/{case}", metric="error",
+                             tensor=repr(exc)[:300], value=float("inf"), bound=0.0))
     rows += check_determinism("fp32") + check_determinism("bf16")
+    rows += check_determinism("bf16", "flash", "hs64-t200")
+    for case in sorted(DEFAULT_ATTENTION):
+        rows += check_default_attention(case)
     if not args.no_jax:
         try:
             rows += check_jax_fp32()

@@ -1,0 +1,19 @@
+/* flash.cuh — which head sizes flash.cu's FlashAttention-2 kernels take, and the first (WMMA)
+ * flash attention, kept for head sizes 80..128 and as the baseline of flash_bench.cu (same
+ * arguments as td_k_flash_forward / _backward, common.cuh). */
+#ifndef TD_CUDA_FLASH_CUH
+#define TD_CUDA_FLASH_CUH
+
+#include "common.cuh"
+
+/* 1 when td_k_flash_* run the FlashAttention-2 kernels for this head size (16, 32, 48, 64): the
+ * bf16 default of backend.cu; other sizes td_flash_supported takes run the first kernels */
+int td_flash_fa2(int HS);
+
+cudaError_t td_k_flash_forward_v1(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
+                                  const bf16 *v, int BH, int T, int HS, float scale);
+cudaError_t td_k_flash_backward_v1(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *q,
+                                   const bf16 *k, const bf16 *v, const bf16 *dO, const float *lse,
+                                   const float *D, int BH, int T, int HS, float scale);
+
+#endif /* TD_CUDA_FLASH_CUH */
