@@ -58,6 +58,16 @@ def engine_executable() -> Path:
                       "MPI). HINT: reinstall with `pip install .` where mpicc is on PATH")
 
 
+def unavailable() -> str | None:
+    """Why pipelined runs cannot start here (no mpirun, no tandem-engine), or None."""
+    try:
+        find_mpirun()
+        engine_executable()
+    except RankFailure as exc:
+        return str(exc)
+    return None
+
+
 def _mpi_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")

@@ -16,19 +16,12 @@ import pytest
 from harness import bench
 from harness.cli import main
 from harness.config import load_suite
-from harness.errors import ConfigError, RankFailure
+from harness.errors import ConfigError
 from harness.flops import flops_for_case
 
 pipeline = pytest.importorskip("harness.pipeline")
-try:
-    pipeline.find_mpirun()
-    pipeline.engine_executable()
-    HAVE_MPI = True
-except RankFailure:
-    HAVE_MPI = False
-
-pytestmark = [pytest.mark.mpi,
-              pytest.mark.skipif(not HAVE_MPI, reason="mpirun or tandem-engine not available")]
+pytestmark = [pytest.mark.mpi, pytest.mark.skipif(pipeline.unavailable() is not None,
+                                                  reason=str(pipeline.unavailable()))]
 
 SUITE = """
 [suite]

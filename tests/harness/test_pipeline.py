@@ -16,16 +16,8 @@ from harness.errors import RankFailure
 from harness.init import init_params, write_safetensors
 
 pipeline = pytest.importorskip("harness.pipeline")
-
-try:
-    pipeline.find_mpirun()
-    pipeline.engine_executable()
-    HAVE_MPI = True
-except RankFailure:
-    HAVE_MPI = False
-
-pytestmark = [pytest.mark.mpi,
-              pytest.mark.skipif(not HAVE_MPI, reason="mpirun or tandem-engine not available")]
+pytestmark = [pytest.mark.mpi, pytest.mark.skipif(pipeline.unavailable() is not None,
+                                                  reason=str(pipeline.unavailable()))]
 
 
 def _case(stages=2, microbatches=2, schedule="1f1b", chunks=1, n_layer=2, steps=3):
