@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -125,5 +125,5 @@ def write_json(path: Path, obj: dict) -> None:
 
 __all__ = [
     "RECORD_COLUMNS", "PARITY_COLUMNS", "Record", "ParityRow", "to_frame", "append_parquet",
-    "read_dirs", "write_json", "field",
+    "read_dirs", "write_json",
 ]

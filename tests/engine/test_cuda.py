@@ -92,19 +92,25 @@ def rel_l2(a, ref) -> float:
     return float(d / n) if n > 0 else float(d)
 
 
-def _models(config, params, dtype, attention=None, threads=2):
-    """(cpu, gpu) models with the same parameters; attention selects the CUDA attention mode."""
+def _cuda_model(config, dtype, attention=None):
+    """A CUDA model built with TANDEM_CUDA_ATTENTION=attention (the engine reads it at build);
+    the caller's environment is restored afterwards."""
     old = os.environ.get("TANDEM_CUDA_ATTENTION")
     if attention:
         os.environ["TANDEM_CUDA_ATTENTION"] = attention
     try:
-        gpu = engine.Model(backend="cuda", dtype=dtype, **config)
+        return engine.Model(backend="cuda", dtype=dtype, **config)
     finally:
         if attention:
             if old is None:
                 os.environ.pop("TANDEM_CUDA_ATTENTION", None)
             else:
                 os.environ["TANDEM_CUDA_ATTENTION"] = old
+
+
+def _models(config, params, dtype, attention=None, threads=2):
+    """(cpu, gpu) models with the same parameters; attention selects the CUDA attention mode."""
+    gpu = _cuda_model(config, dtype, attention)
     cpu = engine.Model(threads=threads, **config)
     cpu.set_params(params)
     gpu.set_params(params)
@@ -255,17 +261,7 @@ def check_determinism(dtype: str, attention: str | None = None,
     config = FP32_CASES["hs24"] if dtype == "fp32" else BF16_CASES[case or "hs32"]
     params = init_params(_table(config), config["n_layer"], seed=4)
     x, y = tokens_for(config, seed=6)
-    old = os.environ.get("TANDEM_CUDA_ATTENTION")
-    if attention:
-        os.environ["TANDEM_CUDA_ATTENTION"] = attention
-    try:
-        gpu = engine.Model(backend="cuda", dtype=dtype, **config)
-    finally:
-        if attention:
-            if old is None:
-                os.environ.pop("TANDEM_CUDA_ATTENTION", None)
-            else:
-                os.environ["TANDEM_CUDA_ATTENTION"] = old
+    gpu = _cuda_model(config, dtype, attention)
     with gpu:
         gpu.set_params(params)
         runs = []
