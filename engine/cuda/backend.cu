@@ -143,6 +143,11 @@ static void cuda_release(td_model *m) {
 
 static td_status cuda_upload(td_model *m, int grads);
 
+/* flash attention through the FlashAttention-2 kernels, which take the heads where they lie */
+static int flash_rows(const td_cuda_dev *d) {
+    return d->flash && td_flash_fa2((int)(d->m->n_embd / d->m->n_head));
+}
+
 static td_status cuda_build(td_model *m) {
     td_cuda_dev *d = (td_cuda_dev *)calloc(1, sizeof(td_cuda_dev));
     if (!d) return td_fail(m, TD_ERR_NOMEM, "td_model_build: out of host memory");
@@ -278,9 +283,11 @@ static td_status cuda_build(td_model *m) {
     ALLOC(d->dres, BTC * es, "backward scratch");
     ALLOC(d->dln, BTC * es, "backward scratch");
     ALLOC(d->dbig, 4 * BTC * es, "backward scratch");
-    ALLOC(d->qkvp, 3 * BTC * es, "attention scratch");
-    ALLOC(d->yb, BTC * es, "attention scratch");
-    ALLOC(d->dqkvp, 3 * BTC * es, "attention scratch");
+    if (!flash_rows(d)) { /* the FlashAttention-2 kernels read and write the heads in place */
+        ALLOC(d->qkvp, 3 * BTC * es, "attention scratch");
+        ALLOC(d->yb, BTC * es, "attention scratch");
+        ALLOC(d->dqkvp, 3 * BTC * es, "attention scratch");
+    }
     if (!d->flash) ALLOC(d->attS, att, "attention scratch (B, NH, T, T)");
     ALLOC(d->part_w, part * 4, "column-sum partials");
     ALLOC(d->part_b, part * 4, "column-sum partials");
@@ -433,6 +440,12 @@ static td_status attention_forward(td_cuda_dev *d, int l, int B, int T) {
     const long long BTC = (long long)B * T * C, TT = (long long)T * T, THS = (long long)T * HS;
     const float scale = (float)(1.0 / sqrt((double)HS));
     td_cuda_layer *A = &d->L[l];
+    if (flash_rows(d)) { /* q, k, v read from the qkv rows, the output written into atty's rows */
+        const bf16 *qkv = (const bf16 *)A->qkv;
+        TD_CK(td_k_flash_forward_rows(d->stream, (bf16 *)A->atty, C, A->lse, qkv, qkv + C, qkv + 2 * C,
+                                      3 * C, B, NH, T, HS, scale));
+        return TD_OK;
+    }
     E *qkvp = (E *)d->qkvp, *q = qkvp, *k = qkvp + BTC, *v = qkvp + 2 * BTC;
     E *S = (E *)d->attS, *P = (E *)(d->store_att ? A->att : d->attP);
     TD_CK(td_k_qkv_permute<E>(d->stream, qkvp, (const E *)A->qkv, B, T, NH, HS));
@@ -457,6 +470,14 @@ static td_status attention_backward(td_cuda_dev *d, int l, int B, int T, E *dqkv
     const long long BTC = (long long)B * T * C, TT = (long long)T * T, THS = (long long)T * HS;
     const float scale = (float)(1.0 / sqrt((double)HS));
     td_cuda_layer *A = &d->L[l];
+    if (flash_rows(d)) { /* d(qkv) written in place from the qkv rows and d(atty) */
+        const bf16 *qkv = (const bf16 *)A->qkv;
+        bf16 *g = (bf16 *)dqkv;
+        TD_CK(td_k_attn_rowdot(d->stream, d->Dsum, (const bf16 *)datty, (const bf16 *)A->atty, B, T, NH, HS));
+        TD_CK(td_k_flash_backward_rows(d->stream, g, g + C, g + 2 * C, 3 * C, qkv, qkv + C, qkv + 2 * C,
+                                       3 * C, (const bf16 *)datty, C, A->lse, d->Dsum, B, NH, T, HS, scale));
+        return TD_OK;
+    }
     E *qkvp = (E *)d->qkvp, *q = qkvp, *k = qkvp + BTC, *v = qkvp + 2 * BTC;
     E *dqkvp = (E *)d->dqkvp, *dq = dqkvp, *dk = dqkvp + BTC, *dv = dqkvp + 2 * BTC;
     E *dy = (E *)d->yb, *dS = (E *)d->attS;

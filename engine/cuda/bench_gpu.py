@@ -132,11 +132,13 @@ def side_engine(size, weights, warmup, steps, profile=False):
                 setup_s=setup_s, zero_grad_s=zero_s, profile=prof,
                 attention=os.environ.get("TANDEM_CUDA_ATTENTION") or "default",
                 note="Tandem CUDA engine, bf16 compute, fp32 master weights; attention: "
-                     + {"flash": "flash.cu (WMMA flash attention)",
+                     + {"flash": "flash.cu (FlashAttention-2 kernels for head sizes 16-64)",
+                        "store": "materialised (cuBLASLt batched products + softmax kernels), "
+                                 "kept per layer",
                         "recompute": "materialised, recomputed in the backward"}.get(
                          os.environ.get("TANDEM_CUDA_ATTENTION", ""),
-                         "materialised (cuBLASLt batched products + softmax kernels), kept "
-                         "per layer when they fit"))
+                         "the engine's default (bf16, head size 16-64: flash.cu's "
+                         "FlashAttention-2 kernels on the heads in place)"))
 
 
 def side_jax(size, weights, warmup, steps):

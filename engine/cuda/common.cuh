@@ -169,7 +169,7 @@ td_status td_cuda_matmul(td_cuda_dev *d, const td_mm *p);
 
 /* ---- kernel launchers (kernels.cu); E = float or bf16 ------------------------------------------ */
 
-#define TD_CS_ROWS 256  /* rows per partial of a deterministic column sum */
+#define TD_CS_ROWS 64   /* rows per partial of a deterministic column sum */
 #define TD_SQ_BLOCKS 1024
 
 template <typename E>
@@ -240,6 +240,17 @@ cudaError_t td_k_flash_forward(cudaStream_t s, bf16 *O, float *lse, const bf16 *
 cudaError_t td_k_flash_backward(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *q,
                                 const bf16 *k, const bf16 *v, const bf16 *dO, const float *lse,
                                 const float *D, int BH, int T, int HS, float scale);
+/* The FlashAttention-2 kernels (head sizes td_flash_fa2 takes) on heads read in place: q, k, v
+ * point at head 0 of rows (b, t) ldi elements apart (q, k, v inside the (B, T, 3C) qkv rows:
+ * ldi = 3C), O / dO rows ldo apart ((B, T, C): ldo = C), dq, dk, dv rows ldg apart (inside
+ * d(qkv): ldg = 3C); head h of a row starts h * HS further on. No layout copies. */
+cudaError_t td_k_flash_forward_rows(cudaStream_t s, bf16 *O, int ldo, float *lse, const bf16 *q,
+                                    const bf16 *k, const bf16 *v, int ldi, int B, int NH, int T,
+                                    int HS, float scale);
+cudaError_t td_k_flash_backward_rows(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, int ldg,
+                                     const bf16 *q, const bf16 *k, const bf16 *v, int ldi,
+                                     const bf16 *dO, int ldo, const float *lse, const float *D,
+                                     int B, int NH, int T, int HS, float scale);
 /* D[b, h, t] = sum_j dout[b, t, h*HS + j] * out[b, t, h*HS + j], inputs (B, T, C) */
 cudaError_t td_k_attn_rowdot(cudaStream_t s, float *D, const bf16 *dout, const bf16 *out, int B,
                              int T, int NH, int HS);

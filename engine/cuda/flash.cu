@@ -407,6 +407,43 @@ __global__ void attn_rowdot_kernel(float *D, const bf16 *dout, const bf16 *out, 
     if (lane == 0) D[((long long)b * NH + h) * T + t] = s;
 }
 
+/* the same for head sizes up to 64 (multiples of 8): 8 lanes per (b, t, h), each one 16-byte load
+ * of dout and out (lanes past the head add 0), combined by shuffles within the 8 */
+__global__ void attn_rowdot8_kernel(float *D, const bf16 *dout, const bf16 *out, int B, int T, int NH,
+                                    int HS) {
+    const long long gi = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long w = gi / 8; /* (b, t, h) */
+    const int j = (int)(gi % 8);
+    const bool live = w < (long long)B * T * NH;
+    float s = 0.f;
+    long long bt = 0;
+    int h = 0;
+    if (live) {
+        h = (int)(w % NH);
+        bt = w / NH;
+        if (j * 8 < HS) {
+            const long long base = bt * NH * HS + (long long)h * HS + j * 8;
+            const uint4 a = *reinterpret_cast<const uint4 *>(dout + base);
+            const uint4 b = *reinterpret_cast<const uint4 *>(out + base);
+            const __nv_bfloat162 *a2 = reinterpret_cast<const __nv_bfloat162 *>(&a);
+            const __nv_bfloat162 *b2 = reinterpret_cast<const __nv_bfloat162 *>(&b);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float2 x = __bfloat1622float2(a2[i]), y = __bfloat1622float2(b2[i]);
+                s = fmaf(x.x, y.x, s);
+                s = fmaf(x.y, y.y, s);
+            }
+        }
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if (live && j == 0) {
+        const int b = (int)(bt / T), t = (int)(bt % T);
+        D[((long long)b * NH + h) * T + t] = s;
+    }
+}
+
 
 /* ==== FlashAttention-2 on mma.sync (the path td_k_flash_* take for head sizes up to 64) ========
  *
@@ -472,9 +509,10 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
-/* rows [r0, r0 + 64) of a (T, HS) head into shared memory (row stride HS + 8), zeros past T */
+/* rows [r0, r0 + 64) of a head (T rows of HS, ld elements apart in global memory) into shared
+ * memory (row stride HS + 8), zeros past T */
 template <int HS>
-__device__ __forceinline__ void tile_async(bf16 *s, const bf16 *g, int r0, int T) {
+__device__ __forceinline__ void tile_async(bf16 *s, const bf16 *g, int r0, int T, int ld) {
     constexpr int LD = HS + 8, V8 = HS / 8, N = 64 * V8;
 #pragma unroll
     for (int it = 0; it < (N + 127) / 128; it++) {
@@ -482,7 +520,7 @@ __device__ __forceinline__ void tile_async(bf16 *s, const bf16 *g, int r0, int T
         if (N % 128 == 0 || i < N) {
             const int r = i / V8, c = (i % V8) * 8;
             const bool ok = r0 + r < T;
-            cp16(s + r * LD + c, g + (long long)(ok ? r0 + r : 0) * HS + c, ok);
+            cp16(s + r * LD + c, g + (long long)(ok ? r0 + r : 0) * ld + c, ok);
         }
     }
 }
@@ -534,19 +572,28 @@ __device__ __forceinline__ void mma_pb(float (&out)[HS / 8][4], const float (&p)
     }
 }
 
-/* rows r (g) and r + 8 of a warp's 16 x HS accumulator to bf16 global rows (those < T) */
+/* rows r (g) and r + 8 of a warp's 16 x HS accumulator to bf16 global rows (those < T), ld
+ * elements apart */
 template <int HS>
 __device__ __forceinline__ void store_rows(bf16 *dst, const float (&acc)[HS / 8][4], int row0, int T,
-                                           int t, float s0, float s1) {
+                                           int t, float s0, float s1, int ld) {
 #pragma unroll
     for (int d = 0; d < HS / 8; d++) {
         if (row0 < T)
-            *reinterpret_cast<uint32_t *>(dst + (long long)row0 * HS + d * 8 + 2 * t) =
+            *reinterpret_cast<uint32_t *>(dst + (long long)row0 * ld + d * 8 + 2 * t) =
                 pack(acc[d][0] * s0, acc[d][1] * s0);
         if (row0 + 8 < T)
-            *reinterpret_cast<uint32_t *>(dst + (long long)(row0 + 8) * HS + d * 8 + 2 * t) =
+            *reinterpret_cast<uint32_t *>(dst + (long long)(row0 + 8) * ld + d * 8 + 2 * t) =
                 pack(acc[d][2] * s1, acc[d][3] * s1);
     }
+}
+
+/* Where head bh = b * NH + h starts in a tensor whose rows (b, t) are ld elements apart and whose
+ * heads sit HS elements apart in a row: (B, T, NH * HS) slices such as q, k, v inside the
+ * (B, T, 3C) qkv rows (ld = 3C) or the (B, T, C) attention output (ld = C). NH = 1, ld = HS is
+ * the permuted (B * NH, T, HS) layout. */
+__device__ __forceinline__ long long head_off(int bh, int NH, int T, int ld, int HS) {
+    return (long long)(bh / NH) * T * ld + (long long)(bh % NH) * HS;
 }
 
 template <int HS>
@@ -554,18 +601,20 @@ constexpr size_t fwd_smem() { return (size_t)5 * 64 * (HS + 8) * sizeof(bf16); }
 
 template <int HS>
 __global__ void __launch_bounds__(128) fwd_kernel(bf16 *O, float *lse, const bf16 *Q, const bf16 *K,
-                                                  const bf16 *V, int T, float scale, float scale_log2) {
+                                                  const bf16 *V, int T, int NH, int ldi, int ldo,
+                                                  float scale, float scale_log2) {
     constexpr int LD = HS + 8, TILE = 64 * LD;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *sQ = (bf16 *)smem, *sK = sQ + TILE, *sV = sK + 2 * TILE; /* sK, sV: two stages each */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int qt = (int)gridDim.x - 1 - (int)blockIdx.x; /* the longest rows first */
     const int q0 = qt * 64;
-    const long long head = (long long)blockIdx.y * T * HS;
+    const long long head = head_off((int)blockIdx.y, NH, T, ldi, HS);
     const bf16 *Kh = K + head, *Vh = V + head;
-    tile_async<HS>(sQ, Q + head, q0, T);
-    tile_async<HS>(sK, Kh, 0, T);
-    tile_async<HS>(sV, Vh, 0, T);
+    bf16 *Oh = O + head_off((int)blockIdx.y, NH, T, ldo, HS);
+    tile_async<HS>(sQ, Q + head, q0, T, ldi);
+    tile_async<HS>(sK, Kh, 0, T, ldi);
+    tile_async<HS>(sV, Vh, 0, T, ldi);
     cp_commit();
 
     uint32_t qf[HS / 16][4];
@@ -578,8 +627,8 @@ __global__ void __launch_bounds__(128) fwd_kernel(bf16 *O, float *lse, const bf1
     for (int kt = 0; kt < nkt; kt++) {
         const int buf = kt & 1;
         if (kt + 1 < nkt) {
-            tile_async<HS>(sK + (buf ^ 1) * TILE, Kh, (kt + 1) * 64, T);
-            tile_async<HS>(sV + (buf ^ 1) * TILE, Vh, (kt + 1) * 64, T);
+            tile_async<HS>(sK + (buf ^ 1) * TILE, Kh, (kt + 1) * 64, T, ldi);
+            tile_async<HS>(sV + (buf ^ 1) * TILE, Vh, (kt + 1) * 64, T, ldi);
             cp_commit();
             cp_wait<1>();
         } else {
@@ -643,7 +692,7 @@ __global__ void __launch_bounds__(128) fwd_kernel(bf16 *O, float *lse, const bf1
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    store_rows<HS>(O + head, o, row0, T, t, 1.f / l0, 1.f / l1);
+    store_rows<HS>(Oh, o, row0, T, t, 1.f / l0, 1.f / l1, ldo);
     if (t == 0) {
         const long long hr = (long long)blockIdx.y * T;
         if (row0 < T) lse[hr + row0] = m0 * scale + logf(l0);
@@ -658,27 +707,27 @@ constexpr size_t bwd_kv_smem() { return (size_t)6 * 64 * (HS + 8) * sizeof(bf16)
 template <int HS>
 __global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const bf16 *Q, const bf16 *K,
                                                      const bf16 *V, const bf16 *dO, const float *lse,
-                                                     const float *Dsum, int T, float scale,
-                                                     float scale_log2) {
+                                                     const float *Dsum, int T, int NH, int ldi,
+                                                     int ldo, int ldg, float scale, float scale_log2) {
     constexpr int LD = HS + 8, TILE = 64 * LD;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *sK = (bf16 *)smem, *sV = sK + TILE, *sQ = sV + TILE, *sdO = sQ + 2 * TILE;
     float *sL = (float *)(sdO + 2 * TILE), *sD = sL + 2 * 64; /* two stages of 64 each */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kt = blockIdx.x, k0 = kt * 64; /* the longest columns (smallest keys) first */
-    const long long head = (long long)blockIdx.y * T * HS, hr = (long long)blockIdx.y * T;
-    const bf16 *Qh = Q + head, *dOh = dO + head;
+    const long long head = head_off((int)blockIdx.y, NH, T, ldi, HS), hr = (long long)blockIdx.y * T;
+    const bf16 *Qh = Q + head, *dOh = dO + head_off((int)blockIdx.y, NH, T, ldo, HS);
     const int nqt = (T + 63) / 64;
     auto load_q = [&](int qt, int buf) {
-        tile_async<HS>(sQ + buf * TILE, Qh, qt * 64, T);
-        tile_async<HS>(sdO + buf * TILE, dOh, qt * 64, T);
+        tile_async<HS>(sQ + buf * TILE, Qh, qt * 64, T, ldi);
+        tile_async<HS>(sdO + buf * TILE, dOh, qt * 64, T, ldo);
         const int i = threadIdx.x & 63, q = qt * 64 + i;
         const bool ok = q < T;
         if (threadIdx.x < 64) cp4(sL + buf * 64 + i, lse + hr + (ok ? q : 0), ok);
         else cp4(sD + buf * 64 + i, Dsum + hr + (ok ? q : 0), ok);
     };
-    tile_async<HS>(sK, K + head, k0, T);
-    tile_async<HS>(sV, V + head, k0, T);
+    tile_async<HS>(sK, K + head, k0, T, ldi);
+    tile_async<HS>(sV, V + head, k0, T, ldi);
     load_q(kt, 0);
     cp_commit();
 
@@ -735,8 +784,9 @@ __global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const b
         mma_pb<HS>(dk, dp, q_s, lane);  /* dK += dS^T Q */
         __syncthreads();
     }
-    store_rows<HS>(dK + head, dk, key0, T, t, 1.f, 1.f);
-    store_rows<HS>(dV + head, dv, key0, T, t, 1.f, 1.f);
+    const long long gh = head_off((int)blockIdx.y, NH, T, ldg, HS);
+    store_rows<HS>(dK + gh, dk, key0, T, t, 1.f, 1.f, ldg);
+    store_rows<HS>(dV + gh, dv, key0, T, t, 1.f, 1.f, ldg);
 }
 
 template <int HS>
@@ -746,20 +796,20 @@ constexpr size_t bwd_q_smem() { return (size_t)6 * 64 * (HS + 8) * sizeof(bf16);
 template <int HS>
 __global__ void __launch_bounds__(128) bwd_q_kernel(bf16 *dQ, const bf16 *Q, const bf16 *K,
                                                     const bf16 *V, const bf16 *dO, const float *lse,
-                                                    const float *Dsum, int T, float scale,
-                                                    float scale_log2) {
+                                                    const float *Dsum, int T, int NH, int ldi,
+                                                    int ldo, int ldg, float scale, float scale_log2) {
     constexpr int LD = HS + 8, TILE = 64 * LD;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *sQ = (bf16 *)smem, *sdO = sQ + TILE, *sK = sdO + TILE, *sV = sK + 2 * TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int qt = (int)gridDim.x - 1 - (int)blockIdx.x;
     const int q0 = qt * 64;
-    const long long head = (long long)blockIdx.y * T * HS, hr = (long long)blockIdx.y * T;
+    const long long head = head_off((int)blockIdx.y, NH, T, ldi, HS), hr = (long long)blockIdx.y * T;
     const bf16 *Kh = K + head, *Vh = V + head;
-    tile_async<HS>(sQ, Q + head, q0, T);
-    tile_async<HS>(sdO, dO + head, q0, T);
-    tile_async<HS>(sK, Kh, 0, T);
-    tile_async<HS>(sV, Vh, 0, T);
+    tile_async<HS>(sQ, Q + head, q0, T, ldi);
+    tile_async<HS>(sdO, dO + head_off((int)blockIdx.y, NH, T, ldo, HS), q0, T, ldo);
+    tile_async<HS>(sK, Kh, 0, T, ldi);
+    tile_async<HS>(sV, Vh, 0, T, ldi);
     cp_commit();
     const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
     const float L0 = row0 < T ? lse[hr + row0] * LOG2E : 0.f, L1 = row1 < T ? lse[hr + row1] * LOG2E : 0.f;
@@ -773,8 +823,8 @@ __global__ void __launch_bounds__(128) bwd_q_kernel(bf16 *dQ, const bf16 *Q, con
     for (int kt = 0; kt < nkt; kt++) {
         const int buf = kt & 1;
         if (kt + 1 < nkt) {
-            tile_async<HS>(sK + (buf ^ 1) * TILE, Kh, (kt + 1) * 64, T);
-            tile_async<HS>(sV + (buf ^ 1) * TILE, Vh, (kt + 1) * 64, T);
+            tile_async<HS>(sK + (buf ^ 1) * TILE, Kh, (kt + 1) * 64, T, ldi);
+            tile_async<HS>(sV + (buf ^ 1) * TILE, Vh, (kt + 1) * 64, T, ldi);
             cp_commit();
             cp_wait<1>();
         } else {
@@ -812,7 +862,7 @@ __global__ void __launch_bounds__(128) bwd_q_kernel(bf16 *dQ, const bf16 *Q, con
         mma_pb<HS>(dq, dp, k_s, lane); /* dQ += dS K */
         __syncthreads();
     }
-    store_rows<HS>(dQ + head, dq, row0, T, t, 1.f, 1.f);
+    store_rows<HS>(dQ + head_off((int)blockIdx.y, NH, T, ldg, HS), dq, row0, T, t, 1.f, 1.f, ldg);
 }
 
 } /* namespace fa2 */
@@ -850,53 +900,69 @@ static cudaError_t bwd_v1(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf
 }
 
 template <int HS>
-static cudaError_t fwd_fa2(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
-                           const bf16 *v, int BH, int T, float scale) {
+static cudaError_t fwd_fa2(cudaStream_t s, bf16 *O, int ldo, float *lse, const bf16 *q, const bf16 *k,
+                           const bf16 *v, int ldi, int B, int NH, int T, float scale) {
     const size_t sm = fa2::fwd_smem<HS>();
     cudaError_t e = cudaFuncSetAttribute(fa2::fwd_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     if (e != cudaSuccess) return e;
-    dim3 grid((unsigned)((T + 63) / 64), (unsigned)BH);
-    fa2::fwd_kernel<HS><<<grid, 128, sm, s>>>(O, lse, q, k, v, T, scale, scale * fa2::LOG2E);
+    dim3 grid((unsigned)((T + 63) / 64), (unsigned)(B * NH));
+    fa2::fwd_kernel<HS><<<grid, 128, sm, s>>>(O, lse, q, k, v, T, NH, ldi, ldo, scale, scale * fa2::LOG2E);
     return cudaGetLastError();
 }
 
 template <int HS>
-static cudaError_t bwd_fa2(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *q, const bf16 *k,
-                           const bf16 *v, const bf16 *dO, const float *lse, const float *D, int BH,
-                           int T, float scale) {
+static cudaError_t bwd_fa2(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, int ldg, const bf16 *q,
+                           const bf16 *k, const bf16 *v, int ldi, const bf16 *dO, int ldo,
+                           const float *lse, const float *D, int B, int NH, int T, float scale) {
     const size_t smkv = fa2::bwd_kv_smem<HS>(), smq = fa2::bwd_q_smem<HS>();
     cudaError_t e = cudaFuncSetAttribute(fa2::bwd_kv_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smkv);
     if (e == cudaSuccess) e = cudaFuncSetAttribute(fa2::bwd_q_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smq);
     if (e != cudaSuccess) return e;
-    dim3 grid((unsigned)((T + 63) / 64), (unsigned)BH);
-    fa2::bwd_kv_kernel<HS><<<grid, 128, smkv, s>>>(dk, dv, q, k, v, dO, lse, D, T, scale, scale * fa2::LOG2E);
+    dim3 grid((unsigned)((T + 63) / 64), (unsigned)(B * NH));
+    fa2::bwd_kv_kernel<HS><<<grid, 128, smkv, s>>>(dk, dv, q, k, v, dO, lse, D, T, NH, ldi, ldo, ldg, scale, scale * fa2::LOG2E);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    fa2::bwd_q_kernel<HS><<<grid, 128, smq, s>>>(dq, q, k, v, dO, lse, D, T, scale, scale * fa2::LOG2E);
+    fa2::bwd_q_kernel<HS><<<grid, 128, smq, s>>>(dq, q, k, v, dO, lse, D, T, NH, ldi, ldo, ldg, scale, scale * fa2::LOG2E);
     return cudaGetLastError();
+}
+
+cudaError_t td_k_flash_forward_rows(cudaStream_t s, bf16 *O, int ldo, float *lse, const bf16 *q,
+                                    const bf16 *k, const bf16 *v, int ldi, int B, int NH, int T,
+                                    int HS, float scale) {
+    switch (HS) {
+    case 16: return fwd_fa2<16>(s, O, ldo, lse, q, k, v, ldi, B, NH, T, scale);
+    case 32: return fwd_fa2<32>(s, O, ldo, lse, q, k, v, ldi, B, NH, T, scale);
+    case 48: return fwd_fa2<48>(s, O, ldo, lse, q, k, v, ldi, B, NH, T, scale);
+    case 64: return fwd_fa2<64>(s, O, ldo, lse, q, k, v, ldi, B, NH, T, scale);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+cudaError_t td_k_flash_backward_rows(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, int ldg,
+                                     const bf16 *q, const bf16 *k, const bf16 *v, int ldi,
+                                     const bf16 *dO, int ldo, const float *lse, const float *D,
+                                     int B, int NH, int T, int HS, float scale) {
+    switch (HS) {
+    case 16: return bwd_fa2<16>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, T, scale);
+    case 32: return bwd_fa2<32>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, T, scale);
+    case 48: return bwd_fa2<48>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, T, scale);
+    case 64: return bwd_fa2<64>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, T, scale);
+    default: return cudaErrorInvalidValue;
+    }
 }
 
 cudaError_t td_k_flash_forward(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
                                const bf16 *v, int BH, int T, int HS, float scale) {
-    switch (HS) {
-    case 16: return fwd_fa2<16>(s, O, lse, q, k, v, BH, T, scale);
-    case 32: return fwd_fa2<32>(s, O, lse, q, k, v, BH, T, scale);
-    case 48: return fwd_fa2<48>(s, O, lse, q, k, v, BH, T, scale);
-    case 64: return fwd_fa2<64>(s, O, lse, q, k, v, BH, T, scale);
-    default: return td_k_flash_forward_v1(s, O, lse, q, k, v, BH, T, HS, scale);
-    }
+    if (td_flash_fa2(HS)) return td_k_flash_forward_rows(s, O, HS, lse, q, k, v, HS, BH, 1, T, HS, scale);
+    return td_k_flash_forward_v1(s, O, lse, q, k, v, BH, T, HS, scale);
 }
 
 cudaError_t td_k_flash_backward(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *q,
                                 const bf16 *k, const bf16 *v, const bf16 *dO, const float *lse,
                                 const float *D, int BH, int T, int HS, float scale) {
-    switch (HS) {
-    case 16: return bwd_fa2<16>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    case 32: return bwd_fa2<32>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    case 48: return bwd_fa2<48>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    case 64: return bwd_fa2<64>(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, scale);
-    default: return td_k_flash_backward_v1(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, HS, scale);
-    }
+    if (td_flash_fa2(HS))
+        return td_k_flash_backward_rows(s, dq, dk, dv, HS, q, k, v, HS, dO, HS, lse, D, BH, 1, T, HS, scale);
+    return td_k_flash_backward_v1(s, dq, dk, dv, q, k, v, dO, lse, D, BH, T, HS, scale);
 }
 
 cudaError_t td_k_flash_forward_v1(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
@@ -932,6 +998,11 @@ cudaError_t td_k_flash_backward_v1(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv,
 
 cudaError_t td_k_attn_rowdot(cudaStream_t s, float *D, const bf16 *dout, const bf16 *out, int B,
                              int T, int NH, int HS) {
+    if (HS <= 64 && HS % 8 == 0) { /* 8 lanes per (b, t, h), 16-byte loads */
+        const long long n = (long long)B * T * NH * 8;
+        attn_rowdot8_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(D, dout, out, B, T, NH, HS);
+        return cudaGetLastError();
+    }
     const long long n = (long long)B * T * NH * 32;
     attn_rowdot_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(D, dout, out, B, T, NH, HS);
     return cudaGetLastError();

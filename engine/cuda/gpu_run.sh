@@ -1,19 +1,54 @@
 #!/usr/bin/env bash
-# gpu_run.sh OUTDIR [SIZES] — on a GPU host: build libtandem with CUDA, hold it to the CPU engine
-# and to JAX (tests/engine/test_cuda.py), then time it against JAX (engine/cuda/bench_gpu.py).
-# Writes cmake.log, parity.json/.txt, bench.json/.csv/.txt under OUTDIR. The benchmark's attention
-# follows TANDEM_CUDA_ATTENTION (unset: the engine's default; results/gpu was measured with flash).
+# gpu_run.sh OUTDIR [STEP...] — on a GPU host, from the repository root: build libtandem with CUDA
+# into build/gpu, then the steps asked for, in order (default: parity profile suite):
+#   parity    tests/engine/test_cuda.py: every GPU tier against the CPU engine and JAX
+#             -> parity.json, parity.txt
+#   profile   engine/cuda/bench_gpu.py, engine only, 124M / 350M / 1.5B, with a per-phase device
+#             time profile (TANDEM_CUDA_PROFILE) at 124M and 1.5B -> profile.txt, profile.json
+#   suite     tandem bench --suite gpu (engine vs JAX, alternated, all three sizes) and its report
+#             -> suite.tar (records, run.json, report)
+#   sanitize  compute-sanitizer memcheck over a few bf16 / fp32 training steps -> sanitize.txt
+#   flash     engine/cuda/flash_bench.cu: the attention kernels alone -> flash_bench.txt
+# Every step's output is also printed; a failing step does not stop the later ones.
 set -o pipefail
-OUT=${1:?usage: gpu_run.sh OUTDIR [SIZES]}
-SIZES=${2:-124M,1.5B,350M}
+OUT=${1:?usage: gpu_run.sh OUTDIR [parity|profile|suite|sanitize|flash ...]}
+shift
+STEPS=${*:-parity profile suite}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TANDEM_LIB_DIR=build/gpu PYTHONPATH=.
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-(cmake -S engine -B build/gpu -DTD_CUDA=ON -DTD_TESTS=OFF && cmake --build build/gpu -j16) \
-    > "$OUT/cmake.log" 2>&1 || { tail -60 "$OUT/cmake.log"; exit 1; }
+t0=$(date +%s)
+(cmake -S engine -B build/gpu -DTD_CUDA=ON -DTD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release &&
+    cmake --build build/gpu -j16) > "$OUT/cmake.log" 2>&1 || { tail -60 "$OUT/cmake.log"; exit 1; }
 grep "CUDA backend" "$OUT/cmake.log"
-timeout 200 python3 tests/engine/test_cuda.py --json "$OUT/parity.json" 2>&1 | tee "$OUT/parity.txt"
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py \
-    -k "refused or cpu_only or config_error or needs_bf16" 2>&1 | tail -3 | tee -a "$OUT/parity.txt"
-timeout 420 python3 engine/cuda/bench_gpu.py --sizes "$SIZES" --warmup 3 --steps 10 \
-    --profile 124M --timeout 300 --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+echo "build: $(( $(date +%s) - t0 )) s"
+rc=0
+for step in $STEPS; do
+    t0=$(date +%s)
+    echo "== $step"
+    case $step in
+    parity)
+        timeout 300 python3 tests/engine/test_cuda.py --json "$OUT/parity.json" 2>&1 | tee "$OUT/parity.txt" || rc=1 ;;
+    profile)
+        timeout 300 python3 engine/cuda/bench_gpu.py --sizes 124M,350M,1.5B --sides engine \
+            --warmup 3 --steps 10 --profile 124M,1.5B --timeout 240 --out "$OUT/prof" 2>&1 |
+            tee "$OUT/profile.txt" || rc=1
+        cp "$OUT/prof/bench.json" "$OUT/profile.json" 2>/dev/null; rm -rf "$OUT/prof" ;;
+    suite)
+        timeout 480 python3 -m harness.cli bench --suite gpu --repeats 3 --out "$OUT/suite" 2>&1 || rc=1
+        python3 -m harness.cli report "$OUT/suite" --out "$OUT/suite/report" > /dev/null 2>&1
+        tar -C "$OUT" -cf "$OUT/suite.tar" suite && rm -rf "$OUT/suite" ;;
+    sanitize)
+        timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -c "
+from tests.engine.test_cuda import check_bf16, check_fp32
+rows = check_bf16(steps=2, case='hs48-t130') + check_bf16(steps=2, case='c36-t40') + check_fp32('hs24')
+print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" || rc=1 ;;
+    flash)
+        nvcc -O3 -std=c++17 -arch=sm_90 -DTD_FLASH_BENCH_MAIN -Iengine/include -Iengine/src \
+            -Iengine/cuda engine/cuda/flash_bench.cu engine/cuda/flash.cu -o build/flash_bench &&
+            timeout 120 build/flash_bench 20 2>&1 | tee "$OUT/flash_bench.txt" || rc=1 ;;
+    *) echo "unknown step $step"; rc=1 ;;
+    esac
+    echo "$step: $(( $(date +%s) - t0 )) s"
+done
+exit $rc

@@ -23,6 +23,41 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+/* 8 consecutive elements as fp32 and back: one 16-byte access for bf16, two for fp32. The vector
+ * kernels below take rows whose length is a multiple of 8 starting at 16-byte aligned addresses
+ * (vec_ok); other shapes run the scalar kernels, which are the same maths. */
+__device__ __forceinline__ void ld8(float (&x)[8], const bf16 *p) {
+    const uint4 u = *reinterpret_cast<const uint4 *>(p);
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 f = __bfloat1622float2(h[i]);
+        x[2 * i] = f.x;
+        x[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void ld8(float (&x)[8], const float *p) {
+    const float4 a = reinterpret_cast<const float4 *>(p)[0], b = reinterpret_cast<const float4 *>(p)[1];
+    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+}
+__device__ __forceinline__ void st8(bf16 *p, const float (&x)[8]) {
+    uint4 u;
+    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
+    *reinterpret_cast<uint4 *>(p) = u;
+}
+__device__ __forceinline__ void st8(float *p, const float (&x)[8]) {
+    reinterpret_cast<float4 *>(p)[0] = make_float4(x[0], x[1], x[2], x[3]);
+    reinterpret_cast<float4 *>(p)[1] = make_float4(x[4], x[5], x[6], x[7]);
+}
+static inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+/* rows of n elements (n % 8 == 0) at 16-byte aligned bases */
+static inline bool vec_ok(int n, const void *a, const void *b = NULL, const void *c = NULL,
+                          const void *d = NULL) {
+    return n % 8 == 0 && aligned16(a) && (!b || aligned16(b)) && (!c || aligned16(c)) && (!d || aligned16(d));
+}
+
 /* ---- encoder --------------------------------------------------------------------------------- */
 
 template <typename E>
@@ -108,9 +143,67 @@ __global__ void layernorm_forward_kernel(E *out, float *mean, float *rstd, const
     }
 }
 
+/* the same with the row in registers: lane j holds columns 8 (j + 32 k) .. + 8, k < K */
+template <typename E, int K>
+__global__ void layernorm_forward_vec_kernel(E *out, float *mean, float *rstd, const E *inp,
+                                             const E *w, const E *b, int N, int C) {
+    const int row = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32);
+    const int lane = threadIdx.x % 32, nv = C / 8;
+    if (row >= N) return;
+    const E *x = inp + (long long)row * C;
+    float v[K][8];
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        const int j = lane + 32 * k;
+        if (j < nv) {
+            ld8(v[k], x + 8 * j);
+#pragma unroll
+            for (int i = 0; i < 8; i++) s += v[k][i];
+        }
+    }
+    const float m = warp_sum(s) / C;
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < K; k++)
+        if (lane + 32 * k < nv)
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const float dx = v[k][i] - m;
+                q += dx * dx;
+            }
+    const float r = 1.f / sqrtf(warp_sum(q) / C + 1e-5f);
+    E *o = out + (long long)row * C;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        const int j = lane + 32 * k;
+        if (j < nv) {
+            float wv[8], bv[8], y[8];
+            ld8(wv, w + 8 * j);
+            ld8(bv, b + 8 * j);
+#pragma unroll
+            for (int i = 0; i < 8; i++) y[i] = ((v[k][i] - m) * r) * wv[i] + bv[i];
+            st8(o + 8 * j, y);
+        }
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
+}
+
 template <typename E>
 cudaError_t td_k_layernorm_forward(cudaStream_t s, E *out, float *mean, float *rstd,
                                    const E *inp, const E *w, const E *b, int N, int C) {
+    const unsigned nb = blocks_for((long long)N * 32, 256);
+    if (vec_ok(C, out, inp, w, b) && C <= 256 * 8) {
+        const int K = (C / 8 + 31) / 32;
+        if (K <= 1) layernorm_forward_vec_kernel<E, 1><<<nb, 256, 0, s>>>(out, mean, rstd, inp, w, b, N, C);
+        else if (K <= 2) layernorm_forward_vec_kernel<E, 2><<<nb, 256, 0, s>>>(out, mean, rstd, inp, w, b, N, C);
+        else if (K <= 4) layernorm_forward_vec_kernel<E, 4><<<nb, 256, 0, s>>>(out, mean, rstd, inp, w, b, N, C);
+        else layernorm_forward_vec_kernel<E, 8><<<nb, 256, 0, s>>>(out, mean, rstd, inp, w, b, N, C);
+        return cudaGetLastError();
+    }
     layernorm_forward_kernel<E><<<blocks_for((long long)N * 32, 256), 256, 0, s>>>(out, mean, rstd, inp, w, b, N, C);
     return cudaGetLastError();
 }
@@ -209,11 +302,58 @@ __global__ void colsum_final_kernel(float *dw, float *db, const float *pw, const
     }
 }
 
+/* bias partials only (colsum_partial_kernel without inp), 8 columns per thread by 16-byte loads:
+ * block (32, 8) covers 256 columns; thread (tx, ty) sums rows ty, ty + 8, ... of its chunk, four
+ * loads in flight, then column c's 8 sums are added in ty order. */
+template <typename E>
+__global__ void colsum_bias_vec_kernel(float *pb, const E *dout, int N, int C) {
+    __shared__ float sb[8][256];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int col0 = (blockIdx.x * 32 + tx) * 8, chunk = blockIdx.y;
+    const int r0 = chunk * TD_CS_ROWS, r1 = min(N, r0 + TD_CS_ROWS);
+    float ab[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (col0 < C) {
+        int r = r0 + ty;
+        for (; r + 24 < r1; r += 32) {
+            float a[4][8];
+#pragma unroll
+            for (int u = 0; u < 4; u++) ld8(a[u], dout + (long long)(r + 8 * u) * C + col0);
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+#pragma unroll
+                for (int i = 0; i < 8; i++) ab[i] += a[u][i];
+        }
+        for (; r < r1; r += 8) {
+            float a[8];
+            ld8(a, dout + (long long)r * C + col0);
+#pragma unroll
+            for (int i = 0; i < 8; i++) ab[i] += a[i];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) sb[ty][tx * 8 + i] = ab[i];
+    __syncthreads();
+    const int id = ty * 32 + tx, col = blockIdx.x * 256 + id;
+    if (col < C) {
+        float t = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) t += sb[k][id];
+        pb[(long long)chunk * C + col] = t;
+    }
+}
+
 template <typename E>
 cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, float *part_b,
                         const E *dout, const E *inp, const float *mean, const float *rstd, int N,
                         int C) {
     const int nchunks = (N + TD_CS_ROWS - 1) / TD_CS_ROWS;
+    if (!dw && vec_ok(C, dout)) {
+        colsum_bias_vec_kernel<E><<<dim3(blocks_for(C, 256), (unsigned)nchunks), dim3(32, 8), 0, s>>>(part_b, dout, N, C);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+        colsum_final_kernel<<<blocks_for(C, 32), dim3(32, 8), 0, s>>>(NULL, db, NULL, part_b, nchunks, C);
+        return cudaGetLastError();
+    }
     dim3 grid(blocks_for(C, 32), (unsigned)nchunks), block(32, 8);
     colsum_partial_kernel<E><<<grid, block, 0, s>>>(dw ? part_w : NULL, part_b, dout, dw ? inp : NULL,
                                                     mean, rstd, N, C);
@@ -286,6 +426,96 @@ __global__ void __launch_bounds__(128) layernorm_backward_fused_kernel(
     }
 }
 
+/* the same with 16-byte accesses: lane j owns columns 8 (j + 32 k) .. + 8, k < K; dout and inp
+ * are read twice per row (the second time from cache), the column partials stay in registers */
+template <typename E, int K>
+__global__ void __launch_bounds__(128) layernorm_backward_vec_kernel(
+    E *dinp, float *pw, float *pb, const E *dout, const E *inp, const E *w, const float *mean,
+    const float *rstd, int N, int C, int accumulate) {
+    extern __shared__ float red[]; /* [4][C] */
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nv = C / 8;
+    float aw[K][8], ab[K][8];
+#pragma unroll
+    for (int k = 0; k < K; k++)
+#pragma unroll
+        for (int i = 0; i < 8; i++) aw[k][i] = ab[k][i] = 0.f;
+    const int r0 = blockIdx.x * TD_LNB_ROWS;
+    for (int it = 0; it < TD_LNB_ROWS / 4; it++) {
+        const int row = r0 + warp + 4 * it;
+        if (row >= N) break;
+        const E *d = dout + (long long)row * C;
+        const E *x = inp + (long long)row * C;
+        const float m = mean[row], r = rstd[row];
+        float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            const int j = lane + 32 * k;
+            if (j < nv) {
+                float dv[8], xv[8], wv[8];
+                ld8(dv, d + 8 * j);
+                ld8(xv, x + 8 * j);
+                ld8(wv, w + 8 * j);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const float xh = (xv[i] - m) * r, dn = wv[i] * dv[i];
+                    s1 += dn;
+                    s2 += dn * xh;
+                    aw[k][i] += dv[i] * xh;
+                    ab[k][i] += dv[i];
+                }
+            }
+        }
+        s1 = warp_sum(s1) / C;
+        s2 = warp_sum(s2) / C;
+        E *di = dinp + (long long)row * C;
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            const int j = lane + 32 * k;
+            if (j < nv) {
+                float dv[8], xv[8], wv[8], g[8];
+                ld8(dv, d + 8 * j);
+                ld8(xv, x + 8 * j);
+                ld8(wv, w + 8 * j);
+                if (accumulate) ld8(g, di + 8 * j);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const float xh = (xv[i] - m) * r;
+                    const float gi = (wv[i] * dv[i] - s1 - xh * s2) * r;
+                    g[i] = accumulate ? g[i] + gi : gi;
+                }
+                st8(di + 8 * j, g);
+            }
+        }
+    }
+    for (int pass = 0; pass < 2; pass++) {
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+            const int j = lane + 32 * k;
+            if (j < nv)
+#pragma unroll
+                for (int i = 0; i < 8; i++) red[warp * C + 8 * j + i] = pass ? ab[k][i] : aw[k][i];
+        }
+        __syncthreads();
+        float *out = pass ? pb : pw;
+        for (int c = threadIdx.x; c < C; c += blockDim.x)
+            out[(long long)blockIdx.x * C + c] = ((red[c] + red[C + c]) + red[2 * C + c]) + red[3 * C + c];
+        __syncthreads();
+    }
+}
+
+template <typename E, int K>
+static cudaError_t ln_bwd_vec_launch(cudaStream_t s, E *dinp, float *part_w, float *part_b,
+                                     const E *dout, const E *inp, const E *w, const float *mean,
+                                     const float *rstd, int N, int C, int accumulate, int nb) {
+    const size_t sm = (size_t)4 * C * sizeof(float);
+    if (sm > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(layernorm_backward_vec_kernel<E, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+        if (e != cudaSuccess) return e;
+    }
+    layernorm_backward_vec_kernel<E, K><<<(unsigned)nb, 128, sm, s>>>(dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate);
+    return cudaGetLastError();
+}
+
 template <typename E, int K>
 static cudaError_t ln_bwd_launch(cudaStream_t s, E *dinp, float *part_w, float *part_b,
                                  const E *dout, const E *inp, const E *w, const float *mean,
@@ -308,7 +538,17 @@ cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *d
     }
     const int nb = (N + TD_LNB_ROWS - 1) / TD_LNB_ROWS;
     cudaError_t e;
-    if (per_lane <= 2) e = ln_bwd_launch<E, 2>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    const int kv = (C / 8 + 31) / 32; /* 16-byte vectors per lane */
+    if (vec_ok(C, dinp, dout, inp, w) && kv <= 8) {
+        if (kv <= 1) e = ln_bwd_vec_launch<E, 1>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+        else if (kv <= 2) e = ln_bwd_vec_launch<E, 2>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+        else if (kv <= 3) e = ln_bwd_vec_launch<E, 3>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+        else if (kv <= 4) e = ln_bwd_vec_launch<E, 4>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+        else if (kv <= 5) e = ln_bwd_vec_launch<E, 5>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+        else if (kv <= 6) e = ln_bwd_vec_launch<E, 6>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+        else if (kv <= 7) e = ln_bwd_vec_launch<E, 7>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+        else e = ln_bwd_vec_launch<E, 8>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+    } else if (per_lane <= 2) e = ln_bwd_launch<E, 2>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
     else if (per_lane <= 4) e = ln_bwd_launch<E, 4>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
     else if (per_lane <= 8) e = ln_bwd_launch<E, 8>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
     else if (per_lane <= 16) e = ln_bwd_launch<E, 16>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
@@ -538,15 +778,94 @@ __global__ void crossentropy_backward_kernel(E *dlogits, const float *lse, const
     }
 }
 
+/* (max, sum) pairs of two partial softmax denominators, combined */
+__device__ __forceinline__ void lse_merge(float &mx, float &s, float mo, float so) {
+    const float mn = fmaxf(mx, mo);
+    const float a = mx == -INFINITY ? 0.f : s * expf(mx - mn);
+    const float b = mo == -INFINITY ? 0.f : so * expf(mo - mn);
+    mx = mn;
+    s = a + b;
+}
+
+/* the same 8 columns at a time (16-byte loads; ld % 8 == 0, so a vector that starts before V ends
+ * inside the row): each thread rescales its running sum once per vector, not once per element */
+template <typename E>
+__global__ void crossentropy_forward_vec_kernel(float *losses, float *lse, const E *logits,
+                                                const int *targets, int V, int ld) {
+    __shared__ float sm[CE_THREADS / 32], ss[CE_THREADS / 32];
+    const int row = blockIdx.x;
+    const E *l = logits + (long long)row * ld;
+    float mx = -INFINITY, s = 0.f;
+    for (int v0 = threadIdx.x * 8; v0 < V; v0 += blockDim.x * 8) {
+        float x[8];
+        ld8(x, l + v0);
+        float m8 = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (v0 + i < V) m8 = fmaxf(m8, x[i]);
+        if (m8 > mx) {
+            s = mx == -INFINITY ? 0.f : s * expf(mx - m8);
+            mx = m8;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (v0 + i < V) s += expf(x[i] - mx);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float mo = __shfl_xor_sync(0xffffffffu, mx, o), so = __shfl_xor_sync(0xffffffffu, s, o);
+        lse_merge(mx, s, mo, so);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        sm[warp] = mx;
+        ss[warp] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = -INFINITY, S = 0.f;
+        for (int w = 0; w < (int)(blockDim.x / 32); w++) lse_merge(M, S, sm[w], ss[w]);
+        const float z = M + logf(S);
+        lse[row] = z;
+        losses[row] = z - to_f(l[targets[row]]);
+    }
+}
+
+template <typename E>
+__global__ void crossentropy_backward_vec_kernel(E *dlogits, const float *lse, const int *targets,
+                                                 float dloss, int V, int ld) {
+    const int row = blockIdx.x;
+    E *d = dlogits + (long long)row * ld;
+    const float z = lse[row];
+    const int y = targets[row];
+    for (int v0 = threadIdx.x * 8; v0 < ld; v0 += blockDim.x * 8) {
+        float x[8];
+        ld8(x, d + v0);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int v = v0 + i;
+            x[i] = v >= V ? 0.f : (expf(x[i] - z) - (v == y ? 1.f : 0.f)) * dloss;
+        }
+        st8(d + v0, x);
+    }
+}
+
 template <typename E>
 cudaError_t td_k_crossentropy_forward(cudaStream_t s, float *losses, float *lse, const E *logits,
                                       const int *targets, int N, int V, int ld) {
+    if (vec_ok(ld, logits)) {
+        crossentropy_forward_vec_kernel<E><<<(unsigned)N, CE_THREADS, 0, s>>>(losses, lse, logits, targets, V, ld);
+        return cudaGetLastError();
+    }
     crossentropy_forward_kernel<E><<<(unsigned)N, CE_THREADS, 0, s>>>(losses, lse, logits, targets, V, ld);
     return cudaGetLastError();
 }
 template <typename E>
 cudaError_t td_k_crossentropy_backward(cudaStream_t s, E *dlogits, const float *lse,
                                        const int *targets, float dloss, int N, int V, int ld) {
+    if (vec_ok(ld, dlogits)) {
+        crossentropy_backward_vec_kernel<E><<<(unsigned)N, CE_THREADS, 0, s>>>(dlogits, lse, targets, dloss, V, ld);
+        return cudaGetLastError();
+    }
     crossentropy_backward_kernel<E><<<(unsigned)N, CE_THREADS, 0, s>>>(dlogits, lse, targets, dloss, V, ld);
     return cudaGetLastError();
 }

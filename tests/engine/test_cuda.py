@@ -44,6 +44,9 @@ FP32_CASES = {
                  batch_size=3),
     "t1": dict(n_layer=2, n_embd=48, n_head=3, vocab_size=311, n_positions=16, seq_len=1,
                batch_size=4),
+    # n_embd not a multiple of 8: the scalar LayerNorm / column-sum kernels, not the 16-byte ones
+    "c36": dict(n_layer=2, n_embd=36, n_head=3, vocab_size=311, n_positions=16, seq_len=7,
+                batch_size=3),
 }
 BF16_CASES = {
     # head size 32, one 64-row attention tile
@@ -58,6 +61,15 @@ BF16_CASES = {
     # head size 96: flash.cu's first (WMMA) kernels, kept for head sizes above 64
     "hs96-t80": dict(n_layer=1, n_embd=192, n_head=2, vocab_size=311, n_positions=128,
                      seq_len=80, batch_size=2),
+    # n_embd 36, head size 12: scalar element-wise kernels and the materialised attention
+    "c36-t40": dict(n_layer=2, n_embd=36, n_head=3, vocab_size=311, n_positions=64,
+                    seq_len=40, batch_size=3),
+    # GPT-2 124M's and 1.5B's widths (one layer): the 16-byte LayerNorm kernels with 3 and 7
+    # vectors per lane, column sums over several 256-column blocks
+    "c768": dict(n_layer=1, n_embd=768, n_head=12, vocab_size=311, n_positions=64, seq_len=64,
+                 batch_size=2),
+    "c1600": dict(n_layer=1, n_embd=1600, n_head=25, vocab_size=311, n_positions=32,
+                  seq_len=32, batch_size=2),
 }
 BF16_CASE = BF16_CASES["hs32"]
 FP32_TOL = dict(logits=1e-5, loss=1e-5, grad=1e-4, param=1e-4)
@@ -353,8 +365,11 @@ def _failures(rows):
 
 # ---- pytest ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case,attention", [("hs16", None), ("hs24", None), ("t1", None),
-                                            ("hs16", "recompute"), ("hs24", "store")])
+FP32_TIERS = [("hs16", None), ("hs24", None), ("t1", None), ("c36", None), ("hs16", "recompute"),
+              ("hs24", "store")]
+
+
+@pytest.mark.parametrize("case,attention", FP32_TIERS)
 def test_fp32_matches_cpu(cuda_ok, case, attention):
     rows = check_fp32(case, attention)
     bad = _failures(rows)
@@ -362,7 +377,8 @@ def test_fp32_matches_cpu(cuda_ok, case, attention):
 
 
 BF16_TIERS = [("hs32", None), ("hs32", "flash"), ("hs64-t200", None), ("hs64-t200", "flash"),
-              ("hs48-t130", "flash"), ("hs96-t80", "flash")]
+              ("hs48-t130", "flash"), ("hs96-t80", "flash"), ("c36-t40", None),
+              ("c768", None), ("c1600", None)]
 FLASH_VS_STORE = ["hs64-t200", "hs48-t130", "hs96-t80"]
 
 
@@ -433,8 +449,7 @@ def main(argv=None) -> int:
         print(f"SKIP: {reason}")
         return 0
     rows = []
-    for case, att in [("hs16", None), ("hs24", None), ("t1", None), ("hs16", "recompute"),
-                      ("hs24", "store")]:
+    for case, att in FP32_TIERS:
         rows += check_fp32(case, att)
     for case, att in BF16_TIERS:
         try:
