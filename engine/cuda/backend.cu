@@ -278,7 +278,7 @@ static td_status cuda_build(td_model *m) {
 
     /* scratch */
     const size_t att = B * NH * T * T * es;
-    const size_t nchunks = (BT + TD_CS_ROWS - 1) / TD_CS_ROWS, nlnb = (BT + TD_LNB_ROWS - 1) / TD_LNB_ROWS;
+    const size_t nchunks = (BT + TD_CS_ROWS - 1) / TD_CS_ROWS, nlnb = (BT + TD_LNB_ROWS_MIN - 1) / TD_LNB_ROWS_MIN;
     const size_t part = nchunks * 4 * C > nlnb * C ? nchunks * 4 * C : nlnb * C;
     ALLOC(d->dres, BTC * es, "backward scratch");
     ALLOC(d->dln, BTC * es, "backward scratch");

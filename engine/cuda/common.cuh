@@ -192,8 +192,9 @@ cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, flo
                         const E *dout, const E *inp, const float *mean, const float *rstd, int N,
                         int C);
 /* LayerNorm backward, input and weight gradients in one pass over the rows (dinp += when
- * accumulate); partials of TD_LNB_ROWS rows, summed in a fixed order. */
-#define TD_LNB_ROWS 32
+ * accumulate); partials of 32 down to TD_LNB_ROWS_MIN rows (a function of N), summed in a fixed
+ * order: part_w, part_b hold (N / TD_LNB_ROWS_MIN rounded up) x C floats. */
+#define TD_LNB_ROWS_MIN 4
 template <typename E>
 cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *db, float *part_w,
                                     float *part_b, const E *dout, const E *inp, const E *w,

@@ -8,6 +8,7 @@
 #   suite     tandem bench --suite gpu (engine vs JAX, alternated, all three sizes) and its report
 #             -> suite.tar (records, run.json, report)
 #   sanitize  compute-sanitizer memcheck over a few bf16 / fp32 training steps -> sanitize.txt
+#   ncu       Nsight Compute on the non-GEMM kernels of one 1.5B-shaped layer's step -> ncu.txt
 #   flash     engine/cuda/flash_bench.cu: the attention kernels alone -> flash_bench.txt
 # Every step's output is also printed; a failing step does not stop the later ones.
 set -o pipefail
@@ -43,6 +44,11 @@ for step in $STEPS; do
 from tests.engine.test_cuda import check_bf16, check_fp32
 rows = check_bf16(steps=2, case='hs48-t130') + check_bf16(steps=2, case='c36-t40') + check_fp32('hs24')
 print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" || rc=1 ;;
+    ncu)
+        timeout 300 ncu --kernel-name regex:'layernorm|colsum|adamw|fwd_kernel|bwd_kv|bwd_q|crossentropy|rowdot|sq_partial' \
+            --launch-count 24 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+            python3 engine/cuda/steps.py --size 1.5B --layers 1 --steps 1 > "$OUT/ncu.txt" 2>&1 || rc=1
+        grep -E "^  [a-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Compute \(SM\) Throughput" "$OUT/ncu.txt" | head -150 ;;
     flash)
         nvcc -O3 -std=c++17 -arch=sm_90 -DTD_FLASH_BENCH_MAIN -Iengine/include -Iengine/src \
             -Iengine/cuda engine/cuda/flash_bench.cu engine/cuda/flash.cu -o build/flash_bench &&

@@ -276,15 +276,17 @@ __global__ void colsum_partial_kernel(float *pw, float *pb, const E *dout, const
     }
 }
 
-/* db[col] += sum over chunks of pb[chunk, col] (and dw from pw): 8 threads per column take every
- * 8th chunk, then one adds the 8 sums in order. Fixed order for a given shape. */
+/* db[col] += sum over chunks of pb[chunk, col] (and dw from pw): 32 threads per column take every
+ * 32nd chunk (their loads in flight together), then one adds the 32 sums in order. Fixed order for
+ * a given shape. Launch: colsum_final (below). */
+#define CSF_T 32
 __global__ void colsum_final_kernel(float *dw, float *db, const float *pw, const float *pb,
                                     int nchunks, int C) {
-    __shared__ float sw[8][33], sb[8][33];
+    __shared__ float sw[CSF_T][33], sb[CSF_T][33];
     const int tx = threadIdx.x, ty = threadIdx.y, col = blockIdx.x * 32 + tx;
     float tw = 0.f, tb = 0.f;
     if (col < C)
-        for (int k = ty; k < nchunks; k += 8) {
+        for (int k = ty; k < nchunks; k += CSF_T) {
             tb += pb[(long long)k * C + col];
             if (pw) tw += pw[(long long)k * C + col];
         }
@@ -293,13 +295,18 @@ __global__ void colsum_final_kernel(float *dw, float *db, const float *pw, const
     __syncthreads();
     if (ty == 0 && col < C) {
         float a = 0.f, b = 0.f;
-        for (int k = 0; k < 8; k++) {
+        for (int k = 0; k < CSF_T; k++) {
             a += sw[k][tx];
             b += sb[k][tx];
         }
         db[col] += b;
         if (dw) dw[col] += a;
     }
+}
+static cudaError_t colsum_final(cudaStream_t s, float *dw, float *db, const float *pw,
+                                const float *pb, int nchunks, int C) {
+    colsum_final_kernel<<<blocks_for(C, 32), dim3(32, CSF_T), 0, s>>>(dw, db, pw, pb, nchunks, C);
+    return cudaGetLastError();
 }
 
 /* bias partials only (colsum_partial_kernel without inp), 8 columns per thread by 16-byte loads:
@@ -351,26 +358,23 @@ cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, flo
         colsum_bias_vec_kernel<E><<<dim3(blocks_for(C, 256), (unsigned)nchunks), dim3(32, 8), 0, s>>>(part_b, dout, N, C);
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess) return e;
-        colsum_final_kernel<<<blocks_for(C, 32), dim3(32, 8), 0, s>>>(NULL, db, NULL, part_b, nchunks, C);
-        return cudaGetLastError();
+        return colsum_final(s, NULL, db, NULL, part_b, nchunks, C);
     }
     dim3 grid(blocks_for(C, 32), (unsigned)nchunks), block(32, 8);
     colsum_partial_kernel<E><<<grid, block, 0, s>>>(dw ? part_w : NULL, part_b, dout, dw ? inp : NULL,
                                                     mean, rstd, N, C);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    colsum_final_kernel<<<blocks_for(C, 32), dim3(32, 8), 0, s>>>(dw, db, dw ? part_w : NULL, part_b,
-                                                                  nchunks, C);
-    return cudaGetLastError();
+    return colsum_final(s, dw, db, dw ? part_w : NULL, part_b, nchunks, C);
 }
 
-/* LayerNorm backward in one pass over the rows: dinp (+)= d/dx, and per block of TD_LNB_ROWS rows
+/* LayerNorm backward in one pass over the rows: dinp (+)= d/dx, and per block of `rows` rows
  * the partial sums of dout * xhat and dout per column (each warp's in registers, the 4 warps'
- * added in order), which colsum_final_kernel adds in a fixed order. K = columns per lane. */
+ * added in order), which colsum_final adds in a fixed order. K = columns per lane. */
 template <typename E, int K>
 __global__ void __launch_bounds__(128) layernorm_backward_fused_kernel(
     E *dinp, float *pw, float *pb, const E *dout, const E *inp, const E *w, const float *mean,
-    const float *rstd, int N, int C, int accumulate) {
+    const float *rstd, int N, int C, int accumulate, int rows) {
     extern __shared__ float red[]; /* [4][C] */
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float wr[K], aw[K], ab[K];
@@ -380,8 +384,8 @@ __global__ void __launch_bounds__(128) layernorm_backward_fused_kernel(
         wr[k] = c < C ? to_f(w[c]) : 0.f;
         aw[k] = ab[k] = 0.f;
     }
-    const int r0 = blockIdx.x * TD_LNB_ROWS;
-    for (int i = 0; i < TD_LNB_ROWS / 4; i++) {
+    const int r0 = blockIdx.x * rows;
+    for (int i = 0; i < rows / 4; i++) {
         const int row = r0 + warp + 4 * i;
         if (row >= N) break;
         const E *d = dout + (long long)row * C;
@@ -431,7 +435,7 @@ __global__ void __launch_bounds__(128) layernorm_backward_fused_kernel(
 template <typename E, int K>
 __global__ void __launch_bounds__(128) layernorm_backward_vec_kernel(
     E *dinp, float *pw, float *pb, const E *dout, const E *inp, const E *w, const float *mean,
-    const float *rstd, int N, int C, int accumulate) {
+    const float *rstd, int N, int C, int accumulate, int rows) {
     extern __shared__ float red[]; /* [4][C] */
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nv = C / 8;
     float aw[K][8], ab[K][8];
@@ -439,8 +443,8 @@ __global__ void __launch_bounds__(128) layernorm_backward_vec_kernel(
     for (int k = 0; k < K; k++)
 #pragma unroll
         for (int i = 0; i < 8; i++) aw[k][i] = ab[k][i] = 0.f;
-    const int r0 = blockIdx.x * TD_LNB_ROWS;
-    for (int it = 0; it < TD_LNB_ROWS / 4; it++) {
+    const int r0 = blockIdx.x * rows;
+    for (int it = 0; it < rows / 4; it++) {
         const int row = r0 + warp + 4 * it;
         if (row >= N) break;
         const E *d = dout + (long long)row * C;
@@ -506,22 +510,24 @@ __global__ void __launch_bounds__(128) layernorm_backward_vec_kernel(
 template <typename E, int K>
 static cudaError_t ln_bwd_vec_launch(cudaStream_t s, E *dinp, float *part_w, float *part_b,
                                      const E *dout, const E *inp, const E *w, const float *mean,
-                                     const float *rstd, int N, int C, int accumulate, int nb) {
+                                     const float *rstd, int N, int C, int accumulate, int nb,
+                                     int rows) {
     const size_t sm = (size_t)4 * C * sizeof(float);
     if (sm > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(layernorm_backward_vec_kernel<E, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
         if (e != cudaSuccess) return e;
     }
-    layernorm_backward_vec_kernel<E, K><<<(unsigned)nb, 128, sm, s>>>(dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate);
+    layernorm_backward_vec_kernel<E, K><<<(unsigned)nb, 128, sm, s>>>(dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, rows);
     return cudaGetLastError();
 }
 
 template <typename E, int K>
 static cudaError_t ln_bwd_launch(cudaStream_t s, E *dinp, float *part_w, float *part_b,
                                  const E *dout, const E *inp, const E *w, const float *mean,
-                                 const float *rstd, int N, int C, int accumulate, int nb) {
+                                 const float *rstd, int N, int C, int accumulate, int nb,
+                                 int rows) {
     const size_t sm = (size_t)4 * C * sizeof(float);
-    layernorm_backward_fused_kernel<E, K><<<(unsigned)nb, 128, sm, s>>>(dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate);
+    layernorm_backward_fused_kernel<E, K><<<(unsigned)nb, 128, sm, s>>>(dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, rows);
     return cudaGetLastError();
 }
 
@@ -536,30 +542,34 @@ cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *d
         if (e != cudaSuccess) return e;
         return td_k_colsum<E>(s, dw, db, part_w, part_b, dout, inp, mean, rstd, N, C);
     }
-    const int nb = (N + TD_LNB_ROWS - 1) / TD_LNB_ROWS;
+    /* rows per block: 32, halved (down to TD_LNB_ROWS_MIN) until there are 1024 blocks: the
+     * kernel holds its column partials in registers, so few warps fit on an SM and a small N
+     * (1.5B: 8192 rows) needs more blocks in flight (Nsight Compute: 12% occupancy at 256) */
+    int rows = 32;
+    while (rows > TD_LNB_ROWS_MIN && (N + rows - 1) / rows < 1024) rows /= 2;
+    const int nb = (N + rows - 1) / rows;
     cudaError_t e;
     const int kv = (C / 8 + 31) / 32; /* 16-byte vectors per lane */
     if (vec_ok(C, dinp, dout, inp, w) && kv <= 8) {
-        if (kv <= 1) e = ln_bwd_vec_launch<E, 1>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-        else if (kv <= 2) e = ln_bwd_vec_launch<E, 2>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-        else if (kv <= 3) e = ln_bwd_vec_launch<E, 3>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-        else if (kv <= 4) e = ln_bwd_vec_launch<E, 4>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-        else if (kv <= 5) e = ln_bwd_vec_launch<E, 5>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-        else if (kv <= 6) e = ln_bwd_vec_launch<E, 6>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-        else if (kv <= 7) e = ln_bwd_vec_launch<E, 7>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-        else e = ln_bwd_vec_launch<E, 8>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-    } else if (per_lane <= 2) e = ln_bwd_launch<E, 2>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-    else if (per_lane <= 4) e = ln_bwd_launch<E, 4>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-    else if (per_lane <= 8) e = ln_bwd_launch<E, 8>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-    else if (per_lane <= 16) e = ln_bwd_launch<E, 16>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-    else if (per_lane <= 24) e = ln_bwd_launch<E, 24>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-    else if (per_lane <= 32) e = ln_bwd_launch<E, 32>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-    else if (per_lane <= 40) e = ln_bwd_launch<E, 40>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-    else if (per_lane <= 52) e = ln_bwd_launch<E, 52>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
-    else e = ln_bwd_launch<E, 64>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb);
+        if (kv <= 1) e = ln_bwd_vec_launch<E, 1>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+        else if (kv <= 2) e = ln_bwd_vec_launch<E, 2>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+        else if (kv <= 3) e = ln_bwd_vec_launch<E, 3>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+        else if (kv <= 4) e = ln_bwd_vec_launch<E, 4>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+        else if (kv <= 5) e = ln_bwd_vec_launch<E, 5>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+        else if (kv <= 6) e = ln_bwd_vec_launch<E, 6>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+        else if (kv <= 7) e = ln_bwd_vec_launch<E, 7>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+        else e = ln_bwd_vec_launch<E, 8>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+    } else if (per_lane <= 2) e = ln_bwd_launch<E, 2>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+    else if (per_lane <= 4) e = ln_bwd_launch<E, 4>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+    else if (per_lane <= 8) e = ln_bwd_launch<E, 8>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+    else if (per_lane <= 16) e = ln_bwd_launch<E, 16>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+    else if (per_lane <= 24) e = ln_bwd_launch<E, 24>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+    else if (per_lane <= 32) e = ln_bwd_launch<E, 32>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+    else if (per_lane <= 40) e = ln_bwd_launch<E, 40>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+    else if (per_lane <= 52) e = ln_bwd_launch<E, 52>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+    else e = ln_bwd_launch<E, 64>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
     if (e != cudaSuccess) return e;
-    colsum_final_kernel<<<blocks_for(C, 32), dim3(32, 8), 0, s>>>(dw, db, part_w, part_b, nb, C);
-    return cudaGetLastError();
+    return colsum_final(s, dw, db, part_w, part_b, nb, C);
 }
 
 /* ---- GELU (tanh form), bias ------------------------------------------------------------------ */
@@ -713,6 +723,7 @@ cudaError_t td_k_attn_softmax_backward(cudaStream_t s, E *dS, const E *P, long l
 /* ---- softmax + cross-entropy over the vocabulary: one block per row, fp32 statistics ---------- */
 
 #define CE_THREADS 256
+#define CE_LOG2E 1.4426950408889634f
 
 template <typename E>
 __global__ void crossentropy_forward_kernel(float *losses, float *lse, const E *logits,
@@ -804,12 +815,13 @@ __global__ void crossentropy_forward_vec_kernel(float *losses, float *lse, const
         for (int i = 0; i < 8; i++)
             if (v0 + i < V) m8 = fmaxf(m8, x[i]);
         if (m8 > mx) {
-            s = mx == -INFINITY ? 0.f : s * expf(mx - m8);
+            s = mx == -INFINITY ? 0.f : s * exp2f((mx - m8) * CE_LOG2E);
             mx = m8;
         }
+        const float mxl = mx * CE_LOG2E; /* exp(x - mx) = 2^(x log2 e - mx log2 e): one FMA + ex2 */
 #pragma unroll
         for (int i = 0; i < 8; i++)
-            if (v0 + i < V) s += expf(x[i] - mx);
+            if (v0 + i < V) s += exp2f(fmaf(x[i], CE_LOG2E, -mxl));
     }
     for (int o = 16; o > 0; o >>= 1) {
         const float mo = __shfl_xor_sync(0xffffffffu, mx, o), so = __shfl_xor_sync(0xffffffffu, s, o);
@@ -835,7 +847,7 @@ __global__ void crossentropy_backward_vec_kernel(E *dlogits, const float *lse, c
                                                  float dloss, int V, int ld) {
     const int row = blockIdx.x;
     E *d = dlogits + (long long)row * ld;
-    const float z = lse[row];
+    const float zl = lse[row] * CE_LOG2E;
     const int y = targets[row];
     for (int v0 = threadIdx.x * 8; v0 < ld; v0 += blockDim.x * 8) {
         float x[8];
@@ -843,7 +855,7 @@ __global__ void crossentropy_backward_vec_kernel(E *dlogits, const float *lse, c
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const int v = v0 + i;
-            x[i] = v >= V ? 0.f : (expf(x[i] - z) - (v == y ? 1.f : 0.f)) * dloss;
+            x[i] = v >= V ? 0.f : (exp2f(fmaf(x[i], CE_LOG2E, -zl)) - (v == y ? 1.f : 0.f)) * dloss;
         }
         st8(d + v0, x);
     }
@@ -885,12 +897,12 @@ cudaError_t td_k_cast_bf16(cudaStream_t s, bf16 *out, const float *in, long long
 /* docs/model.md's AdamW, in the CPU's (optim.c) order of fp32 operations; one pass over every
  * tensor. Which tensor an element belongs to (for weight decay) comes from seg_end: the block's
  * first element is found by bisection, the threads then step forward. */
-__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, bf16 *p16, long long n,
-                             const int64_t *seg_end, const unsigned char *seg_decay, int nseg,
-                             float b1, float b2, float bc1, float bc2, float lr, float eps,
-                             float wd, float clip) {
+__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, bf16 *p16,
+                             long long first, long long n, const int64_t *seg_end,
+                             const unsigned char *seg_decay, int nseg, float b1, float b2,
+                             float bc1, float bc2, float lr, float eps, float wd, float clip) {
     __shared__ int s0;
-    const long long start = blockIdx.x * (long long)blockDim.x;
+    const long long start = first + blockIdx.x * (long long)blockDim.x; /* elements [first, n) */
     if (threadIdx.x == 0) {
         int lo = 0, hi = nseg - 1;
         while (lo < hi) {
@@ -918,12 +930,74 @@ __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, bf16 
     if (p16) p16[i] = __float2bfloat16_rn(th);
 }
 
+/* the same, 4 elements per thread through 16-byte loads and stores (the buffers are cudaMalloc'd,
+ * so 16-byte aligned); the last n % 4 elements, if any, take the scalar kernel */
+__global__ void adamw4_kernel(float *p, const float *g, float *m, float *v, bf16 *p16, long long n4,
+                              const int64_t *seg_end, const unsigned char *seg_decay, int nseg,
+                              float b1, float b2, float bc1, float bc2, float lr, float eps,
+                              float wd, float clip) {
+    __shared__ int s0;
+    const long long start = blockIdx.x * (long long)blockDim.x * 4;
+    if (threadIdx.x == 0) {
+        int lo = 0, hi = nseg - 1;
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            if (seg_end[mid] > start) hi = mid;
+            else lo = mid + 1;
+        }
+        s0 = lo;
+    }
+    __syncthreads();
+    const long long q = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (q >= n4) return;
+    const long long i0 = 4 * q;
+    float4 P = reinterpret_cast<float4 *>(p)[q], M = reinterpret_cast<float4 *>(m)[q];
+    float4 Vv = reinterpret_cast<float4 *>(v)[q];
+    const float4 G = reinterpret_cast<const float4 *>(g)[q];
+    float *pp = &P.x, *mp = &M.x, *vp = &Vv.x;
+    const float *gp = &G.x;
+    int sg = s0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        while (seg_end[sg] <= i0 + j) sg++;
+        const float w = seg_decay[sg] ? wd : 0.f;
+        const float gj = clip == 1.f ? gp[j] : gp[j] * clip;
+        const float mm = b1 * mp[j] + (1.f - b1) * gj;
+        const float vv = b2 * vp[j] + (1.f - b2) * gj * gj;
+        mp[j] = mm;
+        vp[j] = vv;
+        const float mhat = mm / bc1, vhat = vv / bc2;
+        const float th = pp[j];
+        pp[j] = th - lr * (mhat / (sqrtf(vhat) + eps) + w * th);
+    }
+    reinterpret_cast<float4 *>(p)[q] = P;
+    reinterpret_cast<float4 *>(m)[q] = M;
+    reinterpret_cast<float4 *>(v)[q] = Vv;
+    if (p16) {
+        __nv_bfloat162 lo = __floats2bfloat162_rn(P.x, P.y), hi = __floats2bfloat162_rn(P.z, P.w);
+        uint2 u;
+        u.x = *reinterpret_cast<uint32_t *>(&lo);
+        u.y = *reinterpret_cast<uint32_t *>(&hi);
+        reinterpret_cast<uint2 *>(p16)[q] = u;
+    }
+}
+
 cudaError_t td_k_adamw(cudaStream_t s, float *p, const float *g, float *m, float *v, bf16 *p16,
                        long long n, const int64_t *seg_end, const unsigned char *seg_decay,
                        int nseg, float b1, float b2, float bc1, float bc2, float lr, float eps,
                        float wd, float clip) {
     if (n <= 0) return cudaSuccess;
-    adamw_kernel<<<blocks_for(n, 256), 256, 0, s>>>(p, g, m, v, p16, n, seg_end, seg_decay, nseg,
+    const bool vec = aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v) &&
+                     (!p16 || ((uintptr_t)p16 & 7u) == 0);
+    const long long n4 = vec ? n / 4 : 0;
+    if (n4 > 0) {
+        adamw4_kernel<<<blocks_for(n4, 256), 256, 0, s>>>(p, g, m, v, p16, n4, seg_end, seg_decay, nseg,
+                                                           b1, b2, bc1, bc2, lr, eps, wd, clip);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess || n4 * 4 == n) return e;
+    }
+    const long long first = n4 * 4; /* what the 4-wide kernel left: all, or the last n % 4 */
+    adamw_kernel<<<blocks_for(n - first, 256), 256, 0, s>>>(p, g, m, v, p16, first, n, seg_end, seg_decay, nseg,
                                                      b1, b2, bc1, bc2, lr, eps, wd, clip);
     return cudaGetLastError();
 }
@@ -934,7 +1008,16 @@ __global__ void sq_partial_kernel(double *part, const float *g, long long n, lon
     __shared__ double sh[256 / 32];
     const long long lo = blockIdx.x * chunk, hi = min(n, lo + chunk);
     double acc = 0.0;
-    for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) acc += (double)g[i] * g[i];
+    if ((chunk & 3) == 0 && ((uintptr_t)g & 15u) == 0) { /* 16-byte loads, then the scalar tail */
+        const long long h4 = hi > lo ? lo + ((hi - lo) & ~3ll) : hi; /* chunks past n are empty */
+        for (long long i = lo + 4 * threadIdx.x; i < h4; i += 4 * blockDim.x) {
+            const float4 x = *reinterpret_cast<const float4 *>(g + i);
+            acc += (double)x.x * x.x + (double)x.y * x.y + (double)x.z * x.z + (double)x.w * x.w;
+        }
+        for (long long i = h4 + threadIdx.x; i < hi; i += blockDim.x) acc += (double)g[i] * g[i];
+    } else {
+        for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) acc += (double)g[i] * g[i];
+    }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
     if (threadIdx.x % 32 == 0) sh[threadIdx.x / 32] = acc;
     __syncthreads();
@@ -951,7 +1034,7 @@ __global__ void sq_final_kernel(double *part, int nb) {
 }
 cudaError_t td_k_sq_sum(cudaStream_t s, double *part, const float *g, long long n) {
     long long chunk = (n + TD_SQ_BLOCKS - 1) / TD_SQ_BLOCKS;
-    if (chunk < 1) chunk = 1;
+    chunk = (chunk + 3) & ~3ll; /* a multiple of 4: every chunk starts 16-byte aligned */
     sq_partial_kernel<<<TD_SQ_BLOCKS, 256, 0, s>>>(part, g, n, chunk);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
