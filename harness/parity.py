@@ -50,7 +50,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", default=None,
                    help="results directory (default ./tandem-results/parity-<suite>)")
     p.add_argument("--backend", choices=BACKENDS, default="cpu",
-                   help="engine backend to check (only cpu is built today)")
+                   help="engine backend to check: cpu (default), or cuda (a libtandem built "
+                        "with CUDA: one-stage cases move to the GPU, fp32 against JAX fp32 "
+                        "on the same GPU)")
     p.add_argument("--case", action="append", metavar="NAME", default=None,
                    help="run only this case (repeatable)")
     p.add_argument("--tier", action="append", choices=tol.TIERS, default=None,

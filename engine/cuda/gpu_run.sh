@@ -7,6 +7,8 @@
 #             time profile (TANDEM_CUDA_PROFILE) at 124M and 1.5B -> profile.txt, profile.json
 #   suite     tandem bench --suite gpu (engine vs JAX, alternated, all three sizes) and its report
 #             -> suite.tar (records, run.json, report)
+#   tparity   tandem parity --suite smoke --backend cuda (fp32 engine vs JAX fp32 on the GPU)
+#             -> tparity.tar
 #   sanitize  compute-sanitizer memcheck over a few bf16 / fp32 training steps -> sanitize.txt
 #   ncu       Nsight Compute on the non-GEMM kernels of one 1.5B-shaped layer's step -> ncu.txt
 #   flash     engine/cuda/flash_bench.cu: the attention kernels alone -> flash_bench.txt
@@ -39,6 +41,9 @@ for step in $STEPS; do
         timeout 480 python3 -m harness.cli bench --suite gpu --repeats 3 --out "$OUT/suite" 2>&1 || rc=1
         python3 -m harness.cli report "$OUT/suite" --out "$OUT/suite/report" > /dev/null 2>&1
         tar -C "$OUT" -cf "$OUT/suite.tar" suite && rm -rf "$OUT/suite" ;;
+    tparity)
+        timeout 300 python3 -m harness.cli parity --suite smoke --backend cuda --out "$OUT/tparity" 2>&1 | tail -30 || rc=1
+        tar -C "$OUT" -cf "$OUT/tparity.tar" tparity && rm -rf "$OUT/tparity" ;;
     sanitize)
         timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -c "
 from tests.engine.test_cuda import check_bf16, check_fp32

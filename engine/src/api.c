@@ -41,11 +41,13 @@ td_status td_fail_global(td_status status, const char *fmt, ...) {
 int32_t td_abi_version(void) { return TD_ABI_VERSION; }
 int32_t td_real_bytes(void) { return (int32_t)sizeof(td_real); }
 
+/* the version and the build's backends: "cpu, float64 kernels", "cpu, fp32" or, when the
+ * library was built with the CUDA backend, "cpu, fp32; cuda fp32/bf16" */
 const char *td_version_string(void) {
 #ifdef TD_FLOAT64
     return TD_VERSION " (cpu, float64 kernels)";
 #else
-    return TD_VERSION " (cpu, fp32)";
+    return td_cuda_ops() ? TD_VERSION " (cpu, fp32; cuda fp32/bf16)" : TD_VERSION " (cpu, fp32)";
 #endif
 }
 
