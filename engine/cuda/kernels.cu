@@ -727,10 +727,43 @@ cudaError_t td_k_attn_softmax_backward(cudaStream_t s, E *dS, const E *P, long l
 #define CE_THREADS 256
 #define CE_LOG2E 1.4426950408889634f
 
+/* (max, sum) pairs of two partial softmax denominators, combined */
+__device__ __forceinline__ void lse_merge(float &mx, float &s, float mo, float so) {
+    const float mn = fmaxf(mx, mo);
+    const float a = mx == -INFINITY ? 0.f : s * expf(mx - mn);
+    const float b = mo == -INFINITY ? 0.f : so * expf(mo - mn);
+    mx = mn;
+    s = a + b;
+}
+
+/* one row's (max, sum) pairs combined, first within each warp, then across warps in a fixed
+ * order; thread 0 writes the log-sum-exp and the loss */
+template <typename E>
+__device__ __forceinline__ void ce_row_finish(float mx, float s, float *losses, float *lse,
+                                              const E *l, const int *targets, int row) {
+    __shared__ float sm[CE_THREADS / 32], ss[CE_THREADS / 32];
+    for (int o = 16; o > 0; o >>= 1) {
+        const float mo = __shfl_xor_sync(0xffffffffu, mx, o), so = __shfl_xor_sync(0xffffffffu, s, o);
+        lse_merge(mx, s, mo, so);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        sm[warp] = mx;
+        ss[warp] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = -INFINITY, S = 0.f;
+        for (int w = 0; w < (int)(blockDim.x / 32); w++) lse_merge(M, S, sm[w], ss[w]);
+        const float z = M + logf(S);
+        lse[row] = z;
+        losses[row] = z - to_f(l[targets[row]]);
+    }
+}
+
 template <typename E>
 __global__ void crossentropy_forward_kernel(float *losses, float *lse, const E *logits,
                                             const int *targets, int V, int ld) {
-    __shared__ float sm[CE_THREADS / 32], ss[CE_THREADS / 32];
     const int row = blockIdx.x;
     const E *l = logits + (long long)row * ld;
     float mx = -INFINITY, s = 0.f;
@@ -743,34 +776,7 @@ __global__ void crossentropy_forward_kernel(float *losses, float *lse, const E *
             s += expf(x - mx);
         }
     }
-    /* combine (max, sum) pairs: first within the warp, then across warps, in a fixed order */
-    for (int o = 16; o > 0; o >>= 1) {
-        float mo = __shfl_xor_sync(0xffffffffu, mx, o), so = __shfl_xor_sync(0xffffffffu, s, o);
-        float mn = fmaxf(mx, mo);
-        float a = mx == -INFINITY ? 0.f : s * expf(mx - mn);
-        float b = mo == -INFINITY ? 0.f : so * expf(mo - mn);
-        mx = mn;
-        s = a + b;
-    }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) {
-        sm[warp] = mx;
-        ss[warp] = s;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float M = -INFINITY, S = 0.f;
-        for (int w = 0; w < (int)(blockDim.x / 32); w++) {
-            float mn = fmaxf(M, sm[w]);
-            float a = M == -INFINITY ? 0.f : S * expf(M - mn);
-            float b = sm[w] == -INFINITY ? 0.f : ss[w] * expf(sm[w] - mn);
-            M = mn;
-            S = a + b;
-        }
-        float z = M + logf(S);
-        lse[row] = z;
-        losses[row] = z - to_f(l[targets[row]]);
-    }
+    ce_row_finish<E>(mx, s, losses, lse, l, targets, row);
 }
 
 /* rows are ld apart; the padding columns [V, ld) become 0 (the head's products run over ld) */
@@ -791,21 +797,12 @@ __global__ void crossentropy_backward_kernel(E *dlogits, const float *lse, const
     }
 }
 
-/* (max, sum) pairs of two partial softmax denominators, combined */
-__device__ __forceinline__ void lse_merge(float &mx, float &s, float mo, float so) {
-    const float mn = fmaxf(mx, mo);
-    const float a = mx == -INFINITY ? 0.f : s * expf(mx - mn);
-    const float b = mo == -INFINITY ? 0.f : so * expf(mo - mn);
-    mx = mn;
-    s = a + b;
-}
 
 /* the same 8 columns at a time (16-byte loads; ld % 8 == 0, so a vector that starts before V ends
  * inside the row): each thread rescales its running sum once per vector, not once per element */
 template <typename E>
 __global__ void crossentropy_forward_vec_kernel(float *losses, float *lse, const E *logits,
                                                 const int *targets, int V, int ld) {
-    __shared__ float sm[CE_THREADS / 32], ss[CE_THREADS / 32];
     const int row = blockIdx.x;
     const E *l = logits + (long long)row * ld;
     float mx = -INFINITY, s = 0.f;
@@ -825,23 +822,7 @@ __global__ void crossentropy_forward_vec_kernel(float *losses, float *lse, const
         for (int i = 0; i < 8; i++)
             if (v0 + i < V) s += exp2f(fmaf(x[i], CE_LOG2E, -mxl));
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        const float mo = __shfl_xor_sync(0xffffffffu, mx, o), so = __shfl_xor_sync(0xffffffffu, s, o);
-        lse_merge(mx, s, mo, so);
-    }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) {
-        sm[warp] = mx;
-        ss[warp] = s;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float M = -INFINITY, S = 0.f;
-        for (int w = 0; w < (int)(blockDim.x / 32); w++) lse_merge(M, S, sm[w], ss[w]);
-        const float z = M + logf(S);
-        lse[row] = z;
-        losses[row] = z - to_f(l[targets[row]]);
-    }
+    ce_row_finish<E>(mx, s, losses, lse, l, targets, row);
 }
 
 template <typename E>
