@@ -177,6 +177,10 @@ static td_status cuda_build(td_model *m) {
         return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_ATTENTION=flash needs bf16=1 and a head size n_embd/n_head that is a multiple of 16 up to 128 (bf16=%lld, head size %lld)", (long long)m->bf16, (long long)(m->n_embd / m->n_head));
     d->flash = att_env ? !strcmp(att_env, "flash") : flash_ok && td_flash_fa2((int)(m->n_embd / m->n_head));
 
+    const char *tune_env = getenv("TANDEM_CUDA_GEMM_TUNE");
+    if (td_cuda_gemm_tune_mode(tune_env, &d->tune))
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_GEMM_TUNE=%s (allowed: auto, off, all, or unset for auto)", tune_env);
+    TD_CK(cudaGetDevice(&d->dev));
     d->bf16 = m->bf16 != 0;
     d->es = d->bf16 ? 2 : 4;
     const char *prof_env = getenv("TANDEM_CUDA_PROFILE");
@@ -291,6 +295,7 @@ static td_status cuda_build(td_model *m) {
     if (!d->flash) ALLOC(d->attS, att, "attention scratch (B, NH, T, T)");
     ALLOC(d->part_w, part * 4, "column-sum partials");
     ALLOC(d->part_b, part * 4, "column-sum partials");
+    ALLOC(d->part_o, part * 4, "column-sum partials");
     ALLOC(d->sq_part, (TD_SQ_BLOCKS + 1) * sizeof(double), "norm partials");
 
     /* keep every layer's attention probabilities when they fit with 2 GiB to spare */
@@ -337,6 +342,7 @@ static td_status refresh_wte_pad(td_cuda_dev *d) {
 static td_status cuda_upload(td_model *m, int grads) {
     td_cuda_dev *d = (td_cuda_dev *)m->device;
     const size_t bytes = m->total * sizeof(float);
+    if (grads) d->grad_zero = 0; /* overwritten whole */
     TD_CK(cudaMemcpyAsync(grads ? d->g32 : d->p32, grads ? m->grad_mem : m->param_mem, bytes,
                           cudaMemcpyHostToDevice, d->stream));
     if (!grads && d->bf16) TD_CK(td_k_cast_bf16(d->stream, (bf16 *)d->pc, d->p32, (long long)m->total));
@@ -345,8 +351,11 @@ static td_status cuda_upload(td_model *m, int grads) {
     return TD_OK;
 }
 
+static td_status materialize_zero_grads(td_cuda_dev *d);
+
 static td_status cuda_download(td_model *m, int grads) {
     td_cuda_dev *d = (td_cuda_dev *)m->device;
+    if (grads) TD_TRY(materialize_zero_grads(d));
     TD_CK(cudaMemcpyAsync(grads ? m->grad_mem : m->param_mem, grads ? d->g32 : d->p32,
                           m->total * sizeof(float), cudaMemcpyDeviceToHost, d->stream));
     TD_CK(cudaStreamSynchronize(d->stream));
@@ -391,16 +400,17 @@ static td_status linear(td_cuda_dev *d, void *out, const void *inp, const void *
     return td_cuda_matmul(d, &p);
 }
 
-/* dW(IC, OC) += inp^T @ dout in fp32 */
+/* dW(IC, OC) (+)= inp^T @ dout in fp32 (acc = 0: overwrite, the first contribution after a
+ * lazy zero_grad) */
 static td_status linear_dweight(td_cuda_dev *d, float *dw, const void *inp, const void *dout,
-                                int N, int IC, int OC) {
+                                int N, int IC, int OC, int acc) {
     td_mm p;
     memset(&p, 0, sizeof p);
     p.out = dw, p.ldo = OC, p.out_f32 = 1;
     p.A = inp, p.lda = IC, p.transA = 1;
     p.B = dout, p.ldb = OC;
     p.M = IC, p.N = OC, p.K = N;
-    p.beta = 1.f;
+    p.beta = acc ? 1.f : 0.f;
     p.batch = 1;
     return td_cuda_matmul(d, &p);
 }
@@ -607,6 +617,9 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
     float *G = d->g32;
     E *dres = (E *)d->dres, *dln = (E *)d->dln, *dbig = (E *)d->dbig, *x0 = (E *)d->input;
     d->fwd_targets = 0;
+    /* after a zero_grad each gradient's first contribution overwrites it (acc = 0): every
+     * element of every tensor is written below, wpe's rows past T by a memset */
+    const int acc = !d->grad_zero;
 
     /* loss = mean over BT rows: each row's d(loss) is grad_scale / BT; d(logits) in place */
     prof(d, "head: cross-entropy backward");
@@ -624,12 +637,19 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
         p.out = G + d->off_wte, p.ldo = C, p.out_f32 = 1;
         p.A = d->logits, p.lda = Vp, p.transA = 1;
         p.B = d->lnf, p.ldb = C;
-        p.M = V, p.N = C, p.K = BT, p.beta = 1.f, p.batch = 1;
+        p.M = V, p.N = C, p.K = BT, p.beta = acc ? 1.f : 0.f, p.batch = 1;
         TD_TRY(td_cuda_matmul(d, &p));
     }
     const E *res_last = m->nl ? (const E *)d->L[m->nl - 1].res3 : x0;
+    /* Each LayerNorm backward below also sums its output (the residual gradient) over the rows:
+     * that is the bias gradient of the projection whose output joins the residual there (the
+     * last layer's MLP projection here, then per layer the attention projection (LN2) and the
+     * previous layer's MLP projection (LN1)). */
     prof(d, "bwd: layernorm + weight sums");
-    TD_CK(td_k_layernorm_backward<E>(st, dres, G + d->off_lnfw, G + d->off_lnfb, d->part_w, d->part_b, dln, res_last, W + d->off_lnfw, d->lnf_mean, d->lnf_rstd, BT, C, 0));
+    TD_CK(td_k_layernorm_backward<E>(st, dres, G + d->off_lnfw, G + d->off_lnfb,
+                                     m->nl ? G + d->lo[m->nl - 1].fcprojb : NULL, d->part_w, d->part_b,
+                                     d->part_o, dln, res_last, W + d->off_lnfw, d->lnf_mean, d->lnf_rstd,
+                                     BT, C, 0, acc, acc));
 
     for (int l = m->nl - 1; l >= 0; l--) {
         td_cuda_layer *A = &d->L[l];
@@ -638,35 +658,38 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
         /* MLP block: res3 = res2 + fcproj(gelu(fc(ln2(res2)))) */
         prof(d, "bwd: matmul");
         TD_TRY(linear_dinput(d, dbig, dres, W + o->fcprojw, BT, 4 * C, C, TD_EPI_DGELU, A->fch)); /* d fch */
-        TD_TRY(linear_dweight(d, G + o->fcprojw, A->fch_gelu, dres, BT, 4 * C, C));
-        prof(d, "bwd: bias sums");
-        TD_CK(td_k_colsum<E>(st, NULL, G + o->fcprojb, NULL, d->part_b, dres, NULL, NULL, NULL, BT, C));
-        prof(d, "bwd: matmul");
+        TD_TRY(linear_dweight(d, G + o->fcprojw, A->fch_gelu, dres, BT, 4 * C, C, acc));
         TD_TRY(linear_dinput(d, dln, dbig, W + o->fcw, BT, C, 4 * C, TD_EPI_NONE, NULL));
-        TD_TRY(linear_dweight(d, G + o->fcw, A->ln2, dbig, BT, C, 4 * C));
+        TD_TRY(linear_dweight(d, G + o->fcw, A->ln2, dbig, BT, C, 4 * C, acc));
         prof(d, "bwd: bias sums");
-        TD_CK(td_k_colsum<E>(st, NULL, G + o->fcb, NULL, d->part_b, dbig, NULL, NULL, NULL, BT, 4 * C));
+        TD_CK(td_k_colsum<E>(st, NULL, G + o->fcb, NULL, d->part_b, dbig, NULL, NULL, NULL, BT, 4 * C, acc));
         prof(d, "bwd: layernorm + weight sums");
-        TD_CK(td_k_layernorm_backward<E>(st, dres, G + o->ln2w, G + o->ln2b, d->part_w, d->part_b, dln, (const E *)A->res2, W + o->ln2w, A->ln2_mean, A->ln2_rstd, BT, C, 1));
+        TD_CK(td_k_layernorm_backward<E>(st, dres, G + o->ln2w, G + o->ln2b, G + o->attprojb, d->part_w,
+                                         d->part_b, d->part_o, dln, (const E *)A->res2, W + o->ln2w,
+                                         A->ln2_mean, A->ln2_rstd, BT, C, 1, acc, acc));
         /* attention block: res2 = res + attproj(attention(qkv(ln1(res)))) */
         prof(d, "bwd: matmul");
         TD_TRY(linear_dinput(d, dln, dres, W + o->attprojw, BT, C, C, TD_EPI_NONE, NULL)); /* d atty */
-        TD_TRY(linear_dweight(d, G + o->attprojw, A->atty, dres, BT, C, C));
-        prof(d, "bwd: bias sums");
-        TD_CK(td_k_colsum<E>(st, NULL, G + o->attprojb, NULL, d->part_b, dres, NULL, NULL, NULL, BT, C));
+        TD_TRY(linear_dweight(d, G + o->attprojw, A->atty, dres, BT, C, C, acc));
         prof(d, "bwd: attention");
         TD_TRY(attention_backward<E>(d, l, B, T, dbig, dln)); /* d qkv */
         prof(d, "bwd: matmul");
         TD_TRY(linear_dinput(d, dln, dbig, W + o->qkvw, BT, C, 3 * C, TD_EPI_NONE, NULL));
-        TD_TRY(linear_dweight(d, G + o->qkvw, A->ln1, dbig, BT, C, 3 * C));
+        TD_TRY(linear_dweight(d, G + o->qkvw, A->ln1, dbig, BT, C, 3 * C, acc));
         prof(d, "bwd: bias sums");
-        TD_CK(td_k_colsum<E>(st, NULL, G + o->qkvb, NULL, d->part_b, dbig, NULL, NULL, NULL, BT, 3 * C));
+        TD_CK(td_k_colsum<E>(st, NULL, G + o->qkvb, NULL, d->part_b, dbig, NULL, NULL, NULL, BT, 3 * C, acc));
         prof(d, "bwd: layernorm + weight sums");
-        TD_CK(td_k_layernorm_backward<E>(st, dres, G + o->ln1w, G + o->ln1b, d->part_w, d->part_b, dln, res, W + o->ln1w, A->ln1_mean, A->ln1_rstd, BT, C, 1));
+        TD_CK(td_k_layernorm_backward<E>(st, dres, G + o->ln1w, G + o->ln1b, l ? G + d->lo[l - 1].fcprojb : NULL,
+                                         d->part_w, d->part_b, d->part_o, dln, res, W + o->ln1w,
+                                         A->ln1_mean, A->ln1_rstd, BT, C, 1, acc, acc));
     }
     prof(d, "bwd: embedding");
-    TD_CK(td_k_encoder_backward<E>(st, G + d->off_wte, G + d->off_wpe, dres, d->csr, d->n_uniq, B, T, C));
+    /* wte: added to the head's product, which wrote every row; wpe: rows past T get nothing */
+    TD_CK(td_k_encoder_backward<E>(st, G + d->off_wte, G + d->off_wpe, dres, d->csr, d->n_uniq, B, T, C, acc));
+    if (!acc && T < m->n_positions)
+        TD_CK(cudaMemsetAsync(G + d->off_wpe + (size_t)T * C, 0, sizeof(float) * (size_t)(m->n_positions - T) * C, st));
     prof(d, "(end)");
+    d->grad_zero = 0;
     return TD_OK;
 }
 
@@ -681,16 +704,26 @@ static td_status cuda_backward(td_model *m, double grad_scale) {
     return d->bf16 ? backward_impl<bf16>(d, grad_scale) : backward_impl<float>(d, grad_scale);
 }
 
+/* Lazy zero_grad: the gradients read as zero from here on, but nothing is written (a memset
+ * of every gradient, 1.8 ms a step at 1.5B): the next backward's first contribution to each
+ * tensor overwrites it instead of adding. Whatever reads the gradients before that backward
+ * (download, the norm, AdamW) writes the zeros first (materialize_zero_grads). */
 static td_status cuda_zero_grad(td_model *m) {
     td_cuda_dev *d = (td_cuda_dev *)m->device;
-    prof(d, "zero_grad");
-    TD_CK(cudaMemsetAsync(d->g32, 0, m->total * sizeof(float), d->stream));
-    prof(d, "(end)");
+    d->grad_zero = 1;
+    return TD_OK;
+}
+
+static td_status materialize_zero_grads(td_cuda_dev *d) {
+    if (!d->grad_zero) return TD_OK;
+    TD_CK(cudaMemsetAsync(d->g32, 0, d->m->total * sizeof(float), d->stream));
+    d->grad_zero = 0;
     return TD_OK;
 }
 
 static td_status cuda_grad_sq_sum(td_model *m, double *out) {
     td_cuda_dev *d = (td_cuda_dev *)m->device;
+    TD_TRY(materialize_zero_grads(d));
     prof(d, "grad_sq_sum");
     TD_CK(td_k_sq_sum(d->stream, d->sq_part, d->g32, (long long)m->total));
     prof(d, "(end)");
@@ -709,6 +742,7 @@ static td_status cuda_adamw(td_model *m, double grad_norm) {
     const float bc1 = (float)(1.0 - pow(m->beta1, t)), bc2 = (float)(1.0 - pow(m->beta2, t));
     float clip = 1.f;
     if (m->grad_clip > 0 && grad_norm > m->grad_clip) clip = (float)(m->grad_clip / grad_norm);
+    TD_TRY(materialize_zero_grads(d));
     prof(d, "adamw");
     TD_CK(td_k_adamw(d->stream, d->p32, d->g32, d->mom, d->var, d->bf16 ? (bf16 *)d->pc : NULL,
                      (long long)m->total, d->seg_end, d->seg_decay, m->nparams, (float)m->beta1,

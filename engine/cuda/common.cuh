@@ -97,7 +97,8 @@ typedef struct td_cuda_dev {
     float *Dsum;                  /* (B,NH,T) rowsum(dO * O), flash backward */
     void *wte_pad;                /* (Vp, C) wte in the compute type, rows V.. zero: the head's
                                      products run over Vp columns (odd V is slow in cuBLASLt) */
-    float *part_w, *part_b;       /* column-sum partials: (ceil(BT/CS_ROWS), 4C) each */
+    float *part_w, *part_b, *part_o; /* column-sum partials: the larger of (ceil(BT/CS_ROWS), 4C)
+                                     and (ceil(BT/TD_LNB_ROWS_MIN), C) each */
     double *sq_part;              /* grad_sq_sum partials (SQ_BLOCKS + 1) */
 
     /* host, pinned */
@@ -108,6 +109,8 @@ typedef struct td_cuda_dev {
     double *h_sq;
 
     int fwd_B, fwd_T, fwd_targets; /* the last forward's shape; 1 when a backward may follow */
+    int grad_zero;                 /* 1: zero_grad since the last backward; g32 reads as zero
+                                      but holds stale values (cuda_zero_grad) */
 
     /* every cudaMalloc, for release */
     void **allocs;
@@ -115,6 +118,8 @@ typedef struct td_cuda_dev {
 
     td_mm_cache_entry *cache;
     int ncache;
+    int tune;                     /* TD_TUNE_*: how products choose their algorithm (matmul.cu) */
+    int dev;                      /* the CUDA device ordinal */
 
     /* TANDEM_CUDA_PROFILE=<file>: device time per phase (CUDA events), written at release */
     char *prof_path;
@@ -166,6 +171,9 @@ typedef struct {
     int batch; long long sA, sB, sD;
 } td_mm;
 td_status td_cuda_matmul(td_cuda_dev *d, const td_mm *p);
+/* TANDEM_CUDA_GEMM_TUNE: auto (default, also unset or empty), off or all -> *mode; -1 otherwise */
+enum { TD_TUNE_OFF = 0, TD_TUNE_AUTO = 1, TD_TUNE_ALL = 2 };
+int td_cuda_gemm_tune_mode(const char *env, int *mode);
 
 /* ---- kernel launchers (kernels.cu); E = float or bf16 ------------------------------------------ */
 
@@ -175,9 +183,11 @@ td_status td_cuda_matmul(td_cuda_dev *d, const td_mm *p);
 template <typename E>
 cudaError_t td_k_encoder_forward(cudaStream_t s, E *out, const int *tok, const E *wte,
                                  const E *wpe, int B, int T, int C);
+/* dwte += the rows of dout per token (csr buckets); dwpe[0..T) (+)= sum over the batch (acc_wpe
+ * = 0 overwrites) */
 template <typename E>
 cudaError_t td_k_encoder_backward(cudaStream_t s, float *dwte, float *dwpe, const E *dout,
-                                  const int *csr, int n_uniq, int B, int T, int C);
+                                  const int *csr, int n_uniq, int B, int T, int C, int acc_wpe);
 template <typename E>
 cudaError_t td_k_layernorm_forward(cudaStream_t s, E *out, float *mean, float *rstd,
                                    const E *inp, const E *w, const E *b, int N, int C);
@@ -185,21 +195,25 @@ template <typename E>
 cudaError_t td_k_layernorm_backward_input(cudaStream_t s, E *dinp, const E *dout, const E *inp,
                                           const E *w, const float *mean, const float *rstd,
                                           int N, int C, int accumulate);
-/* dw += colsum(dout * xhat), db += colsum(dout) (dw, inp, mean, rstd NULL: bias gradient only).
- * Deterministic: fixed partials of TD_CS_ROWS rows summed in a fixed order. */
+/* dw (+)= colsum(dout * xhat), db (+)= colsum(dout) (dw, inp, mean, rstd NULL: bias gradient
+ * only); acc = 0 overwrites dw, db instead of adding. Deterministic: fixed partials of TD_CS_ROWS
+ * rows summed in a fixed order. */
 template <typename E>
 cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, float *part_b,
                         const E *dout, const E *inp, const float *mean, const float *rstd, int N,
-                        int C);
-/* LayerNorm backward, input and weight gradients in one pass over the rows (dinp += when
- * accumulate); partials of 32 down to TD_LNB_ROWS_MIN rows (a function of N), summed in a fixed
- * order: part_w, part_b hold (N / TD_LNB_ROWS_MIN rounded up) x C floats. */
+                        int C, int acc);
+/* LayerNorm backward in one pass over the rows: dinp (+)= d/dx (accumulate), dw, db (+)= the
+ * weight and bias gradients (acc_w), and, when dbias is not NULL, dbias (+)= colsum(dinp as
+ * stored) (acc_bias): the bias gradient of the product whose output gradient dinp is, folded in.
+ * Deterministic: per-block partials (part_w, part_b, part_o: at least ceil(N / TD_LNB_ROWS_MIN)
+ * x C floats each) summed in a fixed order. */
 #define TD_LNB_ROWS_MIN 4
 template <typename E>
-cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *db, float *part_w,
-                                    float *part_b, const E *dout, const E *inp, const E *w,
-                                    const float *mean, const float *rstd, int N, int C,
-                                    int accumulate);
+cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *db, float *dbias,
+                                    float *part_w, float *part_b, float *part_o, const E *dout,
+                                    const E *inp, const E *w, const float *mean,
+                                    const float *rstd, int N, int C, int accumulate, int acc_w,
+                                    int acc_bias);
 template <typename E>
 cudaError_t td_k_gelu_forward(cudaStream_t s, E *out, const E *inp, long long n);
 template <typename E>

@@ -4,7 +4,10 @@
 #   parity    tests/engine/test_cuda.py: every GPU tier against the CPU engine and JAX
 #             -> parity.json, parity.txt
 #   profile   engine/cuda/bench_gpu.py, engine only, 124M / 350M / 1.5B, with a per-phase device
-#             time profile (TANDEM_CUDA_PROFILE) at 124M and 1.5B -> profile.txt, profile.json
+#             time profile (TANDEM_CUDA_PROFILE) at 124M and 1.5B -> profile.txt, profile.json,
+#             and every product's measured algorithm choice -> gemm_tune.txt
+#   notune    the same engine-only timings with TANDEM_CUDA_GEMM_TUNE=off (the heuristic's first
+#             algorithm for every product) -> notune.txt
 #   suite     tandem bench --suite gpu (engine vs JAX, alternated, all three sizes) and its report
 #             -> suite.tar (records, run.json, report)
 #   tparity   tandem parity --suite smoke --backend cuda (fp32 engine vs JAX fp32 on the GPU)
@@ -33,10 +36,16 @@ for step in $STEPS; do
     parity)
         timeout 300 python3 tests/engine/test_cuda.py --json "$OUT/parity.json" 2>&1 | tee "$OUT/parity.txt" || rc=1 ;;
     profile)
-        timeout 300 python3 engine/cuda/bench_gpu.py --sizes 124M,350M,1.5B --sides engine \
-            --warmup 3 --steps 10 --profile 124M,1.5B --timeout 240 --out "$OUT/prof" 2>&1 |
-            tee "$OUT/profile.txt" || rc=1
+        rm -f "$OUT/gemm_tune.txt"
+        TANDEM_CUDA_GEMM_TUNE_LOG="$OUT/gemm_tune.txt" timeout 300 python3 engine/cuda/bench_gpu.py \
+            --sizes 124M,350M,1.5B --sides engine --warmup 3 --steps 10 --profile 124M,1.5B \
+            --timeout 240 --out "$OUT/prof" 2>&1 | tee "$OUT/profile.txt" || rc=1
         cp "$OUT/prof/bench.json" "$OUT/profile.json" 2>/dev/null; rm -rf "$OUT/prof" ;;
+    notune)
+        TANDEM_CUDA_GEMM_TUNE=off timeout 300 python3 engine/cuda/bench_gpu.py --sizes 124M,350M,1.5B \
+            --sides engine --warmup 3 --steps 10 --profile none --timeout 240 --out "$OUT/notune" 2>&1 |
+            tee "$OUT/notune.txt" || rc=1
+        rm -rf "$OUT/notune" ;;
     suite)
         timeout 480 python3 -m harness.cli bench --suite gpu --repeats 3 --out "$OUT/suite" 2>&1 || rc=1
         python3 -m harness.cli report "$OUT/suite" --out "$OUT/suite/report" > /dev/null 2>&1

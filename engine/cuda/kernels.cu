@@ -92,17 +92,18 @@ __global__ void encoder_backward_wte_kernel(float *dwte, const E *dout, const in
 }
 
 template <typename E>
-__global__ void encoder_backward_wpe_kernel(float *dwpe, const E *dout, int B, long long TC) {
+__global__ void encoder_backward_wpe_kernel(float *dwpe, const E *dout, int B, long long TC,
+                                            int accumulate) {
     long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= TC) return;
     float acc = 0.f;
     for (int b = 0; b < B; b++) acc += to_f(dout[(long long)b * TC + i]);
-    dwpe[i] += acc;
+    dwpe[i] = accumulate ? dwpe[i] + acc : acc;
 }
 
 template <typename E>
 cudaError_t td_k_encoder_backward(cudaStream_t s, float *dwte, float *dwpe, const E *dout,
-                                  const int *csr, int n_uniq, int B, int T, int C) {
+                                  const int *csr, int n_uniq, int B, int T, int C, int acc_wpe) {
     const int BT = B * T;
     if (n_uniq > 0) {
         dim3 grid((unsigned)n_uniq, blocks_for(C, 256));
@@ -112,7 +113,7 @@ cudaError_t td_k_encoder_backward(cudaStream_t s, float *dwte, float *dwpe, cons
         if (e != cudaSuccess) return e;
     }
     long long TC = (long long)T * C;
-    encoder_backward_wpe_kernel<E><<<blocks_for(TC, 256), 256, 0, s>>>(dwpe, dout, B, TC);
+    encoder_backward_wpe_kernel<E><<<blocks_for(TC, 256), 256, 0, s>>>(dwpe, dout, B, TC, acc_wpe);
     return cudaGetLastError();
 }
 
@@ -276,36 +277,44 @@ __global__ void colsum_partial_kernel(float *pw, float *pb, const E *dout, const
     }
 }
 
-/* db[col] += sum over chunks of pb[chunk, col] (and dw from pw): 32 threads per column take every
- * 32nd chunk (their loads in flight together), then one adds the 32 sums in order. Fixed order for
- * a given shape. Launch: colsum_final (below). */
+/* out[col] (+)= sum over chunks of part[chunk, col], for up to three (out, part) pairs (an out
+ * that is NULL is skipped): 32 threads per column take every 32nd chunk (their loads in flight
+ * together), then one adds the 32 sums in order. Fixed order for a given shape. acc = 0
+ * overwrites out (a gradient's first contribution after a lazy zero_grad). */
 #define CSF_T 32
-__global__ void colsum_final_kernel(float *dw, float *db, const float *pw, const float *pb,
-                                    int nchunks, int C) {
-    __shared__ float sw[CSF_T][33], sb[CSF_T][33];
+__global__ void colsum_final_kernel(float *o0, float *o1, float *o2, const float *p0,
+                                    const float *p1, const float *p2, int nchunks, int C,
+                                    int acc) {
+    __shared__ float sh[3][CSF_T][33];
     const int tx = threadIdx.x, ty = threadIdx.y, col = blockIdx.x * 32 + tx;
-    float tw = 0.f, tb = 0.f;
+    float t0 = 0.f, t1 = 0.f, t2 = 0.f;
     if (col < C)
         for (int k = ty; k < nchunks; k += CSF_T) {
-            tb += pb[(long long)k * C + col];
-            if (pw) tw += pw[(long long)k * C + col];
+            if (o0) t0 += p0[(long long)k * C + col];
+            if (o1) t1 += p1[(long long)k * C + col];
+            if (o2) t2 += p2[(long long)k * C + col];
         }
-    sw[ty][tx] = tw;
-    sb[ty][tx] = tb;
+    sh[0][ty][tx] = t0;
+    sh[1][ty][tx] = t1;
+    sh[2][ty][tx] = t2;
     __syncthreads();
     if (ty == 0 && col < C) {
-        float a = 0.f, b = 0.f;
+        float a = 0.f, b = 0.f, c = 0.f;
         for (int k = 0; k < CSF_T; k++) {
-            a += sw[k][tx];
-            b += sb[k][tx];
+            a += sh[0][k][tx];
+            b += sh[1][k][tx];
+            c += sh[2][k][tx];
         }
-        db[col] += b;
-        if (dw) dw[col] += a;
+        if (o0) o0[col] = acc ? o0[col] + a : a;
+        if (o1) o1[col] = acc ? o1[col] + b : b;
+        if (o2) o2[col] = acc ? o2[col] + c : c;
     }
 }
-static cudaError_t colsum_final(cudaStream_t s, float *dw, float *db, const float *pw,
-                                const float *pb, int nchunks, int C) {
-    colsum_final_kernel<<<blocks_for(C, 32), dim3(32, CSF_T), 0, s>>>(dw, db, pw, pb, nchunks, C);
+static cudaError_t colsum_final(cudaStream_t s, float *o0, float *o1, float *o2, const float *p0,
+                                const float *p1, const float *p2, int nchunks, int C, int acc) {
+    if (!o0 && !o1 && !o2) return cudaSuccess;
+    colsum_final_kernel<<<blocks_for(C, 32), dim3(32, CSF_T), 0, s>>>(o0, o1, o2, p0, p1, p2,
+                                                                     nchunks, C, acc);
     return cudaGetLastError();
 }
 
@@ -352,226 +361,245 @@ __global__ void colsum_bias_vec_kernel(float *pb, const E *dout, int N, int C) {
 template <typename E>
 cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, float *part_b,
                         const E *dout, const E *inp, const float *mean, const float *rstd, int N,
-                        int C) {
+                        int C, int acc) {
     const int nchunks = (N + TD_CS_ROWS - 1) / TD_CS_ROWS;
     if (!dw && vec_ok(C, dout)) {
         colsum_bias_vec_kernel<E><<<dim3(blocks_for(C, 256), (unsigned)nchunks), dim3(32, 8), 0, s>>>(part_b, dout, N, C);
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess) return e;
-        return colsum_final(s, NULL, db, NULL, part_b, nchunks, C);
+        return colsum_final(s, db, NULL, NULL, part_b, NULL, NULL, nchunks, C, acc);
     }
     dim3 grid(blocks_for(C, 32), (unsigned)nchunks), block(32, 8);
     colsum_partial_kernel<E><<<grid, block, 0, s>>>(dw ? part_w : NULL, part_b, dout, dw ? inp : NULL,
                                                     mean, rstd, N, C);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    return colsum_final(s, dw, db, dw ? part_w : NULL, part_b, nchunks, C);
+    return colsum_final(s, dw, db, NULL, part_w, part_b, NULL, nchunks, C, acc);
 }
 
-/* LayerNorm backward in one pass over the rows: dinp (+)= d/dx, and per block of `rows` rows
- * the partial sums of dout * xhat and dout per column (each warp's in registers, the 4 warps'
- * added in order), which colsum_final adds in a fixed order. K = columns per lane. */
-template <typename E, int K>
-__global__ void __launch_bounds__(128) layernorm_backward_fused_kernel(
-    E *dinp, float *pw, float *pb, const E *dout, const E *inp, const E *w, const float *mean,
-    const float *rstd, int N, int C, int accumulate, int rows) {
-    extern __shared__ float red[]; /* [4][C] */
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float wr[K], aw[K], ab[K];
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        const int c = lane + 32 * k;
-        wr[k] = c < C ? to_f(w[c]) : 0.f;
-        aw[k] = ab[k] = 0.f;
-    }
-    const int r0 = blockIdx.x * rows;
-    for (int i = 0; i < rows / 4; i++) {
-        const int row = r0 + warp + 4 * i;
-        if (row >= N) break;
-        const E *d = dout + (long long)row * C;
-        const E *x = inp + (long long)row * C;
-        const float m = mean[row], r = rstd[row];
-        float s1 = 0.f, s2 = 0.f;
-#pragma unroll
-        for (int k = 0; k < K; k++) {
-            const int c = lane + 32 * k;
-            if (c < C) {
-                const float dv = to_f(d[c]), xh = (to_f(x[c]) - m) * r, dn = wr[k] * dv;
-                s1 += dn;
-                s2 += dn * xh;
-                aw[k] += dv * xh;
-                ab[k] += dv;
-            }
-        }
-        s1 = warp_sum(s1) / C;
-        s2 = warp_sum(s2) / C;
-        E *di = dinp + (long long)row * C;
-#pragma unroll
-        for (int k = 0; k < K; k++) {
-            const int c = lane + 32 * k;
-            if (c < C) {
-                const float dv = to_f(d[c]), xh = (to_f(x[c]) - m) * r;
-                const float g = (wr[k] * dv - s1 - xh * s2) * r;
-                di[c] = from_f<E>(accumulate ? to_f(di[c]) + g : g);
-            }
-        }
-    }
-    for (int pass = 0; pass < 2; pass++) {
-#pragma unroll
-        for (int k = 0; k < K; k++) {
-            const int c = lane + 32 * k;
-            if (c < C) red[warp * C + c] = pass ? ab[k] : aw[k];
-        }
-        __syncthreads();
-        float *out = pass ? pb : pw;
-        for (int c = threadIdx.x; c < C; c += blockDim.x)
-            out[(long long)blockIdx.x * C + c] = ((red[c] + red[C + c]) + red[2 * C + c]) + red[3 * C + c];
-        __syncthreads();
-    }
-}
+/* ---- LayerNorm backward ---------------------------------------------------------------------- */
 
-/* the same with 16-byte accesses: lane j owns columns 8 (j + 32 k) .. + 8, k < K; dout and inp
- * are read twice per row (the second time from cache), the column partials stay in registers */
-template <typename E, int K>
-__global__ void __launch_bounds__(128) layernorm_backward_vec_kernel(
-    E *dinp, float *pw, float *pb, const E *dout, const E *inp, const E *w, const float *mean,
-    const float *rstd, int N, int C, int accumulate, int rows) {
-    extern __shared__ float red[]; /* [4][C] */
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nv = C / 8;
-    float aw[K][8], ab[K][8];
+/* V consecutive elements of E as loaded (V = 8: one 16-byte access for bf16, two for fp32; V = 1:
+ * one element), read back as fp32. Kept packed between the two passes over a row so that a bf16
+ * row costs half the registers of its fp32 values. */
+template <typename E, int V>
+struct Pack {
+    E e[V];
+    __device__ __forceinline__ void load(const E *p) {
 #pragma unroll
-    for (int k = 0; k < K; k++)
+        for (int i = 0; i < V; i++) e[i] = p[i];
+    }
+    __device__ __forceinline__ void zero() {
 #pragma unroll
-        for (int i = 0; i < 8; i++) aw[k][i] = ab[k][i] = 0.f;
-    const int r0 = blockIdx.x * rows;
-    for (int it = 0; it < rows / 4; it++) {
-        const int row = r0 + warp + 4 * it;
-        if (row >= N) break;
-        const E *d = dout + (long long)row * C;
-        const E *x = inp + (long long)row * C;
-        const float m = mean[row], r = rstd[row];
-        float s1 = 0.f, s2 = 0.f;
+        for (int i = 0; i < V; i++) e[i] = from_f<E>(0.f);
+    }
+    __device__ __forceinline__ float get(int i) const { return to_f(e[i]); }
+};
+template <>
+struct Pack<bf16, 8> {
+    uint4 u;
+    __device__ __forceinline__ void load(const bf16 *p) { u = *reinterpret_cast<const uint4 *>(p); }
+    __device__ __forceinline__ void zero() { u = make_uint4(0u, 0u, 0u, 0u); }
+    __device__ __forceinline__ float get(int i) const { /* i is a constant once unrolled */
+        const uint32_t w = (i >> 1) == 0 ? u.x : (i >> 1) == 1 ? u.y : (i >> 1) == 2 ? u.z : u.w;
+        return __uint_as_float((i & 1) ? (w & 0xffff0000u) : (w << 16));
+    }
+};
+template <>
+struct Pack<float, 8> {
+    float4 a, b;
+    __device__ __forceinline__ void load(const float *p) {
+        a = reinterpret_cast<const float4 *>(p)[0];
+        b = reinterpret_cast<const float4 *>(p)[1];
+    }
+    __device__ __forceinline__ void zero() { a = b = make_float4(0.f, 0.f, 0.f, 0.f); }
+    __device__ __forceinline__ float get(int i) const {
+        const float4 &h = i < 4 ? a : b;
+        const int j = i & 3;
+        return j == 0 ? h.x : j == 1 ? h.y : j == 2 ? h.z : h.w;
+    }
+};
+template <int V> __device__ __forceinline__ void stv(bf16 *p, const float (&x)[V]);
+template <int V> __device__ __forceinline__ void stv(float *p, const float (&x)[V]);
+template <> __device__ __forceinline__ void stv<8>(bf16 *p, const float (&x)[8]) { st8(p, x); }
+template <> __device__ __forceinline__ void stv<8>(float *p, const float (&x)[8]) { st8(p, x); }
+template <> __device__ __forceinline__ void stv<1>(bf16 *p, const float (&x)[1]) { *p = from_f<bf16>(x[0]); }
+template <> __device__ __forceinline__ void stv<1>(float *p, const float (&x)[1]) { *p = x[0]; }
+
+/* LayerNorm backward over a block of `rows` rows, R rows at a time: dinp (+)= d/dx, and per block
+ * the partial column sums of dout * xhat (pw), dout (pb) and, when po is given, of the dinp
+ * written (po: the bias gradient of the product that reads this residual gradient, folded in
+ * here instead of a separate pass). The block's threads split the row's columns: thread t owns
+ * the chunks of V columns t, t + NT, ... (KV of them), so each column's partials live in one
+ * thread's registers and are written once per block, no shared-memory reduction; the row sums
+ * (s1, s2) are reduced across the block's warps through shared memory, one barrier per R rows
+ * (the buffer alternates). Rows past N count as zeros. Partials are summed in a fixed order by
+ * colsum_final: bit-identical run to run. */
+template <typename E, int V, int KV, int R>
+__global__ void layernorm_backward_kernel(E *dinp, float *pw, float *pb, float *po,
+                                          const E *dout, const E *inp, const E *w,
+                                          const float *mean, const float *rstd, int N, int C,
+                                          int accumulate, int rows) {
+    __shared__ float red[2][R][2][32]; /* [buffer][row][s1, s2][warp] */
+    const int nt = blockDim.x, nw = nt / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int nch = C / V;
+    float wr[KV][V], aw[KV][V], ab[KV][V], ao[KV][V];
 #pragma unroll
-        for (int k = 0; k < K; k++) {
-            const int j = lane + 32 * k;
-            if (j < nv) {
-                float dv[8], xv[8], wv[8];
-                ld8(dv, d + 8 * j);
-                ld8(xv, x + 8 * j);
-                ld8(wv, w + 8 * j);
+    for (int k = 0; k < KV; k++) {
+        const int j = threadIdx.x + nt * k;
 #pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    const float xh = (xv[i] - m) * r, dn = wv[i] * dv[i];
-                    s1 += dn;
-                    s2 += dn * xh;
-                    aw[k][i] += dv[i] * xh;
-                    ab[k][i] += dv[i];
+        for (int i = 0; i < V; i++) {
+            wr[k][i] = j < nch ? to_f(w[j * V + i]) : 0.f;
+            aw[k][i] = ab[k][i] = ao[k][i] = 0.f;
+        }
+    }
+    const int r0 = blockIdx.x * rows, r1 = min(N, r0 + rows);
+    int buf = 0;
+    for (int rb = r0; rb < r1; rb += R, buf ^= 1) {
+        Pack<E, V> dv[R][KV], xv[R][KV];
+        float m[R], rs[R], s1[R], s2[R];
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const int row = rb + q;
+            const bool ok = row < r1;
+            m[q] = ok ? mean[row] : 0.f;
+            rs[q] = ok ? rstd[row] : 0.f;
+#pragma unroll
+            for (int k = 0; k < KV; k++) {
+                const int j = threadIdx.x + nt * k;
+                if (ok && j < nch) {
+                    dv[q][k].load(dout + (long long)row * C + j * V);
+                    xv[q][k].load(inp + (long long)row * C + j * V);
+                } else {
+                    dv[q][k].zero();
+                    xv[q][k].zero();
                 }
             }
         }
-        s1 = warp_sum(s1) / C;
-        s2 = warp_sum(s2) / C;
-        E *di = dinp + (long long)row * C;
 #pragma unroll
-        for (int k = 0; k < K; k++) {
-            const int j = lane + 32 * k;
-            if (j < nv) {
-                float dv[8], xv[8], wv[8], g[8];
-                ld8(dv, d + 8 * j);
-                ld8(xv, x + 8 * j);
-                ld8(wv, w + 8 * j);
-                if (accumulate) ld8(g, di + 8 * j);
+        for (int q = 0; q < R; q++) {
+            float a1 = 0.f, a2 = 0.f;
 #pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    const float xh = (xv[i] - m) * r;
-                    const float gi = (wv[i] * dv[i] - s1 - xh * s2) * r;
-                    g[i] = accumulate ? g[i] + gi : gi;
+            for (int k = 0; k < KV; k++)
+#pragma unroll
+                for (int i = 0; i < V; i++) {
+                    const float d = dv[q][k].get(i), xh = (xv[q][k].get(i) - m[q]) * rs[q];
+                    const float dn = wr[k][i] * d;
+                    a1 += dn;
+                    a2 += dn * xh;
+                    aw[k][i] += d * xh;
+                    ab[k][i] += d;
                 }
-                st8(di + 8 * j, g);
+            a1 = warp_sum(a1);
+            a2 = warp_sum(a2);
+            if (lane == 0) red[buf][q][0][warp] = a1, red[buf][q][1][warp] = a2;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            float t1 = 0.f, t2 = 0.f;
+            for (int u = 0; u < nw; u++) t1 += red[buf][q][0][u], t2 += red[buf][q][1][u];
+            s1[q] = t1 / C;
+            s2[q] = t2 / C;
+        }
+#pragma unroll
+        for (int q = 0; q < R; q++) {
+            const int row = rb + q;
+            if (row >= r1) break;
+#pragma unroll
+            for (int k = 0; k < KV; k++) {
+                const int j = threadIdx.x + nt * k;
+                if (j >= nch) continue;
+                E *di = dinp + (long long)row * C + j * V;
+                Pack<E, V> old;
+                if (accumulate) old.load(di);
+                float g[V];
+#pragma unroll
+                for (int i = 0; i < V; i++) {
+                    const float xh = (xv[q][k].get(i) - m[q]) * rs[q];
+                    const float gi = (wr[k][i] * dv[q][k].get(i) - s1[q] - xh * s2[q]) * rs[q];
+                    g[i] = accumulate ? old.get(i) + gi : gi;
+                    ao[k][i] += to_f(from_f<E>(g[i])); /* the value stored, as a reader sees it */
+                }
+                stv<V>(di, g);
             }
         }
     }
-    for (int pass = 0; pass < 2; pass++) {
 #pragma unroll
-        for (int k = 0; k < K; k++) {
-            const int j = lane + 32 * k;
-            if (j < nv)
-#pragma unroll
-                for (int i = 0; i < 8; i++) red[warp * C + 8 * j + i] = pass ? ab[k][i] : aw[k][i];
-        }
-        __syncthreads();
-        float *out = pass ? pb : pw;
-        for (int c = threadIdx.x; c < C; c += blockDim.x)
-            out[(long long)blockIdx.x * C + c] = ((red[c] + red[C + c]) + red[2 * C + c]) + red[3 * C + c];
-        __syncthreads();
+    for (int k = 0; k < KV; k++) {
+        const int j = threadIdx.x + nt * k;
+        if (j >= nch) continue;
+        const long long at = (long long)blockIdx.x * C + j * V;
+        stv<V>(pw + at, aw[k]);
+        stv<V>(pb + at, ab[k]);
+        if (po) stv<V>(po + at, ao[k]);
     }
 }
 
-template <typename E, int K>
-static cudaError_t ln_bwd_vec_launch(cudaStream_t s, E *dinp, float *part_w, float *part_b,
-                                     const E *dout, const E *inp, const E *w, const float *mean,
-                                     const float *rstd, int N, int C, int accumulate, int nb,
-                                     int rows) {
-    const size_t sm = (size_t)4 * C * sizeof(float);
-    if (sm > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(layernorm_backward_vec_kernel<E, K>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-        if (e != cudaSuccess) return e;
-    }
-    layernorm_backward_vec_kernel<E, K><<<(unsigned)nb, 128, sm, s>>>(dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, rows);
-    return cudaGetLastError();
-}
-
-template <typename E, int K>
+/* Threads per block for nch chunks split KV per thread, and the rows per block: one wave of
+ * resident blocks (occupancy asked once per instantiation and block size), each over an equal
+ * share of the rows, at least TD_LNB_ROWS_MIN (so that nb never exceeds the partial buffers). */
+template <typename E, int V, int KV, int R>
 static cudaError_t ln_bwd_launch(cudaStream_t s, E *dinp, float *part_w, float *part_b,
-                                 const E *dout, const E *inp, const E *w, const float *mean,
-                                 const float *rstd, int N, int C, int accumulate, int nb,
-                                 int rows) {
-    const size_t sm = (size_t)4 * C * sizeof(float);
-    layernorm_backward_fused_kernel<E, K><<<(unsigned)nb, 128, sm, s>>>(dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, rows);
+                                 float *part_o, const E *dout, const E *inp, const E *w,
+                                 const float *mean, const float *rstd, int N, int C,
+                                 int accumulate, int *nb_out) {
+    const int nch = C / V, nt = (((nch + KV - 1) / KV) + 31) / 32 * 32;
+    /* (nt, device, resident blocks) of the last launch, in one word: read and written whole */
+    static unsigned long long cached = 0;
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return e;
+    const unsigned long long tag = ((unsigned long long)nt << 48) | ((unsigned long long)(dev & 0xffff) << 32);
+    unsigned long long c = cached;
+    if ((c & ~0xffffffffull) != tag) {
+        int sms = 0, per_sm = 0;
+        e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        if (e == cudaSuccess)
+            e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, layernorm_backward_kernel<E, V, KV, R>, nt, 0);
+        if (e != cudaSuccess) return e;
+        const long long w = (long long)(per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
+        c = tag | (unsigned long long)(w & 0xffffffffll);
+        cached = c;
+    }
+    const long long wave = (long long)(c & 0xffffffffull);
+    int rows = (int)((N + wave - 1) / wave);
+    rows = (rows + R - 1) / R * R;
+    if (rows < TD_LNB_ROWS_MIN) rows = TD_LNB_ROWS_MIN;
+    const int nb = (N + rows - 1) / rows;
+    *nb_out = nb;
+    layernorm_backward_kernel<E, V, KV, R><<<(unsigned)nb, (unsigned)nt, 0, s>>>(
+        dinp, part_w, part_b, part_o, dout, inp, w, mean, rstd, N, C, accumulate, rows);
     return cudaGetLastError();
 }
 
 template <typename E>
-cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *db, float *part_w,
-                                    float *part_b, const E *dout, const E *inp, const E *w,
-                                    const float *mean, const float *rstd, int N, int C,
-                                    int accumulate) {
-    const int per_lane = (C + 31) / 32;
-    if (per_lane > 64) { /* very wide rows: the two-kernel path */
-        cudaError_t e = td_k_layernorm_backward_input<E>(s, dinp, dout, inp, w, mean, rstd, N, C, accumulate);
-        if (e != cudaSuccess) return e;
-        return td_k_colsum<E>(s, dw, db, part_w, part_b, dout, inp, mean, rstd, N, C);
-    }
-    /* rows per block: 32, halved (down to TD_LNB_ROWS_MIN) until there are 1024 blocks. The
-     * column partials live in registers, so few warps fit on an SM (Nsight Compute, 1.5B with 32
-     * rows: 256 blocks, 12% occupancy, 21% of DRAM bandwidth). Measured on an H200, per step:
-     * 124M 1.37 -> 1.47 ms, 1.5B 9.13 -> 9.16 ms, i.e. no gain: the next step is partials in
-     * shared memory (fewer registers, more warps), see docs/cuda.md. */
-    int rows = 32;
-    while (rows > TD_LNB_ROWS_MIN && (N + rows - 1) / rows < 1024) rows /= 2;
-    const int nb = (N + rows - 1) / rows;
+cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *db, float *dbias,
+                                    float *part_w, float *part_b, float *part_o, const E *dout,
+                                    const E *inp, const E *w, const float *mean,
+                                    const float *rstd, int N, int C, int accumulate, int acc_w,
+                                    int acc_bias) {
     cudaError_t e;
-    const int kv = (C / 8 + 31) / 32; /* 16-byte vectors per lane */
-    if (vec_ok(C, dinp, dout, inp, w) && kv <= 8) {
-        if (kv <= 1) e = ln_bwd_vec_launch<E, 1>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-        else if (kv <= 2) e = ln_bwd_vec_launch<E, 2>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-        else if (kv <= 3) e = ln_bwd_vec_launch<E, 3>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-        else if (kv <= 4) e = ln_bwd_vec_launch<E, 4>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-        else if (kv <= 5) e = ln_bwd_vec_launch<E, 5>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-        else if (kv <= 6) e = ln_bwd_vec_launch<E, 6>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-        else if (kv <= 7) e = ln_bwd_vec_launch<E, 7>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-        else e = ln_bwd_vec_launch<E, 8>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-    } else if (per_lane <= 2) e = ln_bwd_launch<E, 2>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-    else if (per_lane <= 4) e = ln_bwd_launch<E, 4>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-    else if (per_lane <= 8) e = ln_bwd_launch<E, 8>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-    else if (per_lane <= 16) e = ln_bwd_launch<E, 16>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-    else if (per_lane <= 24) e = ln_bwd_launch<E, 24>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-    else if (per_lane <= 32) e = ln_bwd_launch<E, 32>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-    else if (per_lane <= 40) e = ln_bwd_launch<E, 40>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-    else if (per_lane <= 52) e = ln_bwd_launch<E, 52>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
-    else e = ln_bwd_launch<E, 64>(s, dinp, part_w, part_b, dout, inp, w, mean, rstd, N, C, accumulate, nb, rows);
+    int nb = 0;
+    const bool vec = vec_ok(C, dinp, dout, inp, w);
+    const int nch = vec ? C / 8 : C;
+    float *po = dbias ? part_o : NULL;
+    /* GPT-2's widths (768 .. 1600) take one 16-byte chunk per thread, 96 .. 224 threads */
+    if (vec && nch <= 512) e = ln_bwd_launch<E, 8, 1, 4>(s, dinp, part_w, part_b, po, dout, inp, w, mean, rstd, N, C, accumulate, &nb);
+    else if (vec && nch <= 1024) e = ln_bwd_launch<E, 8, 2, 2>(s, dinp, part_w, part_b, po, dout, inp, w, mean, rstd, N, C, accumulate, &nb);
+    else if (!vec && nch <= 256) e = ln_bwd_launch<E, 1, 1, 4>(s, dinp, part_w, part_b, po, dout, inp, w, mean, rstd, N, C, accumulate, &nb);
+    else if (!vec && nch <= 1024) e = ln_bwd_launch<E, 1, 4, 4>(s, dinp, part_w, part_b, po, dout, inp, w, mean, rstd, N, C, accumulate, &nb);
+    else { /* very wide rows: the input gradient, then the column sums, in separate passes */
+        e = td_k_layernorm_backward_input<E>(s, dinp, dout, inp, w, mean, rstd, N, C, accumulate);
+        if (e == cudaSuccess) e = td_k_colsum<E>(s, dw, db, part_w, part_b, dout, inp, mean, rstd, N, C, acc_w);
+        if (e == cudaSuccess && dbias) e = td_k_colsum<E>(s, NULL, dbias, NULL, part_o, dinp, NULL, NULL, NULL, N, C, acc_bias);
+        return e;
+    }
     if (e != cudaSuccess) return e;
-    return colsum_final(s, dw, db, part_w, part_b, nb, C);
+    if (acc_w == acc_bias) return colsum_final(s, dw, db, dbias, part_w, part_b, po, nb, C, acc_w);
+    e = colsum_final(s, dw, db, NULL, part_w, part_b, NULL, nb, C, acc_w);
+    if (e != cudaSuccess) return e;
+    return colsum_final(s, dbias, NULL, NULL, po, NULL, NULL, nb, C, acc_bias);
 }
 
 /* ---- GELU (tanh form), bias ------------------------------------------------------------------ */
@@ -1031,7 +1059,7 @@ cudaError_t td_k_sq_sum(cudaStream_t s, double *part, const float *g, long long 
     template cudaError_t td_k_encoder_forward<E>(cudaStream_t, E *, const int *, const E *,      \
                                                  const E *, int, int, int);                      \
     template cudaError_t td_k_encoder_backward<E>(cudaStream_t, float *, float *, const E *,     \
-                                                  const int *, int, int, int, int);              \
+                                                  const int *, int, int, int, int, int);         \
     template cudaError_t td_k_layernorm_forward<E>(cudaStream_t, E *, float *, float *,          \
                                                    const E *, const E *, const E *, int, int);   \
     template cudaError_t td_k_layernorm_backward_input<E>(cudaStream_t, E *, const E *,          \
@@ -1039,10 +1067,11 @@ cudaError_t td_k_sq_sum(cudaStream_t s, double *part, const float *g, long long 
                                                           const float *, int, int, int);         \
     template cudaError_t td_k_colsum<E>(cudaStream_t, float *, float *, float *, float *,        \
                                         const E *, const E *, const float *, const float *, int, \
-                                        int);                                                    \
+                                        int, int);                                               \
     template cudaError_t td_k_layernorm_backward<E>(cudaStream_t, E *, float *, float *, float *, \
-                                                    float *, const E *, const E *, const E *,     \
-                                                    const float *, const float *, int, int, int); \
+                                                    float *, float *, float *, const E *,         \
+                                                    const E *, const E *, const float *,          \
+                                                    const float *, int, int, int, int, int);      \
     template cudaError_t td_k_gelu_forward<E>(cudaStream_t, E *, const E *, long long);          \
     template cudaError_t td_k_gelu_backward_inplace<E>(cudaStream_t, E *, const E *, long long); \
     template cudaError_t td_k_bias_add<E>(cudaStream_t, E *, const E *, int, int, int);          \

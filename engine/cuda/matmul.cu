@@ -5,14 +5,76 @@
  * is cuBLASLt's per-row bias. bf16 inputs accumulate in fp32 (CUBLAS_COMPUTE_32F) and write bf16
  * or fp32; fp32 mode is fp32 throughout with CUBLAS_COMPUTE_32F (no TF32), so it can be held to
  * the CPU engine's fp32 tolerances. The algorithm for each distinct shape / layout / alignment is
- * asked of the heuristic once and cached. Fused epilogues (bias, GELU with its pre-activation
+ * chosen once and cached: the heuristic's first choice, or (TANDEM_CUDA_GEMM_TUNE, below) the
+ * fastest of its first candidates timed on the device. Fused epilogues (bias, GELU with its pre-activation
  * kept, GELU gradient) are used where cuBLASLt offers them for the case; otherwise a plain
  * product is followed by a kernel, with the same result up to rounding.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "common.cuh"
+
+/* ---- measured algorithm choice ---------------------------------------------------------------
+ * cuBLASLt's heuristic ranks its algorithms by a model, and its first choice is not always the
+ * fastest on the device (tile shapes against N = 1600 columns, split-K, cluster shapes). With
+ * TANDEM_CUDA_GEMM_TUNE=auto (the default) a product of at least TD_MM_TUNE_FLOP flops takes the
+ * fastest of the heuristic's first TD_MM_TUNE_CANDIDATES algorithms, each timed twice after a
+ * warm-up run (the minimum counts) into scratch outputs, so nothing the caller owns is written;
+ * the first choice stays unless another is at least TD_MM_TUNE_MARGIN faster, so that noise does
+ * not flip the choice. `all` tunes every product (tests), `off` keeps the first choice.
+ * The choice is kept per process (every model of a shape in this process uses the same
+ * algorithm: reruns stay bit-identical); a new process times again and may choose another
+ * algorithm, whose sums are rounded differently. TANDEM_CUDA_GEMM_TUNE=off gives the same bits
+ * in every process. TANDEM_CUDA_GEMM_TUNE_LOG=<file> appends one line per tuned shape. */
+#define TD_MM_TUNE_CANDIDATES 8
+#define TD_MM_TUNE_FLOP 1e9
+#define TD_MM_TUNE_MARGIN 0.97f
+#define TD_MM_TUNED_MAX 1024
+
+typedef struct {
+    unsigned char key[128];
+    int dev;
+    cublasLtMatmulAlgo_t algo;
+} tuned_entry;
+static tuned_entry g_tuned[TD_MM_TUNED_MAX];
+static int g_ntuned;
+static pthread_mutex_t g_tuned_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* key: the first n (<= 128) bytes are compared, the rest of the entry's key is zero */
+static int tuned_find(const void *key, size_t n, int dev, cublasLtMatmulAlgo_t *algo) {
+    int found = 0;
+    pthread_mutex_lock(&g_tuned_mu);
+    for (int i = 0; i < g_ntuned && !found; i++)
+        if (g_tuned[i].dev == dev && !memcmp(g_tuned[i].key, key, n))
+            *algo = g_tuned[i].algo, found = 1;
+    pthread_mutex_unlock(&g_tuned_mu);
+    return found;
+}
+
+/* keeps the first choice recorded for the key (another thread may have tuned it meanwhile) */
+static void tuned_add(const void *key, size_t n, int dev, cublasLtMatmulAlgo_t *algo) {
+    pthread_mutex_lock(&g_tuned_mu);
+    int i = 0;
+    while (i < g_ntuned && !(g_tuned[i].dev == dev && !memcmp(g_tuned[i].key, key, n))) i++;
+    if (i < g_ntuned) *algo = g_tuned[i].algo;
+    else if (g_ntuned < TD_MM_TUNED_MAX) {
+        memcpy(g_tuned[g_ntuned].key, key, n);
+        g_tuned[g_ntuned].dev = dev;
+        g_tuned[g_ntuned].algo = *algo;
+        g_ntuned++;
+    }
+    pthread_mutex_unlock(&g_tuned_mu);
+}
+
+int td_cuda_gemm_tune_mode(const char *env, int *mode) {
+    if (!env || !*env || !strcmp(env, "auto")) *mode = TD_TUNE_AUTO;
+    else if (!strcmp(env, "off")) *mode = TD_TUNE_OFF;
+    else if (!strcmp(env, "all")) *mode = TD_TUNE_ALL;
+    else return -1;
+    return 0;
+}
 
 #define TD_LT_CK(call)                                                                           \
     do {                                                                                         \
@@ -40,6 +102,82 @@ typedef struct {
     long long sA, sB, sD;
     uint32_t alA, alB, alC, alD;
 } mm_key;
+
+/* Index of the candidate to use (module comment above): each one runs once to warm up, then twice
+ * timed with events, into a scratch D (and a scratch C when the product accumulates into its
+ * output, a scratch aux when the epilogue writes one); the desc's aux pointer is restored. Any
+ * failure (no memory for the scratch, a candidate refused at run time) leaves that candidate out,
+ * or the first choice in place: tuning never fails the product. */
+static int time_candidates(td_cuda_dev *d, const td_mm *p, cublasLtMatmulDesc_t desc,
+                           cublasLtMatrixLayout_t la, cublasLtMatrixLayout_t lb,
+                           cublasLtMatrixLayout_t lc, cublasLtMatrixLayout_t ld,
+                           const cublasLtMatmulHeuristicResult_t *res, int nres,
+                           cublasLtEpilogue_t epi, int use_aux, const void *Cptr) {
+    if (nres < 2) return 0;
+    const size_t ein = d->es, eout = p->out_f32 ? 4 : d->es;
+    const size_t nout = (p->batch > 1 ? (size_t)(p->batch - 1) * (size_t)p->sD : 0) +
+                        (size_t)(p->M - 1) * (size_t)p->ldo + (size_t)p->N;
+    const int aux_out = use_aux && (epi == CUBLASLT_EPILOGUE_GELU_AUX || epi == CUBLASLT_EPILOGUE_GELU_AUX_BIAS);
+    const size_t naux = aux_out ? (size_t)(p->M - 1) * (size_t)p->ldaux + (size_t)p->N : 0;
+    void *Ds = NULL, *As = NULL;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    float best[TD_MM_TUNE_CANDIDATES];
+    int choice = 0;
+    const float alpha = 1.f, beta = p->beta;
+    if (cudaMalloc(&Ds, nout * eout) != cudaSuccess) goto out;
+    if (aux_out && cudaMalloc(&As, naux * ein) != cudaSuccess) goto out;
+    if (cudaMemsetAsync(Ds, 0, nout * eout, d->stream) != cudaSuccess) goto out;
+    if (aux_out && cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &As, sizeof As) != CUBLAS_STATUS_SUCCESS) goto out;
+    if (cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess) goto out;
+    {
+        const void *Cs = Cptr == p->out ? Ds : Cptr; /* accumulating: C is the scratch too */
+        for (int i = 0; i < nres; i++) best[i] = -1.f;
+        for (int round = 0; round < 3; round++)
+            for (int i = 0; i < nres; i++) {
+                if (round > 0 && best[i] == -2.f) continue;
+                float ms = 0.f;
+                cublasStatus_t s = CUBLAS_STATUS_SUCCESS;
+                cudaEventRecord(e0, d->stream);
+                s = cublasLtMatmul(d->lt, desc, &alpha, p->B, la, p->A, lb, &beta, Cs, lc, Ds, ld,
+                                   &res[i].algo, d->ws, d->ws_bytes, d->stream);
+                cudaEventRecord(e1, d->stream);
+                if (s != CUBLAS_STATUS_SUCCESS || cudaEventSynchronize(e1) != cudaSuccess ||
+                    cudaEventElapsedTime(&ms, e0, e1) != cudaSuccess) {
+                    best[i] = -2.f; /* refused or failed: left out */
+                    cudaGetLastError();
+                    continue;
+                }
+                if (round > 0 && (best[i] < 0.f || ms < best[i])) best[i] = ms;
+            }
+        int fastest = -1;
+        for (int i = 0; i < nres; i++)
+            if (best[i] >= 0.f && (fastest < 0 || best[i] < best[fastest])) fastest = i;
+        if (fastest >= 0 && (best[0] < 0.f || best[fastest] < TD_MM_TUNE_MARGIN * best[0])) choice = fastest;
+        const char *log = getenv("TANDEM_CUDA_GEMM_TUNE_LOG");
+        FILE *f = log && *log ? fopen(log, "a") : NULL;
+        if (f) {
+            fprintf(f, "M=%d N=%d K=%d batch=%d transA=%d transB=%d epilogue=%d out_f32=%d beta=%g "
+                       "bf16=%d candidates=%d first_us=%.1f fastest_us=%.1f chosen=%d",
+                    p->M, p->N, p->K, p->batch, p->transA, p->transB, (int)epi, p->out_f32,
+                    (double)p->beta, d->bf16, nres, 1e3 * best[0], fastest >= 0 ? 1e3 * best[fastest] : -1.0, choice);
+            for (int i = 0; i < nres; i++) fprintf(f, " %.1f", 1e3 * best[i]);
+            fprintf(f, "\n");
+            fclose(f);
+        }
+    }
+out:
+    if (aux_out) {
+        void *aux = p->aux;
+        cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux);
+    }
+    if (e0) cudaEventDestroy(e0);
+    if (e1) cudaEventDestroy(e1);
+    if (Ds || As) cudaStreamSynchronize(d->stream);
+    if (Ds) cudaFree(Ds);
+    if (As) cudaFree(As);
+    cudaGetLastError(); /* a failed scratch allocation is not the product's error */
+    return choice;
+}
 
 static td_status run_lt(td_cuda_dev *d, const td_mm *p, cublasLtEpilogue_t epi, const void *bias,
                         int use_aux) {
@@ -107,8 +245,11 @@ static td_status run_lt(td_cuda_dev *d, const td_mm *p, cublasLtEpilogue_t epi, 
                 found = 1;
                 break;
             }
+        const double flop = 2.0 * p->M * (double)p->N * p->K * (p->batch > 1 ? p->batch : 1);
+        const int tune = d->tune == TD_TUNE_ALL || (d->tune == TD_TUNE_AUTO && flop >= TD_MM_TUNE_FLOP);
+        if (!found && tune) found = tuned_find(&key, sizeof key, d->dev, &algo);
         if (!found) {
-            cublasLtMatmulHeuristicResult_t res;
+            cublasLtMatmulHeuristicResult_t res[TD_MM_TUNE_CANDIDATES];
             int nres = 0;
             size_t wsb = d->ws_bytes;
             TD_LT_CK(cublasLtMatmulPreferenceCreate(&pref));
@@ -118,7 +259,8 @@ static td_status run_lt(td_cuda_dev *d, const td_mm *p, cublasLtEpilogue_t epi, 
             TD_LT_CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.alA, sizeof key.alA));
             TD_LT_CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.alC, sizeof key.alC));
             TD_LT_CK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.alD, sizeof key.alD));
-            cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(d->lt, desc, la, lb, lc, ld, pref, 1, &res, &nres);
+            cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(d->lt, desc, la, lb, lc, ld, pref,
+                                                               tune ? TD_MM_TUNE_CANDIDATES : 1, res, &nres);
             if (hs != CUBLAS_STATUS_SUCCESS || nres < 1) {
                 st = TD_ERR_ARG; /* "no algorithm": the caller may fall back to a plain product */
                 snprintf(d->m->err, TD_ERR_LEN,
@@ -129,7 +271,11 @@ static td_status run_lt(td_cuda_dev *d, const td_mm *p, cublasLtEpilogue_t epi, 
                          p->transB, (int)epi, key.alA, key.alB, key.alC, key.alD);
                 goto done;
             }
-            algo = res.algo;
+            algo = res[0].algo;
+            if (tune) {
+                algo = res[time_candidates(d, p, desc, la, lb, lc, ld, res, nres, epi, use_aux, Cptr)].algo;
+                tuned_add(&key, sizeof key, d->dev, &algo);
+            }
             if (d->ncache < TD_MM_CACHE) {
                 memcpy(d->cache[d->ncache].key, &key, sizeof key);
                 d->cache[d->ncache].algo = algo;

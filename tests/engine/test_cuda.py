@@ -13,6 +13,10 @@ Tiers (docs/cuda.md has the measured numbers):
           64 on the FlashAttention-2 kernels, 96 on the first ones); flash against the
           materialised attention directly; the default picks the mode it should.
   determinism - the same batch twice gives the same bits (no float atomics), flash included.
+  lazy zero_grad - zero_grad writes nothing; the next backward overwrites each gradient (wpe's
+          rows past a shorter T included): the same gradients as the CPU after stale ones.
+  tuned products - TANDEM_CUDA_GEMM_TUNE=all (every product takes its fastest measured
+          algorithm): fp32 parity as above, and two models of one process give the same bits.
 Skipped with the reason when this libtandem was built without CUDA or no GPU is usable.
 `python tests/engine/test_cuda.py --json OUT.json` runs every tier (plus engine-vs-JAX fp32 on
 the GPU when JAX sees one) and prints a table of the measured values.
@@ -102,6 +106,28 @@ def rel_l2(a, ref) -> float:
     n = np.linalg.norm(ref)
     d = np.linalg.norm(a - ref)
     return float(d / n) if n > 0 else float(d)
+
+
+class _env:
+    """Set environment variables (None: unset) for the duration of a with block."""
+
+    def __init__(self, **values):
+        self.values, self.old = values, {}
+
+    def __enter__(self):
+        for k, v in self.values.items():
+            self.old[k] = os.environ.get(k)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _cuda_model(config, dtype, attention=None):
@@ -289,6 +315,71 @@ def check_determinism(dtype: str, attention: str | None = None,
                  tensor="loss+grads", value=float(same), bound=None)]
 
 
+def check_lazy_zero_grad(case: str = "hs16") -> list[dict]:
+    """zero_grad on the GPU writes nothing (the next backward overwrites): after a backward at
+    the full T, zero_grad must read back as zeros, and a backward at a shorter T (wpe rows past it
+    get no gradient) then one at the full T (accumulated) must match the CPU engine."""
+    config = FP32_CASES[case]
+    params = rough_params([engine.ParamInfo(n, s, 0, False) for n, s in _table(config)],
+                          config["n_layer"], seed=12)
+    cpu, gpu = _models(config, params, "fp32")
+    label = f"lazy-zero-grad/{case}"
+    rows = []
+    try:
+        x, y = tokens_for(config, seed=7)
+        t = max(1, config["seq_len"] // 2)
+        gpu.zero_grad()
+        gpu.forward_backward(x, y, 1.0)  # stale gradients everywhere, wpe rows [0, T) included
+        gpu.zero_grad()
+        rows.append(dict(tier=label, metric="max abs after zero_grad", tensor="all",
+                         value=float(max(np.abs(g).max() for g in gpu.grads().values())),
+                         bound=0.0))
+        for m in (cpu, gpu):
+            m.zero_grad()
+            m.forward_backward(x[:, :t], y[:, :t], 1.0)
+        gc, gg = cpu.grads(), gpu.grads()
+        for name in gc:
+            a, _ = _kbias_split(name, gg[name], config["n_embd"])
+            r, _ = _kbias_split(name, gc[name], config["n_embd"])
+            rows.append(dict(tier=label, metric=f"grad rel L2 (T={t})", tensor=name,
+                             value=rel_l2(a, r), bound=FP32_TOL["grad"]))
+        for m in (cpu, gpu):
+            m.forward_backward(x, y, 1.0)  # accumulates
+        gc, gg = cpu.grads(), gpu.grads()
+        for name in gc:
+            a, _ = _kbias_split(name, gg[name], config["n_embd"])
+            r, _ = _kbias_split(name, gc[name], config["n_embd"])
+            rows.append(dict(tier=label, metric=f"grad rel L2 (T={t} + T={config['seq_len']})",
+                             tensor=name, value=rel_l2(a, r), bound=FP32_TOL["grad"]))
+    finally:
+        cpu.close()
+        gpu.close()
+    return rows
+
+
+def check_tuned_gemm() -> list[dict]:
+    """Every product on its fastest measured algorithm (TANDEM_CUDA_GEMM_TUNE=all): fp32 parity
+    with the CPU, and two bf16 models of this process give the same bits (the choice is kept per
+    process)."""
+    with _env(TANDEM_CUDA_GEMM_TUNE="all"):
+        rows = [dict(r, tier="tuned/" + r["tier"]) for r in check_fp32("hs24")]
+        config = BF16_CASES["c768"]
+        params = init_params(_table(config), config["n_layer"], seed=4)
+        x, y = tokens_for(config, seed=6)
+        runs = []
+        for _ in range(2):
+            with engine.Model(backend="cuda", dtype="bf16", **config) as m:
+                m.set_params(params)
+                m.zero_grad()
+                loss = m.forward_backward(x, y, 1.0)
+                runs.append((loss, m.grads()))
+    same = runs[0][0] == runs[1][0] and all(
+        runs[0][1][k].tobytes() == runs[1][1][k].tobytes() for k in runs[0][1])
+    rows.append(dict(tier="tuned/determinism/bf16/c768", metric="bit-identical (two models)",
+                     tensor="loss+grads", value=float(same), bound=None))
+    return rows
+
+
 DEFAULT_ATTENTION = {"hs64-t200": "flash", "hs48-t130": "flash", "hs96-t80": "store"}
 
 
@@ -429,6 +520,23 @@ def test_pipelined_cuda_is_refused(cuda_ok):
         engine.Model(backend="cuda", dtype="fp32", stages=2, **FP32_CASES["t1"])
 
 
+def test_lazy_zero_grad(cuda_ok):
+    bad = _failures(check_lazy_zero_grad())
+    assert not bad, bad
+
+
+def test_tuned_products(cuda_ok):
+    rows = check_tuned_gemm()
+    assert not _failures(rows), _failures(rows)
+    assert rows[-1]["value"] == 1.0, rows[-1]
+
+
+def test_bad_gemm_tune_mode_is_a_config_error(cuda_ok, monkeypatch):
+    monkeypatch.setenv("TANDEM_CUDA_GEMM_TUNE", "fastest")
+    with pytest.raises(EngineError, match="TANDEM_CUDA_GEMM_TUNE=fastest .allowed: auto, off, all"):
+        engine.Model(backend="cuda", dtype="fp32", **FP32_CASES["t1"])
+
+
 def test_bad_attention_mode_is_a_config_error(cuda_ok, monkeypatch):
     monkeypatch.setenv("TANDEM_CUDA_ATTENTION", "sometimes")
     with pytest.raises(EngineError, match="TANDEM_CUDA_ATTENTION"):
@@ -465,6 +573,8 @@ def main(argv=None) -> int:
                              tensor=repr(exc)[:300], value=float("inf"), bound=0.0))
     rows += check_determinism("fp32") + check_determinism("bf16")
     rows += check_determinism("bf16", "flash", "hs64-t200")
+    rows += check_lazy_zero_grad()
+    rows += check_tuned_gemm()
     for case in sorted(DEFAULT_ATTENTION):
         rows += check_default_attention(case)
     if not args.no_jax:
