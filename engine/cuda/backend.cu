@@ -633,12 +633,20 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
         p.B = d->wte_pad, p.ldb = C;
         p.M = BT, p.N = C, p.K = Vp, p.batch = 1; /* d(logits) is 0 in the padding columns */
         TD_TRY(td_cuda_matmul(d, &p));
-        memset(&p, 0, sizeof p); /* dwte += dlogits^T @ lnf */
-        p.out = G + d->off_wte, p.ldo = C, p.out_f32 = 1;
-        p.A = d->logits, p.lda = Vp, p.transA = 1;
-        p.B = d->lnf, p.ldb = C;
-        p.M = V, p.N = C, p.K = BT, p.beta = acc ? 1.f : 0.f, p.batch = 1;
-        TD_TRY(td_cuda_matmul(d, &p));
+        /* dwte += dlogits^T @ lnf, as two products: rows [0, Vm) with Vm a multiple of 128 and
+         * the rest. With M = V = 50257 rows the whole product ran at ~450 TFLOP/s on an H200
+         * (2.9 ms at 1.5B) against ~800 for the same work over aligned rows. */
+        const int Vm = V > 128 && V % 128 ? V / 128 * 128 : V;
+        for (int part = 0; part < 2; part++) {
+            const int r0 = part ? Vm : 0, nr = part ? V - Vm : Vm;
+            if (nr <= 0) continue;
+            memset(&p, 0, sizeof p);
+            p.out = G + d->off_wte + (size_t)r0 * C, p.ldo = C, p.out_f32 = 1;
+            p.A = (const E *)d->logits + r0, p.lda = Vp, p.transA = 1;
+            p.B = d->lnf, p.ldb = C;
+            p.M = nr, p.N = C, p.K = BT, p.beta = acc ? 1.f : 0.f, p.batch = 1;
+            TD_TRY(td_cuda_matmul(d, &p));
+        }
     }
     const E *res_last = m->nl ? (const E *)d->L[m->nl - 1].res3 : x0;
     /* Each LayerNorm backward below also sums its output (the residual gradient) over the rows:

@@ -433,12 +433,17 @@ template <> __device__ __forceinline__ void stv<1>(float *p, const float (&x)[1]
  * the chunks of V columns t, t + NT, ... (KV of them), so each column's partials live in one
  * thread's registers and are written once per block, no shared-memory reduction; the row sums
  * (s1, s2) are reduced across the block's warps through shared memory, one barrier per R rows
- * (the buffer alternates). Rows past N count as zeros. Partials are summed in a fixed order by
+ * (the buffer alternates). Every load of the R rows (dout, inp and the dinp being accumulated
+ * into) is issued before the first use and before any store, so a batch costs one trip to
+ * memory; dout and inp are read again after the barrier, from L1, rather than held in
+ * registers (occupancy). Rows past N count as zeros. Partials are summed in a fixed order by
  * colsum_final: bit-identical run to run. */
 template <typename E, int V, int KV, int R>
-__global__ void layernorm_backward_kernel(E *dinp, float *pw, float *pb, float *po,
-                                          const E *dout, const E *inp, const E *w,
-                                          const float *mean, const float *rstd, int N, int C,
+__global__ void layernorm_backward_kernel(E *__restrict__ dinp, float *__restrict__ pw,
+                                          float *__restrict__ pb, float *__restrict__ po,
+                                          const E *__restrict__ dout, const E *__restrict__ inp,
+                                          const E *__restrict__ w, const float *__restrict__ mean,
+                                          const float *__restrict__ rstd, int N, int C,
                                           int accumulate, int rows) {
     __shared__ float red[2][R][2][32]; /* [buffer][row][s1, s2][warp] */
     const int nt = blockDim.x, nw = nt / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -456,7 +461,7 @@ __global__ void layernorm_backward_kernel(E *dinp, float *pw, float *pb, float *
     const int r0 = blockIdx.x * rows, r1 = min(N, r0 + rows);
     int buf = 0;
     for (int rb = r0; rb < r1; rb += R, buf ^= 1) {
-        Pack<E, V> dv[R][KV], xv[R][KV];
+        Pack<E, V> dv[R][KV], xv[R][KV], old[R][KV];
         float m[R], rs[R], s1[R], s2[R];
 #pragma unroll
         for (int q = 0; q < R; q++) {
@@ -467,12 +472,16 @@ __global__ void layernorm_backward_kernel(E *dinp, float *pw, float *pb, float *
 #pragma unroll
             for (int k = 0; k < KV; k++) {
                 const int j = threadIdx.x + nt * k;
+                const long long at = (long long)row * C + j * V;
                 if (ok && j < nch) {
-                    dv[q][k].load(dout + (long long)row * C + j * V);
-                    xv[q][k].load(inp + (long long)row * C + j * V);
+                    dv[q][k].load(dout + at);
+                    xv[q][k].load(inp + at);
+                    if (accumulate) old[q][k].load(dinp + at);
+                    else old[q][k].zero();
                 } else {
                     dv[q][k].zero();
                     xv[q][k].zero();
+                    old[q][k].zero();
                 }
             }
         }
@@ -503,6 +512,18 @@ __global__ void layernorm_backward_kernel(E *dinp, float *pw, float *pb, float *
             s2[q] = t2 / C;
         }
 #pragma unroll
+        for (int q = 0; q < R; q++) { /* again, from L1: what the first pass loaded */
+            const int row = rb + q;
+#pragma unroll
+            for (int k = 0; k < KV; k++) {
+                const int j = threadIdx.x + nt * k;
+                if (row < r1 && j < nch) {
+                    dv[q][k].load(dout + (long long)row * C + j * V);
+                    xv[q][k].load(inp + (long long)row * C + j * V);
+                }
+            }
+        }
+#pragma unroll
         for (int q = 0; q < R; q++) {
             const int row = rb + q;
             if (row >= r1) break;
@@ -510,18 +531,15 @@ __global__ void layernorm_backward_kernel(E *dinp, float *pw, float *pb, float *
             for (int k = 0; k < KV; k++) {
                 const int j = threadIdx.x + nt * k;
                 if (j >= nch) continue;
-                E *di = dinp + (long long)row * C + j * V;
-                Pack<E, V> old;
-                if (accumulate) old.load(di);
                 float g[V];
 #pragma unroll
                 for (int i = 0; i < V; i++) {
                     const float xh = (xv[q][k].get(i) - m[q]) * rs[q];
                     const float gi = (wr[k][i] * dv[q][k].get(i) - s1[q] - xh * s2[q]) * rs[q];
-                    g[i] = accumulate ? old.get(i) + gi : gi;
+                    g[i] = old[q][k].get(i) + gi; /* old is 0 unless accumulating */
                     ao[k][i] += to_f(from_f<E>(g[i])); /* the value stored, as a reader sees it */
                 }
-                stv<V>(di, g);
+                stv<V>(dinp + (long long)row * C + j * V, g);
             }
         }
     }
