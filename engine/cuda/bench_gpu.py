@@ -81,10 +81,10 @@ def batches(size: str, n: int, seed: int = 1):
 
 
 def side_engine(size, weights, warmup, steps, profile=False):
-    """Two timings on one model: `train_step` through the ABI as it is (td_model_zero_grad also
-    clears the host copy of the gradients, a memset of 4N bytes on the CPU every step), and the
-    device path alone (forward_backward + optimizer_step: the same GPU work less one cudaMemset
-    of the gradients, whose accumulation then differs, which timing does not see)."""
+    """Two timings on one model: `train_step` through the ABI as it is (zero_grad, forward +
+    backward, norm, AdamW), and the device path alone (forward_backward + optimizer_step without
+    zero_grad: the gradients then accumulate across steps, which timing does not see; zero_grad
+    itself is lazy on the GPU and writes nothing)."""
     from harness import engine
 
     B = SIZES[size]["batch"]
