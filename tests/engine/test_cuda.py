@@ -294,6 +294,12 @@ def check_flash_vs_materialized(case: str = "hs64-t200") -> list[dict]:
     return rows
 
 
+def _same_bits(runs) -> bool:
+    """Two (loss, grads) runs with the same loss and every gradient byte for byte."""
+    (loss_a, ga), (loss_b, gb) = runs
+    return loss_a == loss_b and all(ga[k].tobytes() == gb[k].tobytes() for k in ga)
+
+
 def check_determinism(dtype: str, attention: str | None = None,
                       case: str | None = None) -> list[dict]:
     config = FP32_CASES["hs24"] if dtype == "fp32" else BF16_CASES[case or "hs32"]
@@ -307,8 +313,7 @@ def check_determinism(dtype: str, attention: str | None = None,
             gpu.zero_grad()
             loss = gpu.forward_backward(x, y, 1.0)
             runs.append((loss, gpu.grads()))
-    same = runs[0][0] == runs[1][0] and all(
-        runs[0][1][k].tobytes() == runs[1][1][k].tobytes() for k in runs[0][1])
+    same = _same_bits(runs)
     label = f"determinism/{dtype}" + (f"/{attention}" if attention else "") + \
         (f"/{case}" if case else "")
     return [dict(tier=label, metric="bit-identical rerun (1 = yes)",
@@ -373,8 +378,7 @@ def check_tuned_gemm() -> list[dict]:
                 m.zero_grad()
                 loss = m.forward_backward(x, y, 1.0)
                 runs.append((loss, m.grads()))
-    same = runs[0][0] == runs[1][0] and all(
-        runs[0][1][k].tobytes() == runs[1][1][k].tobytes() for k in runs[0][1])
+    same = _same_bits(runs)
     rows.append(dict(tier="tuned/determinism/bf16/c768", metric="bit-identical (two models)",
                      tensor="loss+grads", value=float(same), bound=None))
     return rows
@@ -405,8 +409,7 @@ def check_default_attention(case: str) -> list[dict]:
             gpu.zero_grad()
             loss = gpu.forward_backward(x, y, 1.0)
             runs.append((loss, gpu.grads()))
-    same = runs[0][0] == runs[1][0] and all(
-        runs[0][1][k].tobytes() == runs[1][1][k].tobytes() for k in runs[0][1])
+    same = _same_bits(runs)
     return [dict(tier=f"default-attention/{case}",
                  metric=f"default == {DEFAULT_ATTENTION[case]}, bitwise (1 = yes)",
                  tensor="loss+grads", value=float(same), bound=None)]
