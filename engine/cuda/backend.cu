@@ -657,7 +657,7 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
     TD_CK(td_k_layernorm_backward<E>(st, dres, G + d->off_lnfw, G + d->off_lnfb,
                                      m->nl ? G + d->lo[m->nl - 1].fcprojb : NULL, d->part_w, d->part_b,
                                      d->part_o, dln, res_last, W + d->off_lnfw, d->lnf_mean, d->lnf_rstd,
-                                     BT, C, 0, acc, acc));
+                                     BT, C, 0, acc));
 
     for (int l = m->nl - 1; l >= 0; l--) {
         td_cuda_layer *A = &d->L[l];
@@ -674,7 +674,7 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
         prof(d, "bwd: layernorm + weight sums");
         TD_CK(td_k_layernorm_backward<E>(st, dres, G + o->ln2w, G + o->ln2b, G + o->attprojb, d->part_w,
                                          d->part_b, d->part_o, dln, (const E *)A->res2, W + o->ln2w,
-                                         A->ln2_mean, A->ln2_rstd, BT, C, 1, acc, acc));
+                                         A->ln2_mean, A->ln2_rstd, BT, C, 1, acc));
         /* attention block: res2 = res + attproj(attention(qkv(ln1(res)))) */
         prof(d, "bwd: matmul");
         TD_TRY(linear_dinput(d, dln, dres, W + o->attprojw, BT, C, C, TD_EPI_NONE, NULL)); /* d atty */
@@ -689,7 +689,7 @@ static td_status backward_impl(td_cuda_dev *d, double grad_scale) {
         prof(d, "bwd: layernorm + weight sums");
         TD_CK(td_k_layernorm_backward<E>(st, dres, G + o->ln1w, G + o->ln1b, l ? G + d->lo[l - 1].fcprojb : NULL,
                                          d->part_w, d->part_b, d->part_o, dln, res, W + o->ln1w,
-                                         A->ln1_mean, A->ln1_rstd, BT, C, 1, acc, acc));
+                                         A->ln1_mean, A->ln1_rstd, BT, C, 1, acc));
     }
     prof(d, "bwd: embedding");
     /* wte: added to the head's product, which wrote every row; wpe: rows past T get nothing */

@@ -203,8 +203,9 @@ cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, flo
                         const E *dout, const E *inp, const float *mean, const float *rstd, int N,
                         int C, int acc);
 /* LayerNorm backward in one pass over the rows: dinp (+)= d/dx (accumulate), dw, db (+)= the
- * weight and bias gradients (acc_w), and, when dbias is not NULL, dbias (+)= colsum(dinp as
- * stored) (acc_bias): the bias gradient of the product whose output gradient dinp is, folded in.
+ * weight and bias gradients and, when dbias is not NULL, dbias (+)= colsum(dinp as stored): the
+ * bias gradient of the product whose output gradient dinp is, folded in (acc = 0: dw, db, dbias
+ * are overwritten).
  * Deterministic: per-block partials (part_w, part_b, part_o: at least ceil(N / TD_LNB_ROWS_MIN)
  * x C floats each) summed in a fixed order. */
 #define TD_LNB_ROWS_MIN 4
@@ -212,8 +213,7 @@ template <typename E>
 cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *db, float *dbias,
                                     float *part_w, float *part_b, float *part_o, const E *dout,
                                     const E *inp, const E *w, const float *mean,
-                                    const float *rstd, int N, int C, int accumulate, int acc_w,
-                                    int acc_bias);
+                                    const float *rstd, int N, int C, int accumulate, int acc);
 template <typename E>
 cudaError_t td_k_gelu_forward(cudaStream_t s, E *out, const E *inp, long long n);
 template <typename E>

@@ -380,8 +380,8 @@ cudaError_t td_k_colsum(cudaStream_t s, float *dw, float *db, float *part_w, flo
 /* ---- LayerNorm backward ---------------------------------------------------------------------- */
 
 /* V consecutive elements of E as loaded (V = 8: one 16-byte access for bf16, two for fp32; V = 1:
- * one element), read back as fp32. Kept packed between the two passes over a row so that a bf16
- * row costs half the registers of its fp32 values. */
+ * one element), read back as fp32. Loads stay packed until used, so the values held across the
+ * LayerNorm backward's barrier cost a bf16 row half the registers of its fp32 values. */
 template <typename E, int V>
 struct Pack {
     E e[V];
@@ -595,8 +595,7 @@ template <typename E>
 cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *db, float *dbias,
                                     float *part_w, float *part_b, float *part_o, const E *dout,
                                     const E *inp, const E *w, const float *mean,
-                                    const float *rstd, int N, int C, int accumulate, int acc_w,
-                                    int acc_bias) {
+                                    const float *rstd, int N, int C, int accumulate, int acc) {
     cudaError_t e;
     int nb = 0;
     const bool vec = vec_ok(C, dinp, dout, inp, w);
@@ -609,15 +608,12 @@ cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *d
     else if (!vec && nch <= 1024) e = ln_bwd_launch<E, 1, 4, 4>(s, dinp, part_w, part_b, po, dout, inp, w, mean, rstd, N, C, accumulate, &nb);
     else { /* very wide rows: the input gradient, then the column sums, in separate passes */
         e = td_k_layernorm_backward_input<E>(s, dinp, dout, inp, w, mean, rstd, N, C, accumulate);
-        if (e == cudaSuccess) e = td_k_colsum<E>(s, dw, db, part_w, part_b, dout, inp, mean, rstd, N, C, acc_w);
-        if (e == cudaSuccess && dbias) e = td_k_colsum<E>(s, NULL, dbias, NULL, part_o, dinp, NULL, NULL, NULL, N, C, acc_bias);
+        if (e == cudaSuccess) e = td_k_colsum<E>(s, dw, db, part_w, part_b, dout, inp, mean, rstd, N, C, acc);
+        if (e == cudaSuccess && dbias) e = td_k_colsum<E>(s, NULL, dbias, NULL, part_o, dinp, NULL, NULL, NULL, N, C, acc);
         return e;
     }
     if (e != cudaSuccess) return e;
-    if (acc_w == acc_bias) return colsum_final(s, dw, db, dbias, part_w, part_b, po, nb, C, acc_w);
-    e = colsum_final(s, dw, db, NULL, part_w, part_b, NULL, nb, C, acc_w);
-    if (e != cudaSuccess) return e;
-    return colsum_final(s, dbias, NULL, NULL, po, NULL, NULL, nb, C, acc_bias);
+    return colsum_final(s, dw, db, dbias, part_w, part_b, po, nb, C, acc);
 }
 
 /* ---- GELU (tanh form), bias ------------------------------------------------------------------ */
@@ -1089,7 +1085,7 @@ cudaError_t td_k_sq_sum(cudaStream_t s, double *part, const float *g, long long 
     template cudaError_t td_k_layernorm_backward<E>(cudaStream_t, E *, float *, float *, float *, \
                                                     float *, float *, float *, const E *,         \
                                                     const E *, const E *, const float *,          \
-                                                    const float *, int, int, int, int, int);      \
+                                                    const float *, int, int, int, int);           \
     template cudaError_t td_k_gelu_forward<E>(cudaStream_t, E *, const E *, long long);          \
     template cudaError_t td_k_gelu_backward_inplace<E>(cudaStream_t, E *, const E *, long long); \
     template cudaError_t td_k_bias_add<E>(cudaStream_t, E *, const E *, int, int, int);          \
