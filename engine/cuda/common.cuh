@@ -2,7 +2,9 @@
  * (td_cuda_dev, kept in td_model.device), the element types, the error helpers and the kernel
  * launchers that backend.cu drives.
  *
- * The backend runs a one-stage model on one GPU. E is the activation / compute element type:
+ * The backend runs one pipeline stage (the whole model when stages = 1) on one GPU, with one set
+ * of activations per slot (micro-batch in flight) and, for a split backward, what each slot's W
+ * pass needs. E is the activation / compute element type:
  * float in fp32 mode, __nv_bfloat16 in bf16 mode (fp32 master weights, fp32 accumulation, fp32
  * LayerNorm / softmax / loss statistics). Every launcher returns the cudaError_t of its launch;
  * the caller turns a failure into a td_status with td_fail (nothing here exits or aborts).
@@ -47,6 +49,33 @@ typedef struct {
     void *res3;                     /* (B, T, C) layer output */
 } td_cuda_layer;
 
+/* Gradients of one layer's matmul outputs that a split backward's B pass keeps for its W pass
+ * (E elements, per slot). */
+typedef struct {
+    void *fcproj;                   /* (B, T, C) d(res3) = d(MLP projection output) */
+    void *fc;                       /* (B, T, 4C) d(fc output, pre-GELU) */
+    void *attproj;                  /* (B, T, C) d(res2) = d(attention projection output) */
+    void *qkv;                      /* (B, T, 3C) */
+} td_cuda_wgrad;
+
+/* One slot: everything a micro-batch's forward leaves for its backward. */
+typedef struct {
+    void *input;                    /* (B, T, C) stage input: embedding output or received */
+    td_cuda_layer *L;               /* nl entries */
+    td_cuda_wgrad *Wg;              /* nl entries, split backward only */
+    void *g_embed;                  /* (B, T, C) d(stage input), first stage, split backward */
+    void *lnf;                      /* (B, T, C) head */
+    float *lnf_mean, *lnf_rstd;     /* (B, T) head */
+    void *logits;                   /* (B*T, Vp) logits, then d(logits) in place; head */
+    float *lse, *losses;            /* (B*T) head */
+    int *tok;                       /* (B*T) tokens, then (B*T) targets */
+    int *csr;                       /* first stage: encoder-backward buckets uniq | off | rows */
+    int n_uniq;
+    int *h_tok, *h_csr;             /* pinned staging (2*B*T, 3*B*T+1) */
+    cudaEvent_t staged;             /* the last upload from h_tok / h_csr is done with them */
+    int B, T, targets;              /* the forward's shape; targets: a backward may follow */
+} td_cuda_slot;
+
 /* Offsets (elements) of one layer's tensors in the flat parameter buffer (m->params layout). */
 typedef struct {
     size_t ln1w, ln1b, qkvw, qkvb, attprojw, attprojb, ln2w, ln2b, fcw, fcb, fcprojw, fcprojb;
@@ -78,17 +107,9 @@ typedef struct td_cuda_dev {
     int64_t *seg_end;             /* (nparams) end offset of each tensor, for AdamW */
     unsigned char *seg_decay;     /* (nparams) weight decay applies */
 
-    /* activations */
-    void *input;                  /* (B, T, C) embedding output */
-    td_cuda_layer *L;             /* nl entries */
-    void *lnf;                    /* (B, T, C) */
-    float *lnf_mean, *lnf_rstd;   /* (B, T) */
-    void *logits;                 /* (B*T, Vp) logits, then d(logits) in place */
+    /* activations, one set per slot */
+    td_cuda_slot *S;              /* m->slots entries */
     int Vp;                       /* padded row stride of logits */
-    float *lse, *losses;          /* (B*T) log-sum-exp and per-row loss */
-    int *tok;                     /* (B*T) tokens, then (B*T) targets */
-    int *csr;                     /* encoder-backward buckets: uniq (BT), off (BT+1), rows (BT) */
-    int n_uniq;
 
     /* backward / attention scratch (one layer at a time) */
     void *dres, *dln, *dbig;      /* (B,T,C), (B,T,C), (B,T,4C) */
@@ -101,16 +122,17 @@ typedef struct td_cuda_dev {
                                      and (ceil(BT/TD_LNB_ROWS_MIN), C) each */
     double *sq_part;              /* grad_sq_sum partials (SQ_BLOCKS + 1) */
 
-    /* host, pinned */
-    int *h_tok;                   /* 2 * B*T */
-    int *h_csr;                   /* 3 * B*T + 1 */
+    /* host */
     int *h_count;                 /* V (plain malloc) */
-    float *h_losses;              /* B*T */
-    double *h_sq;
+    float *h_losses;              /* pinned: ring_cap rows of B*T per-row losses of forwards
+                                     whose loss is summed later (td_stage_loss_sum) */
+    int ring_cap, ring_n;         /* rows allocated / pending */
+    int *ring_bt;                 /* (ring_cap) B*T of each pending row */
+    double *h_sq;                 /* pinned */
 
-    int fwd_B, fwd_T, fwd_targets; /* the last forward's shape; 1 when a backward may follow */
     int grad_zero;                 /* 1: zero_grad since the last backward; g32 reads as zero
                                       but holds stale values (cuda_zero_grad) */
+    size_t bytes;                  /* device memory this model allocated */
 
     /* every cudaMalloc, for release */
     void **allocs;
@@ -132,6 +154,29 @@ typedef struct td_cuda_dev {
     int prof_nrows;
     long prof_steps;
 } td_cuda_dev;
+
+/* ---- shared between backend.cu and passes.cu ------------------------------------------------- */
+
+/* TANDEM_CUDA_PROFILE: an event at the start of a phase named `name` ("(end)" closes a run);
+ * td_cuda_prof_flush folds the recorded phases in after a synchronisation */
+void td_cuda_prof(td_cuda_dev *d, const char *name);
+void td_cuda_prof_flush(td_cuda_dev *d);
+/* 1: flash attention through the FlashAttention-2 kernels that read the heads in place */
+int td_cuda_flash_rows(const td_cuda_dev *d);
+/* a lazy zero_grad's zeros written now (a no-op when there is none pending) */
+td_status td_cuda_materialize_zero_grads(td_cuda_dev *d);
+/* passes.cu. Forward of slot `slot` (tokens / targets staged in m->slot[slot]); in_BTC: the
+ * previous stage's output (not first stage), out_BTC: this stage's (not last stage); device
+ * buffers of (B, T, C) E. out_loss NULL with targets: the loss waits in a pinned ring for
+ * td_cuda_loss_sum. */
+td_status td_cuda_stage_forward(td_model *m, int32_t slot, float *logits_out, double *out_loss,
+                                int with_targets, const void *in_BTC, void *out_BTC);
+/* Backward (part: TD_BWD_*) of the slot's micro-batch; dout_BTC from the next stage (not last
+ * stage), din_BTC to the previous one (not first stage). lazy_zero = 1: the one-stage path, where
+ * a gradient's first contribution after zero_grad overwrites it. */
+td_status td_cuda_stage_backward(td_model *m, int32_t slot, double grad_scale, int part,
+                                 const void *dout_BTC, void *din_BTC, int lazy_zero);
+td_status td_cuda_loss_sum(td_cuda_dev *d, double *out_sum, int32_t *out_count);
 
 /* ---- error helpers --------------------------------------------------------------------------- */
 

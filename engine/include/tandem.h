@@ -56,7 +56,10 @@ const char *td_model_last_error(const td_model *model);
  * n_positions, seq_len (largest T), batch_size (largest micro-batch B), threads (0 = OpenMP
  * default), stage, stages, layer_begin, layer_end (the stage's layers [begin, end); default: the
  * whole model on one stage), slots (activation sets kept at once; default 1), split_backward
- * (1 keeps per-slot gradients of activations so a backward can run as B then W; default 0).
+ * (1 keeps per-slot gradients of activations so a backward can run as B then W; default 0),
+ * backend (0 cpu, 1 cuda: on the current CUDA device), bf16 (1: bf16 compute, cuda only).
+ * Read-only integer keys (td_model_get_int): step, num_elements, io_bytes, device (the CUDA
+ * device ordinal, -1 on the CPU), device_bytes (device memory the model allocated).
  * Float keys: lr, beta1, beta2, eps, weight_decay, grad_clip (0 = off).
  * Optimizer keys may also be set after build. Unknown keys are TD_ERR_CONFIG. */
 td_status td_model_set_int(td_model *model, const char *key, int64_t value);
@@ -132,6 +135,26 @@ td_status td_stage_forward(td_model *model, float *out_BTC, double *out_loss, in
  * Weight gradients accumulate. */
 td_status td_stage_backward(td_model *model, float *din_BTC, int32_t slot, const float *dout_BTC,
                             double grad_scale, int32_t part);
+
+/* The same passes on buffers in the model's own memory and compute type, for the pipeline
+ * executor: device memory holding (B, T, C) elements of td_model_get_int(m, "io_bytes") bytes
+ * (bf16 in bf16 mode, else fp32) for a CUDA model, host td_real arrays for a CPU model. Work is
+ * queued on the model's stream (td_model_stream) and may still run when the call returns: order
+ * transfers after it on that stream. out_loss may be NULL on the last stage: the micro-batch's
+ * mean loss is then kept for td_stage_loss_sum. tokens_BT / targets_BT are host arrays. */
+td_status td_stage_forward_dev(td_model *model, void *out_BTC, double *out_loss, int32_t slot,
+                               const int32_t *tokens_BT, const void *in_BTC,
+                               const int32_t *targets_BT, int32_t B, int32_t T);
+td_status td_stage_backward_dev(td_model *model, void *din_BTC, int32_t slot,
+                                const void *dout_BTC, double grad_scale, int32_t part);
+/* The sum of the mean losses of the forwards whose loss was deferred since the last call, in
+ * forward order, and their count; waits for the device. */
+td_status td_stage_loss_sum(td_model *model, double *out_sum, int32_t *out_count);
+/* Where gradient `name` (numel elements, fp32) lives in the model's memory (device memory for a
+ * CUDA model), valid until the model is freed: for transfers between stages. */
+td_status td_model_grad_data(td_model *model, void **out, const char *name, int64_t numel);
+/* The CUDA stream (cudaStream_t) the model's work runs on; NULL for a CPU model. */
+td_status td_model_stream(td_model *model, void **out_stream);
 
 /* ---- kernels, one by one (op-level parity) ------------------------------------------------- */
 

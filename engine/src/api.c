@@ -191,6 +191,11 @@ td_status td_model_get_int(const td_model *m, const char *key, int64_t *out) {
     if (!m || !key || !out) return TD_ERR_ARG;
     if (!strcmp(key, "step")) return *out = m->step, TD_OK;
     if (!strcmp(key, "num_elements")) return *out = (int64_t)m->total, TD_OK;
+    /* bytes per element of the activations td_stage_*_dev exchange: the compute type */
+    if (!strcmp(key, "io_bytes")) return *out = m->bf16 ? 2 : (int64_t)sizeof(td_real), TD_OK;
+    if (!strcmp(key, "device")) return *out = m->ops && m->built ? m->ops->device((td_model *)m) : -1, TD_OK;
+    if (!strcmp(key, "device_bytes"))
+        return *out = m->ops && m->built ? m->ops->device_bytes((td_model *)m) : 0, TD_OK;
     const key_entry *k = find_key(INT_KEYS, NKEYS(INT_KEYS), key);
     if (!k) return td_fail((td_model *)m, TD_ERR_CONFIG, "td_model_get_int: unknown key '%s'", key);
     *out = *(const int64_t *)((const char *)m + k->offset);
@@ -272,8 +277,6 @@ td_status td_model_build(td_model *m) {
         m->ops = td_cuda_ops();
         if (!m->ops)
             return td_fail(m, TD_ERR_CONFIG, "td_model_build: backend=cuda but this libtandem was built without CUDA. HINT: build where nvcc is found (cmake -DTD_CUDA=ON)");
-        if (m->stages != 1 || m->split_backward)
-            return td_fail(m, TD_ERR_CONFIG, "td_model_build: the CUDA backend runs one stage with a fused backward (stages=%lld, split_backward=%lld)", (long long)m->stages, (long long)m->split_backward);
     }
     td_status st = td_model_layout(m);
     if (st == TD_OK && m->ops) st = m->ops->build(m);
@@ -403,10 +406,12 @@ static td_status check_shape(td_model *m, const char *fn, int32_t B, int32_t T) 
     return TD_OK;
 }
 
-static td_status td_stage_forward_impl(td_model *m, float *out_BTC, double *out_loss, int32_t slot, const int32_t *tokens_BT, const float *in_BTC, const int32_t *targets_BT, int32_t B, int32_t T) {
+/* The stage passes. dev = 0: in/out are host fp32 arrays (td_stage_forward / _backward, CPU
+ * models only); dev = 1: buffers in the model's own memory and compute type (td_stage_*_dev). */
+static td_status td_stage_forward_impl(td_model *m, void *out_BTC, double *out_loss, int32_t slot, const int32_t *tokens_BT, const void *in_BTC, const int32_t *targets_BT, int32_t B, int32_t T, int dev) {
     static const char *fn = "td_stage_forward";
     REQUIRE_BUILT("td_stage_forward");
-    if (m->ops) return td_fail(m, TD_ERR_STATE, "%s: stage passes run on the CPU backend only", fn);
+    if (m->ops && !dev) return td_fail(m, TD_ERR_STATE, "%s: a %s model's stage passes take device buffers. HINT: td_stage_forward_dev", fn, m->ops->name);
     td_status st = check_shape(m, fn, B, T);
     if (st) return st;
     if (slot < 0 || slot >= m->slots)
@@ -425,24 +430,36 @@ static td_status td_stage_forward_impl(td_model *m, float *out_BTC, double *out_
     const double started = now_s();
     s->B = B, s->T = T;
     const int64_t n = (int64_t)B * T;
+    const int with_targets = m->has_head && targets_BT;
     if (m->has_embed) memcpy(s->tokens, tokens_BT, sizeof(int32_t) * (size_t)n);
-    else for (int64_t i = 0; i < n * m->n_embd; i++) s->input[i] = (td_real)in_BTC[i];
-    if (m->has_head && targets_BT) memcpy(s->targets, targets_BT, sizeof(int32_t) * (size_t)n);
-    st = td_forward_slot(m, slot, NULL, out_loss, m->has_head && targets_BT);
-    if (st) return st;
-    if (!m->has_head) {
-        const td_real *res = m->nl ? s->layers[m->nl - 1].res3 : s->input;
-        for (int64_t i = 0; i < n * m->n_embd; i++) out_BTC[i] = (float)res[i];
+    if (with_targets) memcpy(s->targets, targets_BT, sizeof(int32_t) * (size_t)n);
+    if (m->ops) {
+        st = m->ops->stage_forward(m, slot, out_loss, with_targets, in_BTC, out_BTC);
+        if (st) return st;
+    } else {
+        if (m->has_embed) {
+        } else if (dev) memcpy(s->input, in_BTC, sizeof(td_real) * (size_t)(n * m->n_embd));
+        else for (int64_t i = 0; i < n * m->n_embd; i++) s->input[i] = (td_real)((const float *)in_BTC)[i];
+        double loss = 0.0;
+        st = td_forward_slot(m, slot, NULL, &loss, with_targets);
+        if (st) return st;
+        if (with_targets && out_loss) *out_loss = loss;
+        else if (with_targets) m->pending_loss += loss, m->pending_count++;
+        if (!m->has_head) {
+            const td_real *res = m->nl ? s->layers[m->nl - 1].res3 : s->input;
+            if (dev) memcpy(out_BTC, res, sizeof(td_real) * (size_t)(n * m->n_embd));
+            else for (int64_t i = 0; i < n * m->n_embd; i++) ((float *)out_BTC)[i] = (float)res[i];
+        }
     }
     s->state = m->has_head && !targets_BT ? 0 : 1;
     slowdown(started);
     return TD_OK;
 }
 
-static td_status td_stage_backward_impl(td_model *m, float *din_BTC, int32_t slot, const float *dout_BTC, double grad_scale, int32_t part) {
+static td_status td_stage_backward_impl(td_model *m, void *din_BTC, int32_t slot, const void *dout_BTC, double grad_scale, int32_t part, int dev) {
     static const char *fn = "td_stage_backward";
     REQUIRE_BUILT("td_stage_backward");
-    if (m->ops) return td_fail(m, TD_ERR_STATE, "%s: stage passes run on the CPU backend only", fn);
+    if (m->ops && !dev) return td_fail(m, TD_ERR_STATE, "%s: a %s model's stage passes take device buffers. HINT: td_stage_backward_dev", fn, m->ops->name);
     if (slot < 0 || slot >= m->slots)
         return td_fail(m, TD_ERR_ARG, "%s: slot %d outside [0, slots=%lld)", fn, slot, (long long)m->slots);
     if (part < TD_BWD_FULL || part > TD_BWD_WEIGHT)
@@ -459,19 +476,58 @@ static td_status td_stage_backward_impl(td_model *m, float *din_BTC, int32_t slo
     if (!isfinite(grad_scale)) return td_fail(m, TD_ERR_ARG, "%s: grad_scale=%g is not finite", fn, grad_scale);
     const double started = now_s();
     const int64_t n = (int64_t)s->B * s->T * m->n_embd;
-    td_real *dout = NULL;
-    if (!m->has_head && part != TD_BWD_WEIGHT) { /* stage the float input in td_real */
-        dout = m->scratch.dtmp;
-        for (int64_t i = 0; i < n; i++) dout[i] = (td_real)dout_BTC[i];
-    }
-    td_status st = td_backward_slot(m, slot, grad_scale, part, dout);
-    if (st) return st;
-    if (part != TD_BWD_WEIGHT && din_BTC) {
-        const td_real *g = td_input_grad(m, slot);
-        for (int64_t i = 0; i < n; i++) din_BTC[i] = (float)g[i];
+    td_status st;
+    if (m->ops) {
+        st = m->ops->stage_backward(m, slot, grad_scale, part, dout_BTC, din_BTC);
+        if (st) return st;
+    } else {
+        const td_real *dout = NULL;
+        if (!m->has_head && part != TD_BWD_WEIGHT) { /* stage the input in td_real */
+            if (dev) dout = (const td_real *)dout_BTC;
+            else {
+                td_real *tmp = m->scratch.dtmp;
+                for (int64_t i = 0; i < n; i++) tmp[i] = (td_real)((const float *)dout_BTC)[i];
+                dout = tmp;
+            }
+        }
+        st = td_backward_slot(m, slot, grad_scale, part, dout);
+        if (st) return st;
+        if (part != TD_BWD_WEIGHT && din_BTC) {
+            const td_real *g = td_input_grad(m, slot);
+            if (dev) memcpy(din_BTC, g, sizeof(td_real) * (size_t)n);
+            else for (int64_t i = 0; i < n; i++) ((float *)din_BTC)[i] = (float)g[i];
+        }
     }
     s->state = part == TD_BWD_INPUT ? 2 : 0;
     slowdown(started);
+    return TD_OK;
+}
+
+td_status td_stage_loss_sum(td_model *m, double *out_sum, int32_t *out_count) {
+    REQUIRE_BUILT("td_stage_loss_sum");
+    if (!out_sum) return td_fail(m, TD_ERR_ARG, "td_stage_loss_sum: out_sum is NULL");
+    if (m->ops) return m->ops->loss_sum(m, out_sum, out_count);
+    *out_sum = m->pending_loss;
+    if (out_count) *out_count = m->pending_count;
+    m->pending_loss = 0.0, m->pending_count = 0;
+    return TD_OK;
+}
+
+td_status td_model_grad_data(td_model *m, void **out, const char *name, int64_t numel) {
+    REQUIRE_BUILT("td_model_grad_data");
+    if (!out) return td_fail(m, TD_ERR_ARG, "td_model_grad_data: out is NULL");
+    td_param *p = NULL;
+    td_status st = lookup(m, "td_model_grad_data", name, numel, &p);
+    if (st) return st;
+    if (m->ops) return m->ops->grad_data(m, out, p->offset);
+    *out = m->grad_mem + p->offset;
+    return TD_OK;
+}
+
+td_status td_model_stream(td_model *m, void **out_stream) {
+    REQUIRE_BUILT("td_model_stream");
+    if (!out_stream) return td_fail(m, TD_ERR_ARG, "td_model_stream: out_stream is NULL");
+    *out_stream = m->ops ? m->ops->stream(m) : NULL;
     return TD_OK;
 }
 
@@ -549,14 +605,28 @@ td_status td_model_optimizer_step(td_model *m, double *out_grad_norm) {
 
 td_status td_stage_forward(td_model *m, float *out_BTC, double *out_loss, int32_t slot, const int32_t *tokens_BT, const float *in_BTC, const int32_t *targets_BT, int32_t B, int32_t T) {
     const unsigned fp = td_fp_enter(m);
-    td_status st = td_stage_forward_impl(m, out_BTC, out_loss, slot, tokens_BT, in_BTC, targets_BT, B, T);
+    td_status st = td_stage_forward_impl(m, out_BTC, out_loss, slot, tokens_BT, in_BTC, targets_BT, B, T, 0);
     td_fp_leave(fp);
     return st;
 }
 
 td_status td_stage_backward(td_model *m, float *din_BTC, int32_t slot, const float *dout_BTC, double grad_scale, int32_t part) {
     const unsigned fp = td_fp_enter(m);
-    td_status st = td_stage_backward_impl(m, din_BTC, slot, dout_BTC, grad_scale, part);
+    td_status st = td_stage_backward_impl(m, din_BTC, slot, dout_BTC, grad_scale, part, 0);
+    td_fp_leave(fp);
+    return st;
+}
+
+td_status td_stage_forward_dev(td_model *m, void *out_BTC, double *out_loss, int32_t slot, const int32_t *tokens_BT, const void *in_BTC, const int32_t *targets_BT, int32_t B, int32_t T) {
+    const unsigned fp = td_fp_enter(m);
+    td_status st = td_stage_forward_impl(m, out_BTC, out_loss, slot, tokens_BT, in_BTC, targets_BT, B, T, 1);
+    td_fp_leave(fp);
+    return st;
+}
+
+td_status td_stage_backward_dev(td_model *m, void *din_BTC, int32_t slot, const void *dout_BTC, double grad_scale, int32_t part) {
+    const unsigned fp = td_fp_enter(m);
+    td_status st = td_stage_backward_impl(m, din_BTC, slot, dout_BTC, grad_scale, part, 1);
     td_fp_leave(fp);
     return st;
 }

@@ -104,7 +104,7 @@ typedef struct {
     td_real *dfch_gelu;/* (B, T, 4C) */
 } td_scratch;
 
-/* A device backend: where a one-stage model's tensors live and its passes run (NULL: the CPU code
+/* A device backend: where a model stage's tensors live and its passes run (NULL: the CPU code
  * in model.c and optim.c). The host buffers param_mem / grad_mem stay the staging area for
  * get/set and for safetensors; the backend moves them across when asked. Implemented by
  * engine/cuda/ (td_cuda_ops) when the library is built with CUDA. */
@@ -120,6 +120,17 @@ typedef struct td_backend_ops {
     td_status (*zero_grad)(td_model *m);
     td_status (*grad_sq_sum)(td_model *m, double *out);
     td_status (*adamw)(td_model *m, double grad_norm);
+    /* stage passes on device buffers in the compute type (td_stage_forward_dev); tokens and
+     * targets already in m->slot[slot]; out_loss NULL: the loss is summed later (loss_sum) */
+    td_status (*stage_forward)(td_model *m, int32_t slot, double *out_loss, int with_targets,
+                               const void *in_BTC, void *out_BTC);
+    td_status (*stage_backward)(td_model *m, int32_t slot, double grad_scale, int part,
+                                const void *dout_BTC, void *din_BTC);
+    td_status (*loss_sum)(td_model *m, double *out_sum, int32_t *out_count);
+    td_status (*grad_data)(td_model *m, void **out, size_t offset); /* device fp32 gradient */
+    void *(*stream)(td_model *m);
+    int64_t (*device_bytes)(td_model *m);
+    int32_t (*device)(td_model *m);
 } td_backend_ops;
 
 /* The CUDA backend's table, or NULL when the library was built without CUDA. */
@@ -146,6 +157,8 @@ struct td_model {
     td_real *param_mem, *grad_mem, *m_mem, *v_mem;
     td_stage_ptrs P, G; /* parameters and gradients */
 
+    double pending_loss;    /* CPU: sum of the mean losses of forwards whose loss is deferred */
+    int32_t pending_count;
     td_slot *slot;          /* slots entries */
     td_grad_store *gstore;  /* split_backward ? slots : 1 entries */
     td_scratch scratch;
