@@ -3,8 +3,9 @@
  *   mpirun -n P tandem-engine RUNFILE
  *
  * RUNFILE holds `key value` lines (written by harness/pipeline.py): model sizes, batch_size,
- * microbatches, chunks, steps, optimizer settings, and the paths weights, inputs, targets,
- * schedule, out. Any failure prints "tandem-engine: rank R: message" and aborts every rank with
+ * microbatches, chunks, steps, optimizer settings, backend (0 cpu, 1 cuda) and bf16, and the
+ * paths weights, inputs, targets, schedule, out. CUDA ranks take the GPU transport of
+ * td_comm_cuda_init (NCCL, or CUDA IPC when ranks share a GPU). Any failure prints "tandem-engine: rank R: message" and aborts every rank with
  * exit code 3, so no rank is left waiting on a dead peer.
  */
 #include <stdio.h>
@@ -34,7 +35,8 @@ static int parse_runfile(td_run_config *cfg, char *err, size_t errlen, const cha
             {"vocab_size", &cfg->vocab_size}, {"n_positions", &cfg->n_positions},
             {"seq_len", &cfg->seq_len}, {"batch_size", &cfg->batch_size},
             {"microbatches", &cfg->microbatches}, {"chunks", &cfg->chunks}, {"steps", &cfg->steps},
-            {"threads", &cfg->threads}, {"save_grads_step", &cfg->save_grads_step}};
+            {"threads", &cfg->threads}, {"save_grads_step", &cfg->save_grads_step},
+            {"backend", &cfg->backend}, {"bf16", &cfg->bf16}};
         struct { const char *k; double *v; } fl[] = {
             {"lr", &cfg->lr}, {"beta1", &cfg->beta1}, {"beta2", &cfg->beta2}, {"eps", &cfg->eps},
             {"weight_decay", &cfg->weight_decay}, {"grad_clip", &cfg->grad_clip}};
@@ -87,6 +89,12 @@ int main(int argc, char **argv) {
         snprintf(err, sizeof err, "'layers' lists %lld stages but the run has %d ranks x %lld chunks",
                  (long long)cfg.n_layers_given, comm.size, (long long)cfg.chunks);
         st = TD_ERR_CONFIG;
+    } else if (cfg.backend < 0 || cfg.backend > 1 || (cfg.bf16 && cfg.backend != 1)) {
+        snprintf(err, sizeof err, "run file: backend=%lld bf16=%lld (backend 0 = cpu, 1 = cuda; bf16 needs cuda)",
+                 (long long)cfg.backend, (long long)cfg.bf16);
+        st = TD_ERR_CONFIG;
+    } else if (cfg.backend == 1 && (st = td_comm_cuda_init(&comm)) != TD_OK) {
+        snprintf(err, sizeof err, "%s", comm.err);
     } else {
         st = td_plan_read(&plan, err, sizeof err, cfg.schedule, comm.rank,
                           comm.size * cfg.chunks, cfg.microbatches);
@@ -98,6 +106,7 @@ int main(int argc, char **argv) {
         comm.abort(&comm, 3);
         return 3;
     }
+    if (cfg.backend == 1) td_comm_cuda_finalize(&comm);
     td_comm_mpi_finalize(&comm);
     return 0;
 }

@@ -2,9 +2,11 @@
  *
  * Per step: post a receive for every message this rank's actions will need (each (kind, stage,
  * micro-batch) has its own tag and buffer, so arrival order cannot matter), then walk the
- * actions: F and B/BW wait for their input, compute through td_stage_*, and send their output
- * without waiting; then the tied-embedding gradient exchange, the global gradient norm, and
- * AdamW on every local stage. Every action lands in the rank's timeline.
+ * actions: F and B/BW/W wait for their input, compute through td_stage_*_dev, and send their
+ * output without waiting; then the tied-embedding gradient sum, the global gradient norm, and
+ * AdamW on every local stage. CPU and CUDA stages run the same loop: buffers come from the comm,
+ * and transfers and time marks are ordered on each stage's stream (NULL on the CPU). Every action
+ * lands in the rank's timeline.
  */
 #include "runtime.h"
 
@@ -75,13 +77,20 @@ static void record(timeline *tl, int step, const char *kind, int stage, int mb, 
 
 typedef struct {
     td_model *model;
+    void *stream;         /* the stage's CUDA stream, NULL on the CPU */
     int stage;
     int32_t *slot_of_mb;  /* micro-batch -> activation slot, -1 when free */
     int32_t *slot_used;   /* slots entries */
     int64_t slots;
-    float **act_in, **act_out, **grad_in, **grad_out; /* per micro-batch (B_mb, T, C) */
+    void **act_in, **act_out, **grad_in, **grad_out; /* per micro-batch (B_mb, T, C) io elements */
     td_request **recv_act, **recv_grad, **send_act, **send_grad;
 } chunk_state;
+
+/* A timeline row whose times are marks (comm->mark), resolved once the step's work is done. */
+typedef struct {
+    const char *kind;
+    int stage, mb, m0, m1;
+} pending_row;
 
 /* One tag per message: activations and gradients of each (stage, micro-batch); the tied-wte
  * exchange uses 2*S*M, just past the range. */
@@ -96,7 +105,8 @@ static td_status build_stage(td_model **out, const td_run_config *cfg, int stage
         {"n_layer", cfg->n_layer}, {"n_embd", cfg->n_embd}, {"n_head", cfg->n_head},
         {"vocab_size", cfg->vocab_size}, {"n_positions", cfg->n_positions},
         {"seq_len", cfg->seq_len}, {"batch_size", bmb}, {"threads", cfg->threads},
-        {"stage", stage}, {"stages", S}, {"slots", slots}, {"split_backward", split}};
+        {"stage", stage}, {"stages", S}, {"slots", slots}, {"split_backward", split},
+        {"backend", cfg->backend}, {"bf16", cfg->bf16}};
     for (size_t i = 0; i < sizeof ints / sizeof ints[0] && !st; i++) st = td_model_set_int(m, ints[i].k, ints[i].v);
     if (!st && cfg->n_layers_given) {
         int64_t begin = 0;
@@ -125,12 +135,56 @@ static int local_chunk(const chunk_state *chunks, int nchunks, int stage) {
     return -1;
 }
 
+/* Bookkeeping of one step's timeline rows, written once the marks are resolved. */
+typedef struct {
+    pending_row *rows;
+    int n, cap;
+} row_list;
+
+static td_status add_row(row_list *rl, const char *kind, int stage, int mb, int m0, int m1) {
+    if (rl->n == rl->cap) {
+        int cap = rl->cap ? 2 * rl->cap : 256;
+        pending_row *p = realloc(rl->rows, sizeof(pending_row) * (size_t)cap);
+        if (!p) return TD_ERR_NOMEM;
+        rl->rows = p, rl->cap = cap;
+    }
+    rl->rows[rl->n++] = (pending_row){kind, stage, mb, m0, m1};
+    return TD_OK;
+}
+
+#define MARK(stream, id)                                                                          \
+    do {                                                                                          \
+        if ((st = comm->mark(comm, (stream), &(id)))) return FAIL(st, "%s", comm->err);           \
+    } while (0)
+
+static td_status write_rank_info(const td_run_config *cfg, td_comm *comm, chunk_state *chunks,
+                                 int nchunks, char *err, size_t errlen) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/rank%d.json", cfg->out, comm->rank);
+    FILE *f = fopen(path, "w");
+    if (!f) return FAIL(TD_ERR_IO, "cannot write '%s'", path);
+    int64_t bytes = comm->bytes;
+    for (int c = 0; c < nchunks; c++) {
+        int64_t b = 0;
+        td_model_get_int(chunks[c].model, "device_bytes", &b);
+        bytes += b;
+    }
+    fprintf(f, "{\"rank\": %d, \"ranks\": %d, \"backend\": \"%s\", \"transport\": \"%s\", "
+               "\"device\": %d, \"device_name\": \"%s\", \"device_bytes\": %lld, \"stages\": [",
+            comm->rank, comm->size, cfg->backend ? "cuda" : "cpu", comm->name, comm->device,
+            comm->device_name, (long long)bytes);
+    for (int c = 0; c < nchunks; c++) fprintf(f, "%s%d", c ? ", " : "", chunks[c].stage);
+    fprintf(f, "]}\n");
+    fclose(f);
+    return TD_OK;
+}
+
 td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td_comm *comm,
                           char *err, size_t errlen) {
     const int P = comm->size, rank = comm->rank;
     const int64_t V = cfg->chunks, S = (int64_t)P * V, M = cfg->microbatches;
     const int64_t bmb = cfg->batch_size / M, T = cfg->seq_len, C = cfg->n_embd;
-    const int64_t nact = bmb * T * C; /* floats per activation message */
+    const int64_t nact = bmb * T * C; /* elements per activation message */
     const int last_rank = (int)((S - 1) % P);
     td_status st = TD_OK;
     if (cfg->batch_size % M) return FAIL(TD_ERR_CONFIG, "batch_size=%lld is not divisible by microbatches=%lld", (long long)cfg->batch_size, (long long)M);
@@ -154,6 +208,7 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
         memset(&chunks[nchunks], 0, sizeof(chunk_state));
         chunks[nchunks++].stage = (int)s;
     }
+    int64_t io_bytes = 4;
     for (int c = 0; c < nchunks; c++) {
         int64_t live = 0, peak = 1;
         int split = 0;
@@ -167,25 +222,39 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
         chunk_state *ch = &chunks[c];
         ch->slots = peak;
         if ((st = build_stage(&ch->model, cfg, ch->stage, S, peak, split, bmb, err, errlen))) return st;
+        td_model_get_int(ch->model, "io_bytes", &io_bytes);
+        if ((st = td_model_stream(ch->model, &ch->stream))) return FAIL(st, "%s", td_model_last_error(ch->model));
         ch->slot_of_mb = malloc(sizeof(int32_t) * (size_t)M);
         ch->slot_used = calloc((size_t)peak, sizeof(int32_t));
-        ch->act_in = calloc((size_t)M, sizeof(float *));
-        ch->act_out = calloc((size_t)M, sizeof(float *));
-        ch->grad_in = calloc((size_t)M, sizeof(float *));
-        ch->grad_out = calloc((size_t)M, sizeof(float *));
+        ch->act_in = calloc((size_t)M, sizeof(void *));
+        ch->act_out = calloc((size_t)M, sizeof(void *));
+        ch->grad_in = calloc((size_t)M, sizeof(void *));
+        ch->grad_out = calloc((size_t)M, sizeof(void *));
         ch->recv_act = calloc((size_t)M, sizeof(td_request *));
         ch->recv_grad = calloc((size_t)M, sizeof(td_request *));
         ch->send_act = calloc((size_t)M, sizeof(td_request *));
         ch->send_grad = calloc((size_t)M, sizeof(td_request *));
+        if (!ch->slot_of_mb || !ch->slot_used || !ch->act_in || !ch->act_out || !ch->grad_in ||
+            !ch->grad_out || !ch->recv_act || !ch->recv_grad || !ch->send_act || !ch->send_grad)
+            return FAIL(TD_ERR_NOMEM, "out of memory for pipeline bookkeeping");
+        /* message buffers where this stage has a neighbour in that direction */
+        const size_t nb = (size_t)(nact * io_bytes);
         for (int64_t mb = 0; mb < M; mb++) {
-            ch->act_in[mb] = malloc(sizeof(float) * (size_t)nact);
-            ch->act_out[mb] = malloc(sizeof(float) * (size_t)nact);
-            ch->grad_in[mb] = malloc(sizeof(float) * (size_t)nact);
-            ch->grad_out[mb] = malloc(sizeof(float) * (size_t)nact);
-            if (!ch->act_in[mb] || !ch->act_out[mb] || !ch->grad_in[mb] || !ch->grad_out[mb])
-                return FAIL(TD_ERR_NOMEM, "out of memory for pipeline buffers");
+            if (ch->stage > 0 && (!(ch->act_in[mb] = comm->alloc(comm, nb)) || !(ch->grad_out[mb] = comm->alloc(comm, nb))))
+                return FAIL(TD_ERR_NOMEM, "pipeline buffers: %s", comm->err);
+            if (ch->stage < S - 1 && (!(ch->act_out[mb] = comm->alloc(comm, nb)) || !(ch->grad_in[mb] = comm->alloc(comm, nb))))
+                return FAIL(TD_ERR_NOMEM, "pipeline buffers: %s", comm->err);
         }
     }
+    const int64_t msg_bytes = nact * io_bytes;
+    /* the tied embedding's gradient from the other end lands here */
+    const int64_t nwte = cfg->vocab_size * C;
+    const int c_first = local_chunk(chunks, nchunks, 0), c_last = local_chunk(chunks, nchunks, (int)S - 1);
+    void *wte_peer = NULL;
+    if (S > 1 && (c_first >= 0) != (c_last >= 0) &&
+        !(wte_peer = comm->alloc(comm, sizeof(float) * (size_t)nwte)))
+        return FAIL(TD_ERR_NOMEM, "the wte gradient buffer: %s", comm->err);
+    if ((st = write_rank_info(cfg, comm, chunks, nchunks, err, errlen))) return st;
 
     char path[1200];
     timeline tl = {NULL, rank, 0};
@@ -201,6 +270,9 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
     }
     if ((st = comm->barrier(comm))) return FAIL(st, "%s", comm->err);
     tl.t0 = comm->now(comm);
+    row_list rows = {NULL, 0, 0};
+    double *mark_s = NULL;
+    int mark_cap = 0;
 
     /* Test hook TANDEM_CRASH="<rank>:<step>[:kill]": that rank exits abruptly at that step, or
      * with ":kill" dies by SIGKILL without a word, as a rank killed from outside would. */
@@ -216,6 +288,8 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
             _Exit(9);
         }
         double step_start = comm->now(comm);
+        rows.n = 0;
+        int nmarks = 0, m_begin, m_end;
         for (int c = 0; c < nchunks; c++) {
             td_model_zero_grad(chunks[c].model);
             for (int64_t mb = 0; mb < M; mb++) chunks[c].slot_of_mb[mb] = -1;
@@ -226,14 +300,13 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
             const td_action *a = &plan->actions[i];
             chunk_state *ch = &chunks[local_chunk(chunks, nchunks, a->stage)];
             if (a->kind == ACT_F && a->stage > 0)
-                st = comm->irecv(comm, ch->act_in[a->microbatch], nact, (int)((a->stage - 1) % P),
-                                 tag_of(0, a->stage, a->microbatch, S, M), &ch->recv_act[a->microbatch]);
+                st = comm->irecv(comm, ch->act_in[a->microbatch], msg_bytes, (int)((a->stage - 1) % P),
+                                 tag_of(0, a->stage, a->microbatch, S, M), ch->stream, &ch->recv_act[a->microbatch]);
             else if ((a->kind == ACT_BW || a->kind == ACT_B) && a->stage < S - 1)
-                st = comm->irecv(comm, ch->grad_in[a->microbatch], nact, (int)((a->stage + 1) % P),
-                                 tag_of(1, a->stage, a->microbatch, S, M), &ch->recv_grad[a->microbatch]);
+                st = comm->irecv(comm, ch->grad_in[a->microbatch], msg_bytes, (int)((a->stage + 1) % P),
+                                 tag_of(1, a->stage, a->microbatch, S, M), ch->stream, &ch->recv_grad[a->microbatch]);
             if (st) return FAIL(st, "%s", comm->err);
         }
-        double loss_sum = 0.0;
         for (int32_t i = 0; i < plan->count; i++) {
             const td_action *a = &plan->actions[i];
             const int c = local_chunk(chunks, nchunks, a->stage);
@@ -241,10 +314,11 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
             chunk_state *ch = &chunks[c];
             const int mb = a->microbatch, s = a->stage;
             const int is_first = s == 0, is_last = s == S - 1;
-            double t_wait = comm->now(comm), t0;
+            int m_wait, m0, m1;
+            MARK(ch->stream, m_wait);
             if (a->kind == ACT_F) {
                 if (!is_first) {
-                    if ((st = comm->wait(comm, ch->recv_act[mb]))) return FAIL(st, "%s", comm->err);
+                    if ((st = comm->wait(comm, ch->recv_act[mb], ch->stream))) return FAIL(st, "%s", comm->err);
                     ch->recv_act[mb] = NULL;
                 }
                 int32_t slot = -1;
@@ -254,83 +328,87 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
                 ch->slot_used[slot] = 1;
                 ch->slot_of_mb[mb] = slot;
                 const int64_t off = (step * cfg->batch_size + (int64_t)mb * bmb) * T;
-                double loss = 0;
-                t0 = comm->now(comm);
-                if (t0 - t_wait > 1e-6) record(&tl, (int)step, "WAIT", s, mb, t_wait, t0);
-                st = td_stage_forward(ch->model, is_last ? NULL : ch->act_out[mb], &loss, slot,
-                                      is_first ? inputs + off : NULL, is_first ? NULL : ch->act_in[mb],
-                                      is_last ? targets + off : NULL, (int32_t)bmb, (int32_t)T);
+                MARK(ch->stream, m0);
+                /* the last stage's loss is summed after the step (no wait on the device here) */
+                st = td_stage_forward_dev(ch->model, is_last ? NULL : ch->act_out[mb], NULL, slot,
+                                          is_first ? inputs + off : NULL, is_first ? NULL : ch->act_in[mb],
+                                          is_last ? targets + off : NULL, (int32_t)bmb, (int32_t)T);
                 if (st) return FAIL(st, "F(stage=%d, mb=%d): %s", s, mb, td_model_last_error(ch->model));
-                record(&tl, (int)step, "F", s, mb, t0, comm->now(comm));
-                if (is_last) loss_sum += loss;
-                else if ((st = comm->isend(comm, ch->act_out[mb], nact, (int)((s + 1) % P),
-                                           tag_of(0, s + 1, mb, S, M), &ch->send_act[mb])))
+                MARK(ch->stream, m1);
+                if (!is_last && (st = comm->isend(comm, ch->act_out[mb], msg_bytes, (int)((s + 1) % P),
+                                                  tag_of(0, s + 1, mb, S, M), ch->stream, &ch->send_act[mb])))
                     return FAIL(st, "%s", comm->err);
             } else {
                 int32_t slot = ch->slot_of_mb[mb];
                 if (slot < 0) return FAIL(TD_ERR_INTERNAL, "%s(stage=%d, mb=%d) before its F", KIND_NAME[a->kind], s, mb);
                 if (a->kind != ACT_W && !is_last) {
-                    if ((st = comm->wait(comm, ch->recv_grad[mb]))) return FAIL(st, "%s", comm->err);
+                    if ((st = comm->wait(comm, ch->recv_grad[mb], ch->stream))) return FAIL(st, "%s", comm->err);
                     ch->recv_grad[mb] = NULL;
                 }
-                t0 = comm->now(comm);
-                if (t0 - t_wait > 1e-6) record(&tl, (int)step, "WAIT", s, mb, t_wait, t0);
+                MARK(ch->stream, m0);
                 int part = a->kind == ACT_BW ? TD_BWD_FULL : a->kind == ACT_B ? TD_BWD_INPUT : TD_BWD_WEIGHT;
-                st = td_stage_backward(ch->model, (!is_first && a->kind != ACT_W) ? ch->grad_out[mb] : NULL,
-                                       slot, (!is_last && a->kind != ACT_W) ? ch->grad_in[mb] : NULL,
-                                       1.0 / (double)M, part);
+                st = td_stage_backward_dev(ch->model, (!is_first && a->kind != ACT_W) ? ch->grad_out[mb] : NULL,
+                                           slot, (!is_last && a->kind != ACT_W) ? ch->grad_in[mb] : NULL,
+                                           1.0 / (double)M, part);
                 if (st) return FAIL(st, "%s(stage=%d, mb=%d): %s", KIND_NAME[a->kind], s, mb, td_model_last_error(ch->model));
-                record(&tl, (int)step, KIND_NAME[a->kind], s, mb, t0, comm->now(comm));
+                MARK(ch->stream, m1);
                 if (a->kind != ACT_B) { ch->slot_used[slot] = 0; ch->slot_of_mb[mb] = -1; }
                 if (a->kind != ACT_W && !is_first &&
-                    (st = comm->isend(comm, ch->grad_out[mb], nact, (int)((s - 1) % P),
-                                      tag_of(1, s - 1, mb, S, M), &ch->send_grad[mb])))
+                    (st = comm->isend(comm, ch->grad_out[mb], msg_bytes, (int)((s - 1) % P),
+                                      tag_of(1, s - 1, mb, S, M), ch->stream, &ch->send_grad[mb])))
                     return FAIL(st, "%s", comm->err);
             }
+            if (add_row(&rows, "WAIT", s, mb, m_wait, m0) || add_row(&rows, KIND_NAME[a->kind], s, mb, m0, m1))
+                return FAIL(TD_ERR_NOMEM, "out of memory for the timeline");
+            nmarks = m1 + 1;
         }
         /* every send of this step completes before its buffer is reused */
         for (int c = 0; c < nchunks; c++)
             for (int64_t mb = 0; mb < M; mb++) {
-                if (chunks[c].send_act[mb] && (st = comm->wait(comm, chunks[c].send_act[mb]))) return FAIL(st, "%s", comm->err);
-                if (chunks[c].send_grad[mb] && (st = comm->wait(comm, chunks[c].send_grad[mb]))) return FAIL(st, "%s", comm->err);
+                if (chunks[c].send_act[mb] && (st = comm->wait(comm, chunks[c].send_act[mb], chunks[c].stream))) return FAIL(st, "%s", comm->err);
+                if (chunks[c].send_grad[mb] && (st = comm->wait(comm, chunks[c].send_grad[mb], chunks[c].stream))) return FAIL(st, "%s", comm->err);
                 if (chunks[c].recv_act[mb] || chunks[c].recv_grad[mb])
                     return FAIL(TD_ERR_INTERNAL, "stage %d mb %lld: a posted receive was never used (schedule incomplete)", chunks[c].stage, (long long)mb);
                 chunks[c].send_act[mb] = chunks[c].send_grad[mb] = NULL;
             }
-        double t_red = comm->now(comm);
+        MARK(nchunks ? chunks[0].stream : NULL, m_begin);
         /* tied embedding: the first and the last stage each add the other's wte gradient */
-        if (S > 1) {
-            const int64_t nwte = cfg->vocab_size * C;
-            int c0 = local_chunk(chunks, nchunks, 0), cl = local_chunk(chunks, nchunks, (int)S - 1);
+        if (S > 1 && c_first >= 0 && c_last >= 0) { /* both ends on this rank (one rank) */
             float *mine = malloc(sizeof(float) * (size_t)nwte), *theirs = malloc(sizeof(float) * (size_t)nwte);
-            if (!mine || !theirs) return FAIL(TD_ERR_NOMEM, "out of memory for the wte gradient exchange");
-            if (c0 >= 0 && cl >= 0) { /* both ends on this rank */
-                td_model_get_grad(chunks[c0].model, mine, "wte.weight", nwte);
-                td_model_get_grad(chunks[cl].model, theirs, "wte.weight", nwte);
-                for (int64_t j = 0; j < nwte; j++) mine[j] += theirs[j];
-                td_model_set_grad(chunks[c0].model, "wte.weight", mine, nwte);
-                td_model_set_grad(chunks[cl].model, "wte.weight", mine, nwte);
-            } else if (c0 >= 0 || cl >= 0) {
-                int c = c0 >= 0 ? c0 : cl;
-                td_model_get_grad(chunks[c].model, mine, "wte.weight", nwte);
-                if ((st = comm->exchange(comm, theirs, mine, nwte, c0 >= 0 ? last_rank : 0, (int)(2 * S * M))))
-                    return FAIL(st, "%s", comm->err);
-                /* first-stage contribution + last-stage contribution, in that order on both */
-                for (int64_t j = 0; j < nwte; j++) mine[j] = c0 >= 0 ? mine[j] + theirs[j] : theirs[j] + mine[j];
-                td_model_set_grad(chunks[c].model, "wte.weight", mine, nwte);
-            }
+            if (!mine || !theirs) return FAIL(TD_ERR_NOMEM, "out of memory for the wte gradient sum");
+            td_model_get_grad(chunks[c_first].model, mine, "wte.weight", nwte);
+            td_model_get_grad(chunks[c_last].model, theirs, "wte.weight", nwte);
+            for (int64_t j = 0; j < nwte; j++) mine[j] += theirs[j];
+            td_model_set_grad(chunks[c_first].model, "wte.weight", mine, nwte);
+            td_model_set_grad(chunks[c_last].model, "wte.weight", mine, nwte);
             free(mine);
             free(theirs);
+        } else if (S > 1 && (c_first >= 0 || c_last >= 0)) {
+            /* a + b == b + a in IEEE arithmetic: both ends hold the same sum */
+            chunk_state *ch = &chunks[c_first >= 0 ? c_first : c_last];
+            void *g = NULL;
+            td_request *rs = NULL, *rr = NULL;
+            const int peer = c_first >= 0 ? last_rank : 0, tag = (int)(2 * S * M);
+            if ((st = td_model_grad_data(ch->model, &g, "wte.weight", nwte)))
+                return FAIL(st, "%s", td_model_last_error(ch->model));
+            if ((st = comm->irecv(comm, wte_peer, (int64_t)sizeof(float) * nwte, peer, tag, ch->stream, &rr)) ||
+                (st = comm->isend(comm, g, (int64_t)sizeof(float) * nwte, peer, tag, ch->stream, &rs)) ||
+                (st = comm->wait(comm, rr, ch->stream)) || (st = comm->wait(comm, rs, ch->stream)) ||
+                (st = comm->add(comm, (float *)g, (const float *)wte_peer, nwte, ch->stream)))
+                return FAIL(st, "the wte gradient sum with rank %d: %s", peer, comm->err);
         }
-        double red[2] = {0.0, loss_sum};
+        double red[2] = {0.0, 0.0};
         for (int c = 0; c < nchunks; c++) {
             double sq;
-            td_model_grad_sq_sum(chunks[c].model, &sq);
+            if ((st = td_model_grad_sq_sum(chunks[c].model, &sq))) return FAIL(st, "%s", td_model_last_error(chunks[c].model));
             red[0] += sq;
         }
+        if (c_last >= 0 && (st = td_stage_loss_sum(chunks[c_last].model, &red[1], NULL)))
+            return FAIL(st, "%s", td_model_last_error(chunks[c_last].model));
         if ((st = comm->allreduce_sum(comm, red, 2))) return FAIL(st, "%s", comm->err);
         double norm = sqrt(red[0]);
-        record(&tl, (int)step, "ALLREDUCE", -1, -1, t_red, comm->now(comm));
+        MARK(nchunks ? chunks[0].stream : NULL, m_end);
+        if (add_row(&rows, "ALLREDUCE", -1, -1, m_begin, m_end)) return FAIL(TD_ERR_NOMEM, "out of memory for the timeline");
         if (step == cfg->save_grads_step)
             for (int c = 0; c < nchunks; c++) {
                 snprintf(path, sizeof path, "%s/grads_stage%d.safetensors", cfg->out, chunks[c].stage);
@@ -342,6 +420,20 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
             if ((st = td_model_optimizer_step_with_norm(chunks[c].model, norm)))
                 return FAIL(st, "optimizer on stage %d: %s", chunks[c].stage, td_model_last_error(chunks[c].model));
         double t_end = comm->now(comm);
+        /* the step's device work is done (AdamW returns once it is): resolve the marks */
+        nmarks = m_end + 1;
+        if (nmarks > mark_cap) {
+            double *p = realloc(mark_s, sizeof(double) * (size_t)nmarks);
+            if (!p) return FAIL(TD_ERR_NOMEM, "out of memory for the timeline");
+            mark_s = p, mark_cap = nmarks;
+        }
+        if ((st = comm->marks_read(comm, mark_s, nmarks))) return FAIL(st, "%s", comm->err);
+        for (int r = 0; r < rows.n; r++) {
+            const pending_row *pr = &rows.rows[r];
+            const double a0 = mark_s[pr->m0], a1 = mark_s[pr->m1];
+            if (!strcmp(pr->kind, "WAIT") && a1 - a0 <= 1e-6) continue;
+            record(&tl, (int)step, pr->kind, pr->stage, pr->mb, a0, a1);
+        }
         record(&tl, (int)step, "OPT", -1, -1, t_opt, t_end);
         if (lossf) fprintf(lossf, "%lld,%.17g,%.17g,%.9f\n", (long long)step, red[1] / (double)M, norm, t_end - step_start);
     }
@@ -352,10 +444,14 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
     }
     fclose(tl.f);
     if (lossf) fclose(lossf);
+    free(rows.rows);
+    free(mark_s);
+    if (wte_peer) comm->release(comm, wte_peer);
     for (int c = 0; c < nchunks; c++) {
         chunk_state *ch = &chunks[c];
         for (int64_t mb = 0; mb < M; mb++) {
-            free(ch->act_in[mb]); free(ch->act_out[mb]); free(ch->grad_in[mb]); free(ch->grad_out[mb]);
+            comm->release(comm, ch->act_in[mb]); comm->release(comm, ch->act_out[mb]);
+            comm->release(comm, ch->grad_in[mb]); comm->release(comm, ch->grad_out[mb]);
         }
         free(ch->act_in); free(ch->act_out); free(ch->grad_in); free(ch->grad_out);
         free(ch->recv_act); free(ch->recv_grad); free(ch->send_act); free(ch->send_grad);

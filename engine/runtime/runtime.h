@@ -29,6 +29,8 @@ typedef struct {
     int64_t layers[256];  /* optional per-virtual-stage layer counts (0 = balanced) */
     int64_t n_layers_given;
     int64_t save_grads_step; /* step whose gradients are written (-1: none) */
+    int64_t backend;         /* 0 cpu, 1 cuda (one stage per rank on the rank's GPU) */
+    int64_t bf16;            /* 1: bf16 compute (cuda) */
     double lr, beta1, beta2, eps, weight_decay, grad_clip;
     char weights[1024], inputs[1024], targets[1024], schedule[1024], out[1024];
 } td_run_config;
@@ -43,7 +45,8 @@ typedef struct {
 td_status td_plan_read(td_rank_plan *plan, char *err, size_t errlen, const char *path, int rank,
                        int64_t stages, int64_t microbatches);
 
-/* Runs every step; writes losses.csv (last stage's rank), timeline_rank<r>.csv, and
+/* Runs every step; writes losses.csv (last stage's rank), timeline_rank<r>.csv, rank<r>.json
+ * (transport, device, device memory, stages), and
  * params_stage<s>.safetensors / grads_stage<s>.safetensors for this rank's stages into cfg->out.
  * On failure returns a status with a message in err (the caller aborts the job). */
 td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td_comm *comm,
