@@ -3,12 +3,16 @@
 This module writes what the ranks read (schedule CSV from harness.schedule, token shards, the
 run file), launches `mpirun -n P tandem-engine RUNFILE` with a timeout, turns a failing or
 hanging job into RankFailure naming the rank and its message, and reads back losses, gradients,
-final parameters and per-rank timelines. It does not decide what runs when (harness.schedule)
-nor compare anything (harness.parity).
+final parameters, per-rank timelines and each rank's description (rank<r>.json: backend,
+transport, device, stages, device bytes). Ranks run CPU stages, or CUDA stages when
+case.backend is "cuda" (the engine picks the transport: NCCL, or CUDA IPC between ranks that
+share a GPU). It does not decide what runs when (harness.schedule) nor compare anything
+(harness.parity).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,7 +28,7 @@ from harness import schedule as sched
 from harness.config import CaseConfig, stage_layers
 from harness.data import write_shard
 from harness.engine import library_dirs
-from harness.errors import RankFailure
+from harness.errors import DataError, RankFailure
 from harness.init import read_safetensors
 
 
@@ -39,6 +43,58 @@ class PipelineResult:
     timeline_dir: Path
     wall_s: float
     command: list[str] = field(default_factory=list)
+    # one dict per rank, by rank (read_rank_info): backend, transport, device, device_name,
+    # stages, device_bytes; empty when the engine wrote none (builds before rank<r>.json)
+    ranks: list[dict] = field(default_factory=list)
+
+    @property
+    def transport(self) -> str | None:
+        """The transport the ranks used ("mpi", "nccl", "cuda-ipc"; several joined by "+"),
+        or None when no rank said."""
+        got = sorted({str(r["transport"]) for r in self.ranks if r.get("transport")})
+        return "+".join(got) or None
+
+    @property
+    def devices(self) -> int | None:
+        """Distinct GPUs the ranks ran on (0 for CPU ranks), or None when no rank said."""
+        return distinct_devices(self.ranks)
+
+
+RANK_INFO_KEYS = ("rank", "ranks", "backend", "transport", "device", "device_name", "stages",
+                  "device_bytes")
+
+
+def read_rank_info(out_dir: Path) -> list[dict]:
+    """Every rank<r>.json in `out_dir`, sorted by rank; [] when there is none (an engine that
+    predates them). A file that is not a JSON object holding RANK_INFO_KEYS raises DataError
+    naming it: the job ran, so a broken description is a bug to report, not to guess around."""
+    found = []
+    for path in Path(out_dir).glob("rank*.json"):
+        m = re.fullmatch(r"rank(\d+)\.json", path.name)
+        if not m:
+            continue
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: cannot read the rank's description: {exc}") from None
+        if not isinstance(info, dict):
+            raise DataError(f"{path}: expected a JSON object, got {type(info).__name__}")
+        missing = [k for k in RANK_INFO_KEYS if k not in info]
+        if missing:
+            raise DataError(f"{path}: missing key(s) {missing} (expected {list(RANK_INFO_KEYS)})")
+        if info["rank"] != int(m.group(1)):
+            raise DataError(f"{path}: says rank {info['rank']!r}, the file name {m.group(1)}")
+        found.append(info)
+    return sorted(found, key=lambda r: r["rank"])
+
+
+def distinct_devices(ranks: list[dict]) -> int | None:
+    """How many distinct GPUs `ranks` (rank<r>.json dicts) ran on: 0 when all are CPU ranks,
+    None for an empty list."""
+    if not ranks:
+        return None
+    return len({int(r["device"]) for r in ranks if r.get("backend") == "cuda"
+                and int(r.get("device", -1)) >= 0})
 
 
 def find_mpirun() -> Path:
@@ -68,8 +124,12 @@ def unavailable() -> str | None:
     return None
 
 
-def _mpi_env(threads: int) -> dict[str, str]:
+def _mpi_env(threads: int, backend: str = "cpu") -> dict[str, str]:
     env = dict(os.environ)
+    if backend == "cuda":
+        # NVLink multicast (NCCL's NVLS algorithms) stays off for GPU ranks unless the caller
+        # chose otherwise: it needs fabric-manager support the runs must not depend on
+        env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env["OMP_NUM_THREADS"] = str(threads)
@@ -117,8 +177,12 @@ def _failure_message(rc: int, stderr: str) -> str:
 
 def write_runfile(path: Path, case: CaseConfig, files: dict[str, Path], steps: int,
                   threads: int, save_grads_step: int) -> None:
+    """The run file tandem-engine reads: one "key value" line per setting. backend 0 = cpu,
+    1 = cuda; bf16 1 = bf16 compute with fp32 master weights (cuda only, config.py checks)."""
     m, o, p = case.model, case.optim, case.pipeline
+    device = {"backend": {"cpu": 0, "cuda": 1}[case.backend], "bf16": int(case.dtype == "bf16")}
     lines = {
+        **device,
         "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
         "vocab_size": m.vocab_size, "n_positions": m.n_positions, "seq_len": case.seq_len,
         "batch_size": case.batch_size, "microbatches": p.microbatches, "chunks": p.chunks,
@@ -131,6 +195,25 @@ def write_runfile(path: Path, case: CaseConfig, files: dict[str, Path], steps: i
     path.write_text("".join(f"{k} {v}\n" for k, v in lines.items()))
 
 
+def _launch(cmd: list[str], env: dict[str, str], timeout: float, case: CaseConfig,
+            workdir: Path) -> tuple[int, str, str, float]:
+    """mpirun `cmd` in its own session; (exit code, stdout, stderr, wall seconds). A job still
+    running at `timeout` is killed (the whole process group) and raises RankFailure."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RankFailure(f"pipelined run of {case.name!r} ({case.pipeline.stages} ranks) did "
+                          f"not finish in {timeout:.0f} s and was killed; rank logs in {workdir}")
+    wall = time.perf_counter() - t0
+    (workdir / "mpirun.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
+    return proc.returncode, stdout, stderr, wall
+
+
 def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
                  targets_SBT: np.ndarray, workdir: Path, *, timeout: float = 600.0,
                  threads: int = 1, save_grads_step: int = 0,
@@ -140,6 +223,8 @@ def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
     workdir = Path(workdir)
     out = workdir / "ranks"
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("rank*.json"):  # an earlier job's descriptions must not be read back
+        stale.unlink()
     schedule = sched.generate(p.schedule, p.stages, p.microbatches, p.chunks)
     sched.validate(schedule)
     files = {
@@ -152,26 +237,15 @@ def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
     sched.to_csv(schedule, files["schedule"])
     steps = int(inputs_SBT.shape[0])
     runfile = workdir / "run.txt"
+    exe = engine_executable()
     write_runfile(runfile, case, files, steps, threads, save_grads_step)
     cmd = [str(find_mpirun()), "-n", str(p.stages), "--oversubscribe", "--bind-to", "none",
-           str(engine_executable()), str(runfile.resolve())]
-    env = _mpi_env(threads)
+           str(exe), str(runfile.resolve())]
+    env = _mpi_env(threads, case.backend)
     env.update(extra_env or {})
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise RankFailure(f"pipelined run of {case.name!r} ({p.stages} ranks) did not finish in "
-                          f"{timeout:.0f} s and was killed; rank logs in {workdir}")
-    wall = time.perf_counter() - t0
-    (workdir / "mpirun.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
-    if proc.returncode != 0:
-        raise RankFailure(f"pipelined run of {case.name!r}: "
-                          f"{_failure_message(proc.returncode, stderr)}")
+    rc, stdout, stderr, wall = _launch(cmd, env, timeout, case, workdir)
+    if rc != 0:
+        raise RankFailure(f"pipelined run of {case.name!r}: {_failure_message(rc, stderr)}")
     table = np.loadtxt(out / "losses.csv", delimiter=",", skiprows=1, ndmin=2)
     grads: dict[str, np.ndarray] = {}
     params: dict[str, np.ndarray] = {}
@@ -183,4 +257,4 @@ def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
             grads.update(read_safetensors(gpath))
     return PipelineResult(losses=table[:, 1], grad_norms=table[:, 2], step_s=table[:, 3],
                           grads=grads, params=params, out_dir=out, timeline_dir=out,
-                          wall_s=wall, command=cmd)
+                          wall_s=wall, command=cmd, ranks=read_rank_info(out))
