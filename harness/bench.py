@@ -107,20 +107,25 @@ def _reset_rss_high_water() -> bool:
         return False
 
 
-def _gpu_process_bytes(pid: int) -> int:
-    """Device memory `pid` holds according to nvidia-smi (0 when it cannot tell)."""
+def _gpu_bytes_by_pid() -> dict[int, int]:
+    """Device memory each process holds according to nvidia-smi ({} when it cannot tell)."""
     try:
         r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
                             "--format=csv,noheader,nounits"], capture_output=True, text=True,
                            timeout=20)
     except (OSError, subprocess.SubprocessError):
-        return 0
-    total = 0
+        return {}
+    out: dict[int, int] = {}
     for line in r.stdout.splitlines():
         parts = [x.strip() for x in line.split(",")]
-        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
-            total += int(parts[1]) * 2**20
-    return total
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            out[int(parts[0])] = out.get(int(parts[0]), 0) + int(parts[1]) * 2**20
+    return out
+
+
+def _gpu_process_bytes(pid: int) -> int:
+    """Device memory `pid` holds according to nvidia-smi (0 when it cannot tell)."""
+    return _gpu_bytes_by_pid().get(pid, 0)
 
 
 def _package_root() -> Path:
@@ -321,9 +326,10 @@ class RankMemory:
     grows and ranks allocate up front, so the last sample is the rank's peak up to what it
     allocates in its final interval."""
 
-    def __init__(self, marker: str, ranks: int):
-        self.marker, self.ranks = marker, ranks
+    def __init__(self, marker: str, ranks: int, gpu: bool = False):
+        self.marker, self.ranks, self.gpu = marker, ranks, gpu
         self.peaks: dict[int, int] = {}
+        self.gpu_peaks: dict[int, int] = {}  # device memory each rank held (nvidia-smi), GPU jobs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -358,6 +364,10 @@ class RankMemory:
                             self.peaks[pid] = max(self.peaks[pid], int(line.split()[1]) * 1024)
                 except (OSError, ValueError, IndexError):
                     pass  # the rank has exited: its last sample stands
+            if self.gpu and self.peaks:
+                for pid, used in _gpu_bytes_by_pid().items():
+                    if pid in self.peaks:
+                        self.gpu_peaks[pid] = max(self.gpu_peaks.get(pid, 0), used)
             if self._stop.wait(RANK_SAMPLE_S):
                 return
 
@@ -371,6 +381,10 @@ class JobResult:
     mem_max_rank: int
     ranks_seen: int
     timeline_dir: Path
+    mem_source: str = ""
+    devices: int | None = None  # distinct GPUs the ranks ran on (0: CPU ranks; None: unknown)
+    transport: str | None = None
+    stage_bytes: dict[int, int] = dataclasses.field(default_factory=dict)  # rank -> device bytes
 
 
 def _timed_bubble(timeline_dir: Path, case: CaseConfig, first_timed: int):
@@ -405,14 +419,25 @@ def run_pipeline_job(case: CaseConfig, weights: Path, x_SBT, y_SBT, order: list[
 
     workdir.mkdir(parents=True, exist_ok=True)
     marker = str((workdir / "run.txt").resolve())
-    with RankMemory(marker, case.pipeline.stages) as mem:
+    gpu = _is_cuda(case)
+    with RankMemory(marker, case.pipeline.stages, gpu=gpu) as mem:
         res = run_pipeline(case, weights, x_SBT[order], y_SBT[order], workdir, timeout=timeout,
                            threads=threads)
     step_s = [float(s) for s in res.step_s[warmup:]]
     bubble, sim, _ = _timed_bubble(res.timeline_dir, case, warmup)
-    peaks = list(mem.peaks.values())
+    stage_bytes = {int(r["rank"]): int(r["device_bytes"]) for r in res.ranks}
+    if gpu:
+        # device memory: what nvidia-smi saw each rank hold (context, cuBLAS workspace and the
+        # engine's buffers; the engine allocates up front, so held ~ peak)
+        peaks = list(mem.gpu_peaks.values())
+        source = (f"sum over {len(peaks)} ranks of the device memory each held (nvidia-smi "
+                  f"used_memory, sampled every {RANK_SAMPLE_S} s)")
+    else:
+        peaks = list(mem.peaks.values())
+        source = f"sum over {len(peaks)} ranks of VmHWM (sampled every {RANK_SAMPLE_S} s)"
     return JobResult(step_s, bubble, sim, int(sum(peaks)), int(max(peaks, default=0)),
-                     len(peaks), res.timeline_dir)
+                     len(peaks), res.timeline_dir, source, res.devices, res.transport,
+                     stage_bytes)
 
 
 # ---- records -----------------------------------------------------------------------------------
@@ -524,15 +549,13 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
     untimed = [j % S for j in range(max(W, 1))]
     timed = [W + i for i in range(case.steps)]
 
-    # ---- which engine runs: in-process (one stage, CPU or the CUDA backend), mpirun (CPU
-    # pipelines), or none (a CUDA pipeline, or a library built without CUDA)
+    # ---- which engine runs: in-process (one stage, CPU or the CUDA backend), mpirun
+    # (pipelines: CPU ranks, or CUDA ranks on one GPU each or sharing one), or none (a library
+    # built without CUDA)
     pbar.set_description(f"{case.name}: setup")
     inproc: InProcessEngine | None = None
     engine_available = True
-    if _is_cuda(case) and pipelined:
-        engine_available = False
-        why = "pipelined engine runs launch CPU ranks only (harness.pipeline has no CUDA ranks)"
-    elif not pipelined:
+    if not pipelined:
         try:
             inproc = InProcessEngine(case, settings.threads)
         except EngineError as exc:
@@ -576,12 +599,20 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
                                "threads_per_rank": threads_per_rank, "calib_step_s": calib,
                                "steps_per_block": n_engine,
                                "steps_per_job": W + n_engine,
-                               "calibration": "one untimed mpirun job of warmup + steps steps"}
+                               "calibration": "one untimed mpirun job of warmup + steps steps",
+                               "transport": job.transport, "devices": job.devices}
             ncpu = os.cpu_count() or 1
-            notes["notes"].append(
-                f"CPU pipeline: {P} ranks x {threads_per_rank} thread(s) share {ncpu} cores, so "
-                "these timings measure the schedule (bubble, ordering), not the speed a "
-                f"{P}-device pipeline would reach")
+            if not _is_cuda(case):
+                notes["notes"].append(
+                    f"CPU pipeline: {P} ranks x {threads_per_rank} thread(s) share {ncpu} cores, "
+                    "so these timings measure the schedule (bubble, ordering), not the speed a "
+                    f"{P}-device pipeline would reach")
+            elif job.devices is not None and job.devices < P:
+                notes["notes"].append(
+                    f"GPU pipeline: {P} ranks share {job.devices} GPU(s) (transport "
+                    f"{job.transport}); stages run one after another on a shared GPU, so the "
+                    "step measures the cost of pipelining (bubble, transfers, smaller products) "
+                    f"and MFU is against {job.devices} GPU(s), not {P}")
 
         # ---- JAX: worker start, compile, warm-up, calibration
         jax_step_s: list[float] = []
@@ -639,8 +670,10 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
                 sims.append(last_job.bubble_sim)
                 eng_mem.append(last_job.mem_total)
                 notes["engine"]["peak_mem_source"] = (
-                    f"sum over {last_job.ranks_seen} ranks of VmHWM (sampled every "
-                    f"{RANK_SAMPLE_S} s); largest rank {last_job.mem_max_rank} bytes")
+                    f"{last_job.mem_source}; largest rank {last_job.mem_max_rank} bytes")
+                if last_job.stage_bytes:
+                    notes["engine"]["rank_device_bytes"] = {
+                        str(r): b for r, b in sorted(last_job.stage_bytes.items())}
             if worker is not None:
                 blk = worker.request({"op": "block"})
                 jax_step_s.append(statistics.median(blk["step_s"]))
@@ -676,7 +709,8 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
     stamp = _now()
     device = (env.get("gpu_name") or "cuda") if _is_cuda(case) else env.get("cpu_model", "cpu")
     rows = RowMaker(suite_name, case, device, env.get("commit", "unknown"), stamp)
-    peak = peak_of(case)
+    devices = last_job.devices if last_job is not None else None
+    peak = peak_of(case, devices)
     if not peak[0] > 0:
         notes["notes"].append(f"no peak FLOP/s for {case.backend} {case.dtype} ({peak[1]}): "
                               "no MFU rows")
@@ -701,6 +735,8 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
         if bubbles:
             rows.add("engine", "bubble", "fraction", bubbles)
             rows.add("theory", "bubble_sim", "fraction", sims)
+        if last_job is not None and last_job.mem_max_rank:
+            rows.add("engine", "max_rank_mem_bytes", "B", [last_job.mem_max_rank])
     if notes["jax"].get("recompiled_steps"):
         notes["notes"].append(f"JAX compiled again during {notes['jax']['recompiled_steps']} "
                               "timed step(s): its timings include compile time")
@@ -874,14 +910,15 @@ def bench_suite(suite_arg: str, out: Path | None = None, *, repeats: int | None 
     run.setdefault("cases", {})
     run.setdefault("peaks", {})
 
-    def peak_of(case: CaseConfig) -> tuple[float, str]:
+    def peak_of(case: CaseConfig, devices: int | None = None) -> tuple[float, str]:
         """Per-device peak for the case's backend and dtype (measured once, kept in env and
-        run.json), times the stage count on GPUs (one device per stage)."""
+        run.json), times the GPUs a pipelined job ran on (`devices`, from the ranks' own
+        descriptions; the stage count when unknown)."""
         if _is_cuda(case):
             value, source = peak_for("cuda", case.dtype, env, measure=False)
-            if case.pipeline.stages > 1 and value > 0:
-                value, source = value * case.pipeline.stages, \
-                    f"{source} x {case.pipeline.stages} devices"
+            n = devices if devices else case.pipeline.stages
+            if n > 1 and value > 0:
+                value, source = value * n, f"{source} x {n} devices"
         else:
             value, source = peak_for("cpu", case.dtype, env)
         if value > 0:

@@ -564,12 +564,10 @@ def _select_cases(suite: SuiteConfig, names: list[str] | None, backend: str
     for c in cases:
         if c.backend == backend:
             chosen.append(c)
-        elif c.pipeline.stages > 1:
-            skipped.append((c.name, f"pipelined ({c.pipeline.stages} stages) runs on CPU ranks "
-                                    f"only, not --backend {backend}"))
         elif c.dtype == "bf16" and backend == "cpu":
             skipped.append((c.name, "bf16 needs a device backend"))
-        else:  # --backend moves a one-stage case to that backend (fp32 stays fp32)
+        else:  # --backend moves a case, pipelined or not, to that backend (fp32 stays fp32):
+            # the schedule tier then runs CUDA ranks against the one-stage CUDA control
             chosen.append(dataclasses.replace(c, backend=backend))
     if not chosen:
         raise ConfigError(f"--backend {backend}: no case of suite {suite.name!r} runs on this "
@@ -589,10 +587,10 @@ def _check_backend(backend: str) -> None:
                           f"('{engine_version()}'): {exc}") from None
 
 
-# Tiers that only exist on the CPU today: td_op_* and the stage passes run the CPU kernels, and
-# harness.pipeline launches CPU ranks.
-CPU_ONLY_TIERS = {"op": "the op tier runs the CPU kernels (td_op_*, stage passes)",
-                  "schedule": "the pipeline runner launches CPU ranks only"}
+# Tiers that only exist on the CPU: td_op_* and the per-op stage passes run the CPU kernels. (The
+# schedule tier runs on any backend: tandem-engine ranks with CUDA stages against the one-stage
+# CUDA engine.)
+CPU_ONLY_TIERS = {"op": "the op tier runs the CPU kernels (td_op_*, stage passes)"}
 
 
 def run(args: argparse.Namespace) -> int:

