@@ -173,7 +173,7 @@ class JaxWorker:
     """A `python -m harness.bench_jax` process for one case, driven line by line (see the
     protocol at the top of bench_jax.py). Its stderr goes to `log`."""
 
-    def __init__(self, case: CaseConfig, log: Path):
+    def __init__(self, case: CaseConfig, log: Path, mem_fraction: float | None = None):
         env = dict(os.environ)
         root = str(_package_root())
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "")
@@ -189,6 +189,8 @@ class JaxWorker:
             # allocate on demand: the engine shares the GPU, and peak_bytes_in_use is then the
             # step's own peak rather than a preallocated pool
             env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+            if mem_fraction is not None:
+                env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:.3f}"
         self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "harness.bench_jax"],
@@ -411,6 +413,26 @@ def _timed_bubble(timeline_dir: Path, case: CaseConfig, first_timed: int):
     return float(bubble), float(sim), df
 
 
+def jax_memory_fraction(job: JobResult, env: dict) -> tuple[float | None, str]:
+    """JAX's share of each GPU (XLA_PYTHON_CLIENT_MEM_FRACTION) for a case whose engine side is
+    separate rank processes: JAX's allocator keeps what it has taken, so with the default (75%)
+    the engine's next job can find the GPU full. JAX gets all but what the engine's ranks held
+    per GPU in the calibration job (+5% and 1 GiB), at most 95%; (None, why) when unknown."""
+    total = next((g.get("memory_bytes") for g in env.get("gpus") or [] if g.get("memory_bytes")),
+                 None)
+    need = job.mem_total if (job.devices or 1) <= 1 else job.mem_max_rank
+    if not total or not need:
+        return None, "JAX's default memory fraction (the GPU's size or the engine's use unknown)"
+    frac = min(0.95, (total - 1.05 * need - 2**30) / total)
+    if frac < 0.2:
+        return None, (f"JAX's default memory fraction: the engine's ranks held {need / 2**30:.1f} "
+                      f"of {total / 2**30:.1f} GiB, too much to leave JAX a fair share")
+    return frac, (f"JAX may take {frac:.1%} of the GPU's {total / 2**30:.1f} GiB "
+                  f"(XLA_PYTHON_CLIENT_MEM_FRACTION): the engine's ranks held "
+                  f"{need / 2**30:.1f} GiB per GPU in the calibration job and run again "
+                  "between JAX's blocks")
+
+
 def run_pipeline_job(case: CaseConfig, weights: Path, x_SBT, y_SBT, order: list[int],
                      warmup: int, workdir: Path, threads: int, timeout: float) -> JobResult:
     """One mpirun job over the batches `order` (warm-up ones first); drops the first `warmup`
@@ -622,7 +644,11 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
             data_path = work / "data.npz"
             np.savez(data_path, inputs_SBT=x_SBT, targets_SBT=y_SBT,
                      untimed_order=np.asarray([0] + untimed), timed_order=np.asarray(timed))
-            worker = JaxWorker(case, work / "jax.log")
+            fraction = None
+            if _is_cuda(case) and pipelined and engine_available:
+                fraction, why_f = jax_memory_fraction(job, env)
+                notes["jax_memory"] = why_f
+            worker = JaxWorker(case, work / "jax.log", fraction)
             if _is_cuda(case) and not peak_of(case)[0] > 0:
                 env["gpu_gemm_peak"] = worker.request({"op": "peak"})["gpu_gemm_peak"]
             c = {"model": dataclasses.asdict(case.model), "optim": dataclasses.asdict(case.optim),

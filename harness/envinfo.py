@@ -77,12 +77,16 @@ def _memory_bytes() -> int | None:
 
 
 def _gpus() -> list[dict[str, str]]:
-    out = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
+    out = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                "--format=csv,noheader,nounits"])
     gpus = []
     for line in (out or "").splitlines():
         if line.strip():
-            name, _, driver = line.partition(",")
-            gpus.append({"name": name.strip(), "driver": driver.strip()})
+            name, driver, mem = ([x.strip() for x in line.split(",")] + ["", ""])[:3]
+            gpu = {"name": name, "driver": driver}
+            if mem.isdigit():
+                gpu["memory_bytes"] = int(mem) * 2**20
+            gpus.append(gpu)
     return gpus
 
 

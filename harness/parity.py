@@ -389,17 +389,19 @@ class EngineRun:
     grads0: dict[str, np.ndarray]  # step 0's accumulated gradients
     params: dict[str, np.ndarray]  # after the last step
     seen: AdamScale
+    norms: list[float] = field(default_factory=list)  # each step's global gradient norm
 
 
 def _engine_run(inp: CaseInputs, threads: int, microbatches: int) -> EngineRun:
     """The one-stage engine over every step of the case with `microbatches` equal
     micro-batches (gradient scale 1/M each), as the pipeline does."""
     M, T, clip_at = microbatches, inp.case.seq_len, inp.case.optim.grad_clip
-    run = EngineRun([], {}, {}, AdamScale(inp.case.optim.beta2))
+    run = EngineRun([], {}, {}, AdamScale(inp.case.optim.beta2), [])
     with _load_engine(inp, threads) as m:
         for s, (x, y) in enumerate(zip(inp.inputs_SBT, inp.targets_SBT)):
             loss, norm = m.train_step(x.reshape(M, -1, T), y.reshape(M, -1, T))
             run.losses.append(loss)
+            run.norms.append(float(norm))
             grads = m.grads()  # AdamW leaves the step's gradient in place
             run.grads0 = grads if s == 0 else run.grads0
             run.seen.step(grads, norm, clip_at)
@@ -431,6 +433,16 @@ def schedule_tier(inp: CaseInputs, col: Collector, threads: int, losses: list) -
         else:
             res.rows.append(col.missing("schedule", f"loss@step{s}", "loss",
                                         "the pipelined run reported no loss", ref))
+    # the global gradient norm the ranks reduced (it sets the clip scale of every stage's
+    # AdamW): against the same micro-batches, step by step, so a stage that counts a tensor
+    # twice or leaves one out fails here even where AdamW's scale invariance hides it
+    for s, b in enumerate(same_m.norms):
+        if s < len(pipe.grad_norms):
+            res.rows.append(col.row("schedule", f"grad_norm@step{s}", "loss", pipe.grad_norms[s],
+                                    b, ref_m))
+        else:
+            res.rows.append(col.missing("schedule", f"grad_norm@step{s}", "loss",
+                                        "the pipelined run reported no gradient norm", ref_m))
     for p in inp.table:
         if p.name in pipe.grads:
             res.rows.append(col.row("schedule", f"grad/{p.name}", "grad", pipe.grads[p.name],

