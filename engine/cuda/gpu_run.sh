@@ -17,6 +17,7 @@
 #   flash     engine/cuda/flash_bench.cu: the attention kernels alone -> flash_bench.txt
 #   pipecheck tools/gpu_pipeline_check.py fp32 and bf16: tiny CUDA pipelines (ranks sharing the
 #             GPU) against the one-stage CUDA engine, every schedule -> pipecheck.txt
+#   gtests    pytest tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py -> gtests.txt
 #   pparity   tandem parity --suite smoke --backend cuda, pipelined layouts included -> pparity.tgz
 #   pipebench tandem bench --suite gpu-pipeline ($PIPEBENCH_CASES, default the 350M control and
 #             4-stage ZB-H1 at M=16 with JAX; $PIPEBENCH_NOJAX cases engine-only) + report and
@@ -84,6 +85,9 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
             timeout 240 python3 tools/gpu_pipeline_check.py "/tmp/pc-$dt" --dtype $dt 2>&1 |
                 tail -12 | tee -a "$OUT/pipecheck.txt" || rc=1
         done ;;
+    gtests)
+        timeout 300 python3 -m pytest -q -x tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py \
+            2>&1 | tail -15 | tee "$OUT/gtests.txt" || rc=1 ;;
     pparity)
         timeout 300 python3 -m harness.cli parity --suite smoke --backend cuda --out "$OUT/pparity" 2>&1 | tail -30 || rc=1
         tar -C "$OUT" -czf "$OUT/pparity.tgz" pparity && rm -rf "$OUT/pparity" ;;
