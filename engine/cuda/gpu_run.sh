@@ -86,7 +86,7 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
                 tail -12 | tee -a "$OUT/pipecheck.txt" || rc=1
         done ;;
     gtests)
-        timeout 300 python3 -m pytest -q -x tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py \
+        timeout 240 python3 -m pytest -q -x tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py -k "${GTESTS_K:-not nothing}" \
             2>&1 | tail -15 | tee "$OUT/gtests.txt" || rc=1 ;;
     pparity)
         timeout 300 python3 -m harness.cli parity --suite smoke --backend cuda --out "$OUT/pparity" 2>&1 | tail -30 || rc=1
