@@ -61,14 +61,32 @@ def _rel(path: Path, out: Path) -> str:
     return path.relative_to(out).as_posix()
 
 
+MAX_VERDICT_CARDS = 6
+
+
+def _verdict(row) -> str:
+    """'<case>: engine faster, 1.24× JAX (25–75%: 1.24–1.25)' from a speedup summary row."""
+    v = float(row["value"])
+    who = "engine faster" if v >= 1 else "JAX faster"
+    lo, hi = row.get("spread_lo"), row.get("spread_hi")
+    spread = (f" (25–75%: {lo:.2f}–{hi:.2f})" if lo is not None and hi is not None
+              and np.isfinite(lo) and np.isfinite(hi) else "")
+    return f"{row['label']}: {who}, engine ÷ JAX tokens/s {v:.2f}×{spread}"
+
+
 def _cards(summary: pd.DataFrame, res: Results) -> list[Card]:
     cards = []
     sp = pick(summary, "speedup", "ratio")
-    if len(sp):
-        med = float(np.median(sp["value"]))
-        cards.append(Card(f"{med:.2f}×", f"median engine ÷ JAX speedup over {len(sp)} case(s), "
-                          f"range {sp['value'].min():.2f}–{sp['value'].max():.2f}×",
-                          "good" if med >= 1 else "bad"))
+    # one verdict per case: a median across unlike cases (one stage and pipelined, small and
+    # large) would say nothing about any of them
+    for _, row in sp.head(MAX_VERDICT_CARDS).iterrows():
+        cards.append(Card(f"{row['value']:.2f}×", _verdict(row),
+                          "good" if row["value"] >= 1 else "bad"))
+    if len(sp) > MAX_VERDICT_CARDS:
+        rest = sp.iloc[MAX_VERDICT_CARDS:]
+        won = int((rest["value"] >= 1).sum())
+        cards.append(Card(f"+{len(rest)}", f"more case(s) in the table below: the engine faster "
+                          f"in {won}, JAX in {len(rest) - won}"))
     tps = pick(summary, "tokens_per_s", "engine")
     if len(tps):
         best = tps.loc[tps["value"].idxmax()]

@@ -94,6 +94,19 @@ def test_headline_and_loss_facts(report):
     assert m and float(m.group(1)) - float(m.group(2)) > 2.0
 
 
+def test_headline_gives_a_verdict_per_case_not_a_median(report):
+    """Unlike cases (one stage, pipelined, CPU, GPU) never share one headline number: each of the
+    first cases gets its own verdict with its interval, the rest are counted."""
+    md = (report / "report.md").read_text()
+    head = md.split("<a id=", 1)[0]
+    assert "median engine" not in head
+    verdicts = re.findall(r"\*\*([\d.]+)×\*\* (\S+): (engine|JAX) faster, engine ÷ JAX tokens/s "
+                          r"([\d.]+)×", head)
+    assert verdicts, head
+    for shown, _case, who, value in verdicts:
+        assert shown == value and (who == "engine") == (float(value) >= 1)
+
+
 def test_missing_data_is_said_not_drawn(results, tmp_path):
     only = tmp_path / "parity-only"
     only.mkdir()
