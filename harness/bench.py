@@ -63,13 +63,18 @@ METHOD = {
                   "is read; batches are on the device before timing",
     "peak_mem_bytes": "engine one-stage: VmHWM of the bench process, reset through "
                       "/proc/self/clear_refs when the case starts (the bench process's baseline "
-                      "RSS included); engine pipelined: sum over ranks of each rank's VmHWM, "
+                      "RSS included); engine CUDA one-stage: device memory the bench process "
+                      "holds (nvidia-smi); engine CUDA pipelined: sum over ranks of the device "
+                      "memory each held (nvidia-smi, sampled every 0.1 s), each rank's own "
+                      "allocations in run.json (rank_device_bytes); engine CPU pipelined: sum "
+                      "over ranks of each rank's VmHWM, "
                       "sampled every 0.1 s during the job; JAX on CPU: VmHWM of the worker (JAX "
                       "runtime included); JAX on GPU: allocator peak_bytes_in_use, summed over "
                       "devices",
     "mfu": "FLOPs per token (harness.flops, tandem 6N+6LTC; mfu_palm 6N+12LTC) x tokens/s / peak;"
            " CPU peak: the fp32 GEMM peak measured once per results directory (all ranks share "
-           "the machine's cores); GPU: datasheet peak x stages (one device per stage)",
+           "the machine's cores); GPU: datasheet peak x the GPUs the ranks ran on (their rank<r>.json; "
+           "ranks sharing one GPU: x 1)",
     "bubble": "engine: harness.timeline.measured_bubble per timed step, median per job; theory "
               "bubble: harness.schedule.theoretical_bubble (equal stage times) as a share of the "
               "step; theory bubble_sim: harness.schedule.simulate with the job's mean F/B/W "

@@ -75,6 +75,10 @@ ENV_FIELDS = [("machine", "machine"), ("cpu", "CPU"), ("gpu", "GPU"), ("versions
               ("timestamp", "timestamp")]
 
 
+# the raw env keys each summary field is made of
+ENV_COVERS = {"machine": ("hostname", "platform"), "cpu": ("cpu_model", "cpu_count"),
+              "gpu": ("gpu_name",), "versions": ("python", "numpy", "jax", "jaxlib", "engine")}
+
 # run.json keys whose values are method descriptions or per-case notes: long prose that belongs
 # in run.json itself, not in a table row (the table links the file instead)
 ENV_SKIP = {"bench", "cases", "tolerances", "env_vars", "argv"}
@@ -105,8 +109,12 @@ def environment(res: Results) -> Table:
                 for s in sources]
         if any(v != DASH for v in vals):
             rows.append([name] + vals)
+    # raw env keys that a summary row above already shows (bench's run.json has both)
+    shown = {k for field, keys in ENV_COVERS.items()
+             if any(views[s].get(field) for s in sources) for k in keys}
     extra = sorted({k for s in sources for k, v in views[s].items()
-                    if k not in known and not isinstance(v, (dict, list, tuple))
+                    if k not in known and k not in shown
+                    and not isinstance(v, (dict, list, tuple))
                     and len(str(v)) <= ENV_MAX_CHARS and v not in (None, "")})
     for key in extra:
         rows.append([key] + [_flat(views[s][key]) if views[s].get(key) not in (None, "") else DASH
