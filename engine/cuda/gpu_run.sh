@@ -15,8 +15,6 @@
 #   sanitize  compute-sanitizer memcheck over a few bf16 / fp32 training steps -> sanitize.txt
 #   ncu       Nsight Compute on the non-GEMM kernels of one 1.5B-shaped layer's step -> ncu.txt
 #   flash     engine/cuda/flash_bench.cu: the attention kernels alone -> flash_bench.txt
-#   pipecheck tools/gpu_pipeline_check.py fp32 and bf16: tiny CUDA pipelines (ranks sharing the
-#             GPU) against the one-stage CUDA engine, every schedule -> pipecheck.txt
 #   gtests    pytest tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py -> gtests.txt
 #   pparity   tandem parity --suite smoke --backend cuda, pipelined layouts included -> pparity.tgz
 #   pipebench tandem bench --suite gpu-pipeline ($PIPEBENCH_CASES, default the 350M control and
@@ -80,11 +78,6 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
         nvcc -O3 -std=c++17 -arch=sm_90 -DTD_FLASH_BENCH_MAIN -Iengine/include -Iengine/src \
             -Iengine/cuda engine/cuda/flash_bench.cu engine/cuda/flash.cu -o build/flash_bench &&
             timeout 120 build/flash_bench 20 2>&1 | tee "$OUT/flash_bench.txt" || rc=1 ;;
-    pipecheck)
-        for dt in fp32 bf16; do
-            timeout 240 python3 tools/gpu_pipeline_check.py "/tmp/pc-$dt" --dtype $dt 2>&1 |
-                tail -12 | tee -a "$OUT/pipecheck.txt" || rc=1
-        done ;;
     gtests)
         timeout 240 python3 -m pytest -q -x tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py -k "${GTESTS_K:-not nothing}" \
             2>&1 | tail -15 | tee "$OUT/gtests.txt" || rc=1 ;;
