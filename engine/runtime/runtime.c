@@ -405,8 +405,15 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
         }
         if (c_last >= 0 && (st = td_stage_loss_sum(chunks[c_last].model, &red[1], NULL)))
             return FAIL(st, "%s", td_model_last_error(chunks[c_last].model));
+        const double local_sq = red[0];
         if ((st = comm->allreduce_sum(comm, red, 2))) return FAIL(st, "%s", comm->err);
         double norm = sqrt(red[0]);
+        /* every rank sees the reduced values: each stops here, naming its own stages' share */
+        if (!isfinite(red[0]) || !isfinite(red[1]))
+            return FAIL(TD_ERR_RANGE, "step %lld: non-finite %s (mean loss %g, gradient norm %g); this rank's stage%s %d%s: gradient square sum %g%s. HINT: lower the learning rate or enable grad_clip",
+                        (long long)step, !isfinite(red[1]) ? "loss" : "gradient norm", red[1] / (double)M, norm,
+                        nchunks > 1 ? "s" : "", nchunks ? chunks[0].stage : -1, nchunks > 1 ? ".." : "", local_sq,
+                        isfinite(local_sq) ? " (finite: the non-finite values are on another rank)" : "");
         MARK(nchunks ? chunks[0].stream : NULL, m_end);
         if (add_row(&rows, "ALLREDUCE", -1, -1, m_begin, m_end)) return FAIL(TD_ERR_NOMEM, "out of memory for the timeline");
         if (step == cfg->save_grads_step)
@@ -418,7 +425,7 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
         double t_opt = comm->now(comm);
         for (int c = 0; c < nchunks; c++)
             if ((st = td_model_optimizer_step_with_norm(chunks[c].model, norm)))
-                return FAIL(st, "optimizer on stage %d: %s", chunks[c].stage, td_model_last_error(chunks[c].model));
+                return FAIL(st, "step %lld: optimizer on stage %d: %s", (long long)step, chunks[c].stage, td_model_last_error(chunks[c].model));
         double t_end = comm->now(comm);
         /* the step's device work is done (AdamW returns once it is): resolve the marks */
         nmarks = m_end + 1;

@@ -103,6 +103,16 @@ def test_bad_weights_on_one_rank_name_the_rank(setup, tmp_path):
         pipeline.run_pipeline(case, weights, x, y, tmp_path / "run", timeout=60)
 
 
+def test_non_finite_training_stops_naming_the_step(setup, tmp_path):
+    """A learning rate that blows the weights up: every rank stops at the first step whose
+    reduced loss or gradient norm is not finite, naming the step and its own stage."""
+    case, weights, x, y = setup(steps=8)
+    case = dataclasses.replace(case, optim=dataclasses.replace(case.optim, lr=1e5, grad_clip=0.0))
+    with pytest.raises(RankFailure, match=r"rank \d failed: TD_ERR_RANGE: step [1-7]: non-finite "
+                                          r"(loss|gradient norm) .*this rank's stage \d"):
+        pipeline.run_pipeline(case, weights, x, y, tmp_path / "run", timeout=60)
+
+
 def test_hung_job_is_killed_at_the_timeout(setup, tmp_path):
     case, weights, x, y = setup(steps=50)
     t0 = time.monotonic()
