@@ -304,7 +304,7 @@ def test_dataclasses_validate_directly():
 
 def test_builtin_suites_all_load():
     names = builtin_suites()
-    for want in ("smoke", "full", "cpu-smoke", "cpu-perf", "cpu-scaling", "gpu"):
+    for want in ("smoke", "full", "cpu-smoke", "cpu-perf", "cpu-scaling", "gpu", "gpu-pipeline"):
         assert want in names
     for name in names:
         s = load_suite(name)
@@ -325,6 +325,22 @@ def test_builtin_suite_contents():
     assert {c.pipeline.microbatches for c in inv} == {1, 2, 4, 8}
     assert any(c.steps == 200 and c.data == "text" for c in full.cases)
     assert any(c.model.head_size == 24 and c.model.n_head == 3 for c in full.cases)
+    assert {c.pipeline.schedule for c in smoke.cases if c.pipeline.stages > 1} == {
+        "gpipe", "1f1b", "zb-h1", "interleaved"}
+    assert any(c.pipeline.schedule == "zb-h1" and c.optim.grad_clip not in (0, 1)
+               for c in smoke.cases)
+    gp = load_suite("gpu-pipeline")
+    assert all(c.backend == "cuda" and c.dtype == "bf16" and c.seq_len == 1024 for c in gp.cases)
+    piped = [c for c in gp.cases if c.pipeline.stages > 1]
+    assert {c.pipeline.schedule for c in piped} == {"gpipe", "1f1b", "zb-h1", "interleaved"}
+    assert {c.pipeline.stages for c in piped} == {2, 4}
+    assert {c.pipeline.microbatches for c in piped} == {4, 8, 16}
+    assert {c.model.n_layer for c in gp.cases} == {24, 48}
+    # every model has one-stage controls at the same global batch, at M 2 and M 16
+    for L in (24, 48):
+        ctrl = {c.pipeline.microbatches for c in gp.cases
+                if c.model.n_layer == L and c.pipeline.stages == 1}
+        assert ctrl == {2, 16}
     gpu = load_suite("gpu")
     assert all(c.backend == "cuda" and c.dtype == "bf16" for c in gpu.cases)
     assert [c.model.n_layer for c in gpu.cases] == [12, 24, 48]
