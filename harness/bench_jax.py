@@ -170,7 +170,6 @@ class _Side:
 
     def _make_step_inner(self, cfg, opt, c, example):
         from reference.pipeline import make_gpipe_loss_and_grads, make_gpipe_train_step
-        from reference.train import make_train_step
 
         M, P = self.microbatches, self.stages
         note = ""
@@ -205,38 +204,38 @@ class _Side:
                     why = f"the GPipe baseline failed to build: {type(exc).__name__}: {exc}"
             label = "single-device (fallback)"
             if self.backend == "cuda":
-                if self.dtype == "bf16":
-                    def make(m):
-                        return self._bf16_single_step(cfg, opt, m)
-                else:
-                    def make(m):
-                        return make_train_step(cfg, opt, m)
-                step, m, need, limit = self._fitting_step(make, M, example)
+                step, m, need, limit = self._fitting_step(
+                    lambda m: self._single_step(cfg, opt, m), M, example)
                 fit = (f"needs {need / 2**30:.1f} of {limit / 2**30:.1f} GiB" if need and limit
                        else "memory analysis unavailable")
                 note = (f"single-device JAX at the same global batch, gradient accumulation over "
                         f"{m} micro-batch(es) (the fewest that fit: {fit}; the engine pipelines "
                         f"{M}) instead of the JAX GPipe baseline: {why}; params and optimizer "
                         "state donated")
-                if self.dtype == "bf16":
-                    note += ("; bf16 compute (parameters cast to bf16 inside the step, loss in "
-                             "fp32), fp32 master weights, gradients and AdamW")
-                    if getattr(self, "attention", None):
-                        note += (f"; attention through jax.nn.dot_product_attention("
-                                 f"{self.attention!r})")
-                return step, label, note
+                return step, label, note + self._dtype_note()
             note = (f"single-device JAX (gradient accumulation over {M} micro-batches) instead "
                     f"of the JAX GPipe baseline: {why}")
         else:
             label = "single-device"
             note = f"single-device JAX step, gradient accumulation over {M} micro-batch(es)"
+        return self._single_step(cfg, opt, M), label, note + self._dtype_note()
+
+    def _single_step(self, cfg, opt, M):
+        """The single-device step over M micro-batches, in the case's dtype (jitted)."""
+        from reference.train import make_train_step
+
         if self.dtype == "bf16":
-            note += ("; bf16 compute (parameters cast to bf16 inside the step, loss in fp32), "
-                     "fp32 master weights, gradients and AdamW")
-            if getattr(self, "attention", None):
-                note += f"; attention through jax.nn.dot_product_attention({self.attention!r})"
-            return self._bf16_single_step(cfg, opt, M), label, note
-        return make_train_step(cfg, opt, M), label, note
+            return self._bf16_single_step(cfg, opt, M)
+        return make_train_step(cfg, opt, M)
+
+    def _dtype_note(self) -> str:
+        if self.dtype != "bf16":
+            return ""
+        note = ("; bf16 compute (parameters cast to bf16 inside the step, loss in fp32), fp32 "
+                "master weights, gradients and AdamW")
+        if getattr(self, "attention", None):
+            note += f"; attention through jax.nn.dot_product_attention({self.attention!r})"
+        return note
 
     # -- bf16 compute with fp32 master weights, around the reference functions -------------------
     def _bf16_single_step(self, cfg, opt, M):
