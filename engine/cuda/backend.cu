@@ -430,12 +430,8 @@ static td_status cuda_grad_sq_sum(td_model *m, double *out) {
     td_cuda_dev *d = (td_cuda_dev *)m->device;
     TD_TRY(td_cuda_materialize_zero_grads(d));
     td_cuda_prof(d, "grad_sq_sum");
-    /* as optim.c: the head-only stage's wte (the last tensor of its table, the tied copy of the
-     * first stage's) is left out, so the global norm counts it once */
-    long long n = (long long)m->total;
-    if (!m->has_embed && m->nparams > 0 && strcmp(m->params[m->nparams - 1].name, "wte.weight") == 0)
-        n = (long long)m->params[m->nparams - 1].offset;
-    TD_CK(td_k_sq_sum(d->stream, d->sq_part, d->g32, n));
+    /* the head-only stage leaves its tied wte copy out (td_grad_norm_elems) */
+    TD_CK(td_k_sq_sum(d->stream, d->sq_part, d->g32, (long long)td_grad_norm_elems(m)));
     td_cuda_prof(d, "(end)");
     TD_CK(cudaMemcpyAsync(d->h_sq, d->sq_part + TD_SQ_BLOCKS, sizeof(double), cudaMemcpyDeviceToHost, d->stream));
     TD_CK(cudaStreamSynchronize(d->stream));

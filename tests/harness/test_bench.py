@@ -279,3 +279,26 @@ def test_cuda_case_without_a_gpu_says_why(tmp_path):
     one = json.loads((tmp_path / "out" / "run.json").read_text())["cases"]["one"]
     assert one["engine"]["status"] == "unavailable"
     assert one["status"] == "failed" and "JAX sees no GPU" in one["error"]
+
+
+def test_jax_memory_fraction_leaves_the_engine_what_its_ranks_held(tmp_path):
+    """JAX's share of a GPU for a pipelined case: all but what the ranks held (+5% and 1 GiB),
+    at most 95%; the default when the GPU's size or the engine's use is unknown, or when the
+    engine leaves JAX under 20%."""
+    from harness.bench import JobResult, jax_memory_fraction
+
+    gib = 2**30
+    env = {"gpus": [{"name": "H100", "memory_bytes": 80 * gib}]}
+
+    def job(total, largest, devices):
+        return JobResult([0.1], 0.0, 0.0, total, largest, 4, tmp_path, devices=devices)
+
+    frac, why = jax_memory_fraction(job(20 * gib, 6 * gib, 1), env)  # 4 ranks on one GPU
+    assert frac == pytest.approx((80 - 21 - 1) / 80) and "20.0 GiB per GPU" in why
+    frac, _ = jax_memory_fraction(job(20 * gib, 6 * gib, 4), env)  # a GPU each: the largest rank
+    assert frac == pytest.approx((80 - 6.3 - 1) / 80)
+    assert jax_memory_fraction(job(gib // 8, gib // 8, 1), env)[0] == 0.95
+    frac, why = jax_memory_fraction(job(70 * gib, 20 * gib, 1), env)
+    assert frac is None and "too much to leave JAX a fair share" in why
+    frac, why = jax_memory_fraction(job(20 * gib, 6 * gib, 1), {"gpus": [{"name": "H100"}]})
+    assert frac is None and "unknown" in why
