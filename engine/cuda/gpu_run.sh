@@ -3,7 +3,7 @@
 # into build/gpu, then the steps asked for, in order (default: parity profile suite):
 #   parity    tests/engine/test_cuda.py: every GPU tier against the CPU engine and JAX
 #             -> parity.json, parity.txt
-#   profile   engine/cuda/bench_gpu.py, engine only, 124M / 350M / 1.5B, with a per-phase device
+#   profile   tools/gpu_bench.py, engine only, 124M / 350M / 1.5B, with a per-phase device
 #             time profile (TANDEM_CUDA_PROFILE) at 124M and 1.5B -> profile.txt, profile.json,
 #             and every product's measured algorithm choice -> gemm_tune.txt
 #   notune    the same engine-only timings with TANDEM_CUDA_GEMM_TUNE=off (the heuristic's first
@@ -48,12 +48,12 @@ for step in $STEPS; do
         timeout 300 python3 tests/engine/test_cuda.py --json "$OUT/parity.json" 2>&1 | tee "$OUT/parity.txt" || rc=1 ;;
     profile)
         rm -f "$OUT/gemm_tune.txt"
-        TANDEM_CUDA_GEMM_TUNE_LOG="$OUT/gemm_tune.txt" timeout 300 python3 engine/cuda/bench_gpu.py \
+        TANDEM_CUDA_GEMM_TUNE_LOG="$OUT/gemm_tune.txt" timeout 300 python3 tools/gpu_bench.py \
             --sizes 124M,350M,1.5B --sides engine --warmup 3 --steps 10 --profile 124M,1.5B \
             --timeout 240 --out "$OUT/prof" 2>&1 | tee "$OUT/profile.txt" || rc=1
         cp "$OUT/prof/bench.json" "$OUT/profile.json" 2>/dev/null; rm -rf "$OUT/prof" ;;
     notune)
-        TANDEM_CUDA_GEMM_TUNE=off timeout 300 python3 engine/cuda/bench_gpu.py --sizes 124M,350M,1.5B \
+        TANDEM_CUDA_GEMM_TUNE=off timeout 300 python3 tools/gpu_bench.py --sizes 124M,350M,1.5B \
             --sides engine --warmup 3 --steps 10 --profile none --timeout 240 --out "$OUT/notune" 2>&1 |
             tee "$OUT/notune.txt" || rc=1
         rm -rf "$OUT/notune" ;;
@@ -72,7 +72,7 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
     ncu)
         timeout 300 ncu --kernel-name regex:'layernorm|colsum|adamw|fwd_kernel|bwd_kv|bwd_q|crossentropy|rowdot|sq_partial' \
             --launch-count 24 --section SpeedOfLight --section Occupancy --section WarpStateStats \
-            python3 engine/cuda/steps.py --size 1.5B --layers 1 --steps 1 > "$OUT/ncu.txt" 2>&1 || rc=1
+            python3 tools/gpu_steps.py --size 1.5B --layers 1 --steps 1 > "$OUT/ncu.txt" 2>&1 || rc=1
         grep -E "^  [a-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Compute \(SM\) Throughput" "$OUT/ncu.txt" | head -150 ;;
     flash)
         nvcc -O3 -std=c++17 -arch=sm_90 -DTD_FLASH_BENCH_MAIN -Iengine/include -Iengine/src \

@@ -1,7 +1,7 @@
 """A few bf16 training steps of a GPT-2 shape on the GPU, for kernel profilers and sanitizers
 (ncu, nsys, compute-sanitizer) to wrap: no timing, no JAX, seeded weights (harness.init).
 
-  ncu --kernel-name regex:layernorm python3 engine/cuda/steps.py --size 1.5B --layers 1 --steps 1
+  ncu --kernel-name regex:layernorm python3 tools/gpu_steps.py --size 1.5B --layers 1 --steps 1
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SIZES = {"124M": (12, 768, 12, 16), "350M": (24, 1024, 16, 16), "1.5B": (48, 1600, 25, 8)}
 

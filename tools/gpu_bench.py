@@ -1,15 +1,15 @@
 """GPT-2 training throughput on one GPU: the Tandem CUDA engine (bf16) against JAX on the same GPU.
 
-A development benchmark for engine/cuda (the harness's `tandem bench` is the tracked one). For
-each size it writes seeded fp32 weights once, then runs each side in its own process (so neither
-holds the other's GPU memory): W untimed steps, then K timed full training steps (forward,
-backward, global-norm, AdamW on fp32 master weights), the device synchronised before each clock
-read; the median step gives tokens/s and MFU (harness.flops: 6N + 6LTC; peak 989e12 bf16, H100 /
-H200 SXM datasheet). JAX: parameters cast to bf16 inside the jitted step, fp32 master weights
-and AdamW (reference/optim.py), loss in fp32, attention through jax.nn.dot_product_attention
+A development benchmark for the CUDA backend in engine/cuda (the harness's `tandem bench` is the
+tracked one); a tool above the harness, which it imports. For each size it writes seeded fp32
+weights once, then runs each side in its own process (so neither holds the other's GPU memory):
+W untimed steps, then K timed full training steps (forward, backward, global-norm, AdamW on fp32
+master weights), the device synchronised before each clock read; the median step gives tokens/s
+and MFU (harness.flops: 6N + 6LTC; peak 989e12 bf16, H100 / H200 SXM datasheet). JAX:
+parameters cast to bf16 inside the jitted step, fp32 master weights and AdamW (reference/optim.py), loss in fp32, attention through jax.nn.dot_product_attention
 (cuDNN when it accepts the case, else XLA; the row says which), params/state donated.
 
-  python engine/cuda/bench_gpu.py --sizes 124M,350M,1.5B --out results/gpu
+  python tools/gpu_bench.py --sizes 124M,350M,1.5B --out results/gpu
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SIZES = {  # GPT-2 family, T = 1024
