@@ -6,8 +6,9 @@ weights once, then runs each side in its own process (so neither holds the other
 W untimed steps, then K timed full training steps (forward, backward, global-norm, AdamW on fp32
 master weights), the device synchronised before each clock read; the median step gives tokens/s
 and MFU (harness.flops: 6N + 6LTC; peak 989e12 bf16, H100 / H200 SXM datasheet). JAX:
-parameters cast to bf16 inside the jitted step, fp32 master weights and AdamW (reference/optim.py), loss in fp32, attention through jax.nn.dot_product_attention
-(cuDNN when it accepts the case, else XLA; the row says which), params/state donated.
+parameters cast to bf16 inside the jitted step, fp32 master weights and AdamW (reference/optim.py),
+loss in fp32, attention through jax.nn.dot_product_attention (cuDNN when it accepts the case, else
+XLA; the row says which), params/state donated.
 
   python tools/gpu_bench.py --sizes 124M,350M,1.5B --out results/gpu
 """
