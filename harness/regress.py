@@ -29,7 +29,7 @@ from pathlib import Path
 from harness.errors import ConfigError, TandemError
 
 MACHINE = "tandem-regress"  # the asv machine name the gate records its results under
-QUICK_ENV = "TANDEM_ASV_QUICK"  # read by suites/asv: fewer inner repeats
+QUICK_ENV = "TANDEM_ASV_QUICK"  # fewer inner repeats; suites/asv quick() reads the name here
 # Paths whose content decides what gets built and imported: two commits that agree on all of
 # them share one install (a docs-only commit is not rebuilt).
 BUILD_INPUTS = ("engine", "harness", "reference", "reports", "suites", "CMakeLists.txt",
