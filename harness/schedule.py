@@ -403,17 +403,26 @@ def peak_in_flight(s: Schedule) -> tuple:
     return tuple(peaks)
 
 
-def simulate(s: Schedule, f: float = 1.0, b: float = 1.0, w: float = 1.0,
-             comm: float = 0.0) -> Simulation:
+def simulate(s: Schedule, f=1.0, b=1.0, w=1.0, comm: float = 0.0) -> Simulation:
     """Event simulation of `s` with per-action durations per virtual stage (one chunk: with V
     chunks per rank, pass a full rank's time divided by V): F = f, B = b, W = w, BW = b + w;
     a message between different ranks arrives `comm` after its producer ends (same rank: 0).
+    f, b, w are each one number for every stage or a sequence of S numbers, one per virtual
+    stage (unequal stages: the last one holding the LM head, harness.simulate's cost model).
     Raises ScheduleError if the schedule deadlocks (validate first for better messages)."""
-    for label, value in (("f", f), ("b", b), ("w", w), ("comm", comm)):
+    per_stage = {}
+    for label, value in (("f", f), ("b", b), ("w", w)):
+        seq = tuple(value) if isinstance(value, (list, tuple)) else (value,) * s.stages
+        if len(seq) != s.stages:
+            raise ScheduleError(f"simulate: {label} has {len(seq)} per-stage durations, the "
+                                f"schedule has S = {s.stages} virtual stages")
+        per_stage[label] = seq
+    for label, value in [(k, x) for k, seq in per_stage.items() for x in seq] + [("comm", comm)]:
         if not (value >= 0 and math.isfinite(value)):
             raise ScheduleError(f"simulate: duration {label}={value!r} must be finite and >= 0")
-    cost = {"F": f, "B": b, "W": w, "BW": b + w}
-    _, intervals = _flow(s, lambda a: cost[a.kind], comm)
+    fs, bs, ws = per_stage["f"], per_stage["b"], per_stage["w"]
+    cost = {"F": fs, "B": bs, "W": ws, "BW": tuple(x + y for x, y in zip(bs, ws))}
+    _, intervals = _flow(s, lambda a: cost[a.kind][a.stage], comm)
     makespan = max((iv[-1].end for iv in intervals if iv), default=0.0)
     busy = tuple(sum(x.end - x.start for x in iv) for iv in intervals)
     total = sum(busy)
