@@ -23,36 +23,47 @@ td_status td_plan_read(td_rank_plan *plan, char *err, size_t errlen, const char 
                        int64_t stages, int64_t microbatches) {
     FILE *f = fopen(path, "r");
     if (!f) return FAIL(TD_ERR_IO, "cannot open schedule '%s'", path);
+    td_status st = td_plan_parse(plan, err, errlen, f, path, rank, stages, microbatches);
+    fclose(f);
+    return st;
+}
+
+td_status td_plan_parse(td_rank_plan *plan, char *err, size_t errlen, FILE *f, const char *path,
+                        int rank, int64_t stages, int64_t microbatches) {
     char line[256];
     int lineno = 1;
     if (!fgets(line, sizeof line, f) || strncmp(line, "rank,index,kind,stage,microbatch", 32) != 0) {
-        fclose(f);
         return FAIL(TD_ERR_FORMAT, "schedule '%s' line 1: expected the header 'rank,index,kind,stage,microbatch'", path);
     }
     int cap = 64;
-    plan->actions = malloc(sizeof(td_action) * (size_t)cap);
     plan->count = 0;
+    if (!(plan->actions = malloc(sizeof(td_action) * (size_t)cap)))
+        return FAIL(TD_ERR_NOMEM, "schedule '%s': out of memory", path);
     while (fgets(line, sizeof line, f)) {
         lineno++;
         int r, idx, stage, mb;
         char kind[8];
+        /* fgets splits a longer line: its tail would read as a row of its own */
+        if (!strchr(line, '\n') && !feof(f))
+            return FAIL(TD_ERR_FORMAT, "schedule '%s' line %d: longer than %d characters: '%.60s...'", path, lineno, (int)sizeof line - 2, line);
         if (line[0] == '\n' || line[0] == 0) continue;
         if (sscanf(line, "%d,%d,%7[A-Z],%d,%d", &r, &idx, kind, &stage, &mb) != 5) {
-            fclose(f);
             return FAIL(TD_ERR_FORMAT, "schedule '%s' line %d: cannot parse '%.60s'", path, lineno, line);
         }
         if (r != rank) continue;
         int k = !strcmp(kind, "F") ? ACT_F : !strcmp(kind, "BW") ? ACT_BW : !strcmp(kind, "B") ? ACT_B
               : !strcmp(kind, "W") ? ACT_W : -1;
         if (k < 0 || stage < 0 || stage >= stages || mb < 0 || mb >= microbatches) {
-            fclose(f);
             return FAIL(TD_ERR_FORMAT, "schedule '%s' line %d: action %s(stage=%d, mb=%d) is outside kinds F/BW/B/W, stages [0, %lld), micro-batches [0, %lld)",
                         path, lineno, kind, stage, mb, (long long)stages, (long long)microbatches);
         }
-        if (plan->count == cap) plan->actions = realloc(plan->actions, sizeof(td_action) * (size_t)(cap *= 2));
+        if (plan->count == cap) {
+            td_action *grown = cap <= INT32_MAX / 2 ? realloc(plan->actions, sizeof(td_action) * (size_t)cap * 2) : NULL;
+            if (!grown) return FAIL(TD_ERR_NOMEM, "schedule '%s' line %d: out of memory for %d actions", path, lineno, cap);
+            plan->actions = grown, cap *= 2;
+        }
         plan->actions[plan->count++] = (td_action){k, stage, mb};
     }
-    fclose(f);
     return TD_OK;
 }
 

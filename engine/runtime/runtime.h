@@ -44,6 +44,9 @@ typedef struct {
 /* Reads the CSV `rank,index,kind,stage,microbatch` and keeps this rank's actions. */
 td_status td_plan_read(td_rank_plan *plan, char *err, size_t errlen, const char *path, int rank,
                        int64_t stages, int64_t microbatches);
+/* The same over an open stream (path names it in messages; the caller closes it). */
+td_status td_plan_parse(td_rank_plan *plan, char *err, size_t errlen, FILE *f, const char *path,
+                        int rank, int64_t stages, int64_t microbatches);
 
 /* Runs every step; writes losses.csv (last stage's rank), timeline_rank<r>.csv, rank<r>.json
  * (transport, device, device memory, stages), and

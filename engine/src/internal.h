@@ -191,6 +191,12 @@ void td_adamw(td_model *m, double grad_norm);
 
 /* io.c */
 td_status td_load_safetensors(td_model *m, const char *path);
+/* The same parsers over bytes in memory (path names the source in messages); the path versions
+ * read the file and call these. The fuzz targets (engine/fuzz) drive them directly. */
+td_status td_load_safetensors_mem(td_model *m, const char *path, const unsigned char *buf,
+                                  size_t size);
+td_status td_tokens_parse(int32_t **out_tokens, int64_t *out_count, const char *path,
+                          const unsigned char *buf, size_t size, int64_t vocab_size);
 td_status td_save_safetensors(td_model *m, const char *path, int grads);
 
 void td_set_threads(const td_model *m);

@@ -16,6 +16,7 @@
 typedef struct {
     const char *s, *end;
     char err[200];
+    const char *base; /* the header's first byte: positions in messages count from here */
 } jreader;
 
 static void jws(jreader *r) {
@@ -27,7 +28,7 @@ static int jexpect(jreader *r, char c) {
     jws(r);
     if (r->s >= r->end || *r->s != c) {
         snprintf(r->err, sizeof r->err, "expected '%c' at header byte %ld", c,
-                 (long)(r->end - r->s));
+                 (long)(r->s - r->base));
         return 0;
     }
     r->s++;
@@ -70,14 +71,23 @@ static int jstring(jreader *r, char *out, size_t cap) {
 
 static int jint(jreader *r, int64_t *out) {
     jws(r);
+    /* the header is not NUL-terminated: strtoll reads a bounded, terminated copy */
+    char digits[32];
+    size_t n = 0;
+    while (n + 1 < sizeof digits && r->s + n < r->end &&
+           ((r->s[n] >= '0' && r->s[n] <= '9') || (n == 0 && r->s[n] == '-')))
+        n++;
+    memcpy(digits, r->s, n);
+    digits[n] = 0;
     char *e;
     errno = 0;
-    long long v = strtoll(r->s, &e, 10);
-    if (e == r->s || e > r->end || errno) {
-        snprintf(r->err, sizeof r->err, "expected an integer");
+    long long v = strtoll(digits, &e, 10);
+    if (e == digits || errno) {
+        snprintf(r->err, sizeof r->err, "expected an integer at header byte %ld, got '%.20s'",
+                 (long)(r->s - r->base), digits);
         return 0;
     }
-    r->s = e;
+    r->s += e - digits;
     *out = v;
     return 1;
 }
@@ -231,11 +241,7 @@ static int canonical_name(char *out, size_t cap, const char *name) {
 }
 
 td_status td_load_safetensors(td_model *m, const char *path) {
-    td_status st = TD_OK;
     unsigned char *buf = NULL;
-    st_entry *entries = NULL;
-    char *seen = NULL;
-    int *source = NULL; /* table index -> entry index */
     FILE *f = fopen(path, "rb");
     if (!f)
         return td_fail(m, TD_ERR_IO, "td_model_load_safetensors: cannot open '%s': %s", path,
@@ -243,18 +249,33 @@ td_status td_load_safetensors(td_model *m, const char *path) {
     fseek(f, 0, SEEK_END);
     long fsize = ftell(f);
     fseek(f, 0, SEEK_SET);
+    td_status st = TD_OK;
+    if (fsize < 0) {
+        st = td_fail(m, TD_ERR_IO, "td_model_load_safetensors: cannot size '%s': %s", path, strerror(errno));
+    } else if (!(buf = malloc(fsize ? (size_t)fsize : 1))) {
+        st = td_fail(m, TD_ERR_NOMEM, "td_model_load_safetensors: cannot allocate %ld bytes for '%s'", fsize, path);
+    } else if (fread(buf, 1, (size_t)fsize, f) != (size_t)fsize) {
+        st = td_fail(m, TD_ERR_IO, "td_model_load_safetensors: short read on '%s'", path);
+    }
+    fclose(f);
+    if (!st) st = td_load_safetensors_mem(m, path, buf, (size_t)fsize);
+    free(buf);
+    return st;
+}
+
+td_status td_load_safetensors_mem(td_model *m, const char *path, const unsigned char *buf,
+                                  size_t size) {
+    td_status st = TD_OK;
+    st_entry *entries = NULL;
+    char *seen = NULL;
+    int *source = NULL; /* table index -> entry index */
+    const long fsize = (long)size;
     if (fsize < 8) {
         st = td_fail(m, TD_ERR_FORMAT,
                      "td_model_load_safetensors: '%s' is %ld bytes, too short for a safetensors "
                      "file (8-byte header length first). HINT: the file is truncated or not "
                      "safetensors",
                      path, fsize);
-        goto out;
-    }
-    buf = malloc((size_t)fsize);
-    if (!buf) { st = td_fail(m, TD_ERR_NOMEM, "td_model_load_safetensors: cannot allocate %ld bytes for '%s'", fsize, path); goto out; }
-    if (fread(buf, 1, (size_t)fsize, f) != (size_t)fsize) {
-        st = td_fail(m, TD_ERR_IO, "td_model_load_safetensors: short read on '%s'", path);
         goto out;
     }
     uint64_t hlen = 0;
@@ -268,7 +289,7 @@ td_status td_load_safetensors(td_model *m, const char *path) {
     }
     const unsigned char *data = buf + 8 + hlen;
     const int64_t data_size = (int64_t)((uint64_t)fsize - 8 - hlen);
-    jreader r = {(const char *)buf + 8, (const char *)buf + 8 + hlen, {0}};
+    jreader r = {(const char *)buf + 8, (const char *)buf + 8 + hlen, {0}, (const char *)buf + 8};
     int cap = 64, n = 0;
     entries = calloc((size_t)cap, sizeof(st_entry));
     if (!entries || !jexpect(&r, '{')) goto bad_json;
@@ -320,6 +341,10 @@ td_status td_load_safetensors(td_model *m, const char *path) {
                 goto out;
             }
             numel *= e->shape[d];
+        }
+        if (numel > INT64_MAX / es) {
+            st = td_fail(m, TD_ERR_FORMAT, "td_model_load_safetensors: '%s' tensor '%s' has %lld elements of %d bytes, more than a file can hold. HINT: the header is corrupt", path, e->name, (long long)numel, es);
+            goto out;
         }
         if (e->begin < 0 || e->end < e->begin || e->end > data_size ||
             e->end - e->begin != numel * es) {
@@ -385,8 +410,6 @@ bad_json:
                  "file is corrupt or not safetensors",
                  path, r.err[0] ? r.err : "out of memory");
 out:
-    if (f) fclose(f);
-    free(buf);
     free(entries);
     free(seen);
     free(source);
@@ -447,17 +470,35 @@ td_status td_tokens_read(int32_t **out_tokens, int64_t *out_count, const char *p
     *out_count = 0;
     FILE *f = fopen(path, "rb");
     if (!f) return td_fail_global(TD_ERR_IO, "td_tokens_read: cannot open '%s': %s", path, strerror(errno));
-    unsigned char h[64];
     fseek(f, 0, SEEK_END);
     long fsize = ftell(f);
     fseek(f, 0, SEEK_SET);
     td_status st = TD_OK;
+    unsigned char *buf = NULL;
+    if (fsize < 0)
+        st = td_fail_global(TD_ERR_IO, "td_tokens_read: cannot size '%s': %s", path, strerror(errno));
+    else if (!(buf = malloc(fsize ? (size_t)fsize : 1)))
+        st = td_fail_global(TD_ERR_NOMEM, "td_tokens_read: cannot allocate %ld bytes for '%s'", fsize, path);
+    else if (fread(buf, 1, (size_t)fsize, f) != (size_t)fsize)
+        st = td_fail_global(TD_ERR_IO, "td_tokens_read: short read on '%s'", path);
+    fclose(f);
+    if (!st) st = td_tokens_parse(out_tokens, out_count, path, buf, (size_t)fsize, vocab_size);
+    free(buf);
+    return st;
+}
+
+td_status td_tokens_parse(int32_t **out_tokens, int64_t *out_count, const char *path,
+                          const unsigned char *buf, size_t size, int64_t vocab_size) {
+    *out_tokens = NULL;
+    *out_count = 0;
+    const long fsize = (long)size;
+    td_status st = TD_OK;
     int32_t *tokens = NULL;
-    unsigned char *raw = NULL;
-    if (fsize < 64 || fread(h, 1, 64, f) != 64) {
+    if (fsize < 64) {
         st = td_fail_global(TD_ERR_FORMAT, "td_tokens_read: '%s' is %ld bytes, shorter than the 64-byte shard header", path, fsize);
         goto out;
     }
+    const unsigned char *h = buf;
     uint32_t magic, version, width;
     uint64_t count;
     memcpy(&magic, h, 4);
@@ -489,12 +530,8 @@ td_status td_tokens_read(int32_t **out_tokens, int64_t *out_count, const char *p
         goto out;
     }
     tokens = malloc(sizeof(int32_t) * (count ? count : 1));
-    raw = malloc(count * width + 1);
-    if (!tokens || !raw) { st = td_fail_global(TD_ERR_NOMEM, "td_tokens_read: cannot allocate %llu tokens", (unsigned long long)count); goto out; }
-    if (fread(raw, width, count, f) != count) {
-        st = td_fail_global(TD_ERR_IO, "td_tokens_read: short read on '%s'", path);
-        goto out;
-    }
+    if (!tokens) { st = td_fail_global(TD_ERR_NOMEM, "td_tokens_read: cannot allocate %llu tokens", (unsigned long long)count); goto out; }
+    const unsigned char *raw = buf + 64;
     for (uint64_t i = 0; i < count; i++) {
         uint32_t v;
         if (width == 2) { uint16_t s; memcpy(&s, raw + 2 * i, 2); v = s; }
@@ -511,8 +548,6 @@ td_status td_tokens_read(int32_t **out_tokens, int64_t *out_count, const char *p
     *out_count = (int64_t)count;
     tokens = NULL;
 out:
-    fclose(f);
     free(tokens);
-    free(raw);
     return st;
 }
