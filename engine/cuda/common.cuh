@@ -93,7 +93,7 @@ typedef struct td_cuda_dev {
     int bf16;          /* 1: E = bf16 */
     size_t es;         /* bytes per E */
     int store_att;     /* 1: keep every layer's (B, NH, T, T) probabilities; 0: recompute */
-    int flash;         /* 1: flash.cu attention (TANDEM_CUDA_ATTENTION=flash; bf16 only) */
+    int flash;         /* 1: flash attention (TANDEM_CUDA_ATTENTION=flash; bf16 only) */
     cudaStream_t stream;
     cublasLtHandle_t lt;
     void *ws;          /* cuBLASLt workspace */
@@ -220,7 +220,8 @@ td_status td_cuda_matmul(td_cuda_dev *d, const td_mm *p);
 enum { TD_TUNE_OFF = 0, TD_TUNE_AUTO = 1, TD_TUNE_ALL = 2 };
 int td_cuda_gemm_tune_mode(const char *env, int *mode);
 
-/* ---- kernel launchers (kernels.cu); E = float or bf16 ------------------------------------------ */
+/* ---- kernel launchers (encoder.cu, layernorm.cu, gelu.cu, attention.cu, softmax_ce.cu, optim.cu);
+ * E = float or bf16 */
 
 #define TD_CS_ROWS 64   /* rows per partial of a deterministic column sum */
 #define TD_SQ_BLOCKS 1024
@@ -293,7 +294,8 @@ cudaError_t td_k_adamw(cudaStream_t s, float *p, const float *g, float *m, float
                        float wd, float clip);
 cudaError_t td_k_sq_sum(cudaStream_t s, double *part, const float *g, long long n);
 
-/* flash.cu: bf16 causal attention on permuted heads (B*NH, T, HS); lse, D: (B*NH, T) fp32 */
+/* flash_fwd.cu, flash_bwd.cu: bf16 causal attention on permuted heads (B*NH, T, HS); lse, D:
+ * (B*NH, T) fp32 */
 int td_flash_supported(int HS);
 cudaError_t td_k_flash_forward(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,
                                const bf16 *v, int BH, int T, int HS, float scale);

@@ -1,6 +1,6 @@
-/* flash.cuh — which head sizes flash.cu's FlashAttention-2 kernels take, and the first (WMMA)
- * flash attention, kept for head sizes 80..128 and as the baseline of flash_bench.cu (same
- * arguments as td_k_flash_forward / _backward, common.cuh). */
+/* flash.cuh — which head sizes the FlashAttention-2 kernels (flash_fwd.cu, flash_bwd.cu) take,
+ * and the first (WMMA) flash attention, kept for head sizes 80..128 and as the baseline of
+ * flash_bench.cu (same arguments as td_k_flash_forward / _backward, common.cuh). */
 #ifndef TD_CUDA_FLASH_CUH
 #define TD_CUDA_FLASH_CUH
 

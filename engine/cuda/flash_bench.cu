@@ -1,4 +1,4 @@
-/* flash_bench.cu — flash.cu's attention kernels on their own: correctness against an fp32
+/* flash_bench.cu — the flash attention kernels (flash_fwd.cu, flash_bwd.cu) on their own: correctness against an fp32
  * reference computed on the GPU from the same bf16 inputs (O, lse, dQ, dK, dV; relative L2;
  * outputs poisoned with NaN before every run; a bit-identical rerun), then the time of the
  * forward and of the backward, FlashAttention-2 (fa2::, the default path for head sizes <= 64)
@@ -7,7 +7,8 @@
  * Empty unless TD_FLASH_BENCH_MAIN is defined (CMake globs engine/cuda/*.cu into libtandem).
  * Build and run on a GPU host (from the repository root):
  *   nvcc -O3 -std=c++17 -arch=sm_90 -DTD_FLASH_BENCH_MAIN -Iengine/include -Iengine/src \
- *        -Iengine/cuda engine/cuda/flash_bench.cu engine/cuda/flash.cu -o build/flash_bench
+ *        -Iengine/cuda engine/cuda/flash_bench.cu engine/cuda/flash_fwd.cu engine/cuda/flash_bwd.cu \
+ *        -o build/flash_bench
  *   build/flash_bench [REPS]     # exit status 1 when a check fails; REPS 0: small checks only
  */
 #ifdef TD_FLASH_BENCH_MAIN

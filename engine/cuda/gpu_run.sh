@@ -76,7 +76,8 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
         grep -E "^  [a-z_].*\(|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Compute \(SM\) Throughput" "$OUT/ncu.txt" | head -150 ;;
     flash)
         nvcc -O3 -std=c++17 -arch=sm_90 -DTD_FLASH_BENCH_MAIN -Iengine/include -Iengine/src \
-            -Iengine/cuda engine/cuda/flash_bench.cu engine/cuda/flash.cu -o build/flash_bench &&
+            -Iengine/cuda engine/cuda/flash_bench.cu engine/cuda/flash_fwd.cu engine/cuda/flash_bwd.cu \
+            -o build/flash_bench &&
             timeout 120 build/flash_bench 20 2>&1 | tee "$OUT/flash_bench.txt" || rc=1 ;;
     gtests)
         timeout 240 python3 -m pytest -q -x tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py -k "${GTESTS_K:-not nothing}" \

@@ -62,7 +62,7 @@ BF16_CASES = {
     # head size 48 (mma.sync flash kernels, 3 k-chunks), T=130: a 2-row last tile
     "hs48-t130": dict(n_layer=2, n_embd=96, n_head=2, vocab_size=311, n_positions=192,
                       seq_len=130, batch_size=2),
-    # head size 96: flash.cu's first (WMMA) kernels, kept for head sizes above 64
+    # head size 96: the first (WMMA) flash kernels, kept for head sizes above 64
     "hs96-t80": dict(n_layer=1, n_embd=192, n_head=2, vocab_size=311, n_positions=128,
                      seq_len=80, batch_size=2),
     # n_embd 36, head size 12: scalar element-wise kernels and the materialised attention
