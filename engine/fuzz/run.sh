@@ -25,6 +25,8 @@ for exe in "$build"/fuzz_*; do
         status=1
         break
     fi
-    grep -E '^#[0-9]+ *DONE|stat::number_of_executed_units' "$work/$target.log" || true
+    # the last status line (executions, cov: edges, ft: features, corpus) and the totals
+    grep -E '^#[0-9]+' "$work/$target.log" | tail -n 1 || true
+    grep -E 'stat::(number_of_executed_units|new_units_added|peak_rss_mb)' "$work/$target.log" || true
 done
 exit $status
