@@ -21,6 +21,8 @@ COMMANDS = {
     "env": "harness.envinfo",
     "peak": "harness.envinfo",
     "regress": "harness.regress",
+    "train": "harness.train",
+    "simulate": "harness.simulate_cli",
 }
 
 HELP = {
@@ -32,6 +34,8 @@ HELP = {
     "env": "print machine, versions and datasheet peaks",
     "peak": "measure this machine's fp32 GEMM peak (bf16 too on a GPU)",
     "regress": "benchmark two commits with asv and fail on a gated slowdown",
+    "train": "train the engine for N steps: checkpoints, resume, a NaN/inf guard",
+    "simulate": "project one training step onto a large cluster (validated on measured runs)",
 }
 
 
