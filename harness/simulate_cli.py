@@ -202,12 +202,14 @@ def load_projection(path: Path = PROJECTION_FILE) -> dict:
                                    "claim": (dict, ...)})
     job = nm.take(f"{path}: projection", top["projection"],
                   {"source": (str, ...), "gpus": (int, ...), **JOB_KEYS})
-    scal = nm.take(f"{path}: scaling", top["scaling"], {"gpus": ("ints", ...)})
+    scal = nm.take(f"{path}: scaling", top["scaling"], {"gpus": ("ints", ...),
+                                                        "global_batch_tokens": (int, 0)})
     claim = nm.take(f"{path}: claim", top["claim"], {"speedup": (float, ...),
                                                      "source": (str, ...)})
     if not scal["gpus"] or min(scal["gpus"]) < 1:
         raise ConfigError(f"{path}: scaling.gpus = {scal['gpus']!r}: needs GPU counts >= 1")
-    return {"job": job, "scaling": scal["gpus"], "claim": claim}
+    return {"job": job, "scaling": scal["gpus"], "claim": claim,
+            "global_batch_tokens": scal["global_batch_tokens"]}
 
 
 def projection_job(proj: dict, gpus: int | None = None) -> sm.Job:
@@ -221,30 +223,51 @@ def projection_job(proj: dict, gpus: int | None = None) -> sm.Job:
 
 
 def scaling_curve(proj: dict) -> list:
+    """Weak scaling: the projection's micro-batches per pipeline at every GPU count."""
+    return [sm.simulate_step(projection_job(proj, g)) for g in proj["scaling"]]
+
+
+def fixed_batch_curve(proj: dict) -> list:
+    """Strong scaling at scaling.global_batch_tokens: dp from the GPU count, then as many
+    micro-batches per pipeline as the batch gives (at least one); an interleaved layout whose
+    count is not a multiple of pp falls back to 1F1B (interleaving needs whole groups)."""
+    G = proj["global_batch_tokens"]
+    if not G:
+        return []
+    v = proj["job"]
     out = []
     for g in proj["scaling"]:
-        r = sm.simulate_step(projection_job(proj, g))
-        out.append(r)
+        dp = max(1, g // (v["tp"] * v["pp"]))
+        M = max(1, round(G / (dp * v["microbatch_size"] * v["seq_len"])))
+        keys = {"dp": dp, "microbatches": M}
+        if v["schedule"] == "interleaved" and M % v["pp"]:
+            keys.update(schedule="1f1b", chunks=1)
+        out.append(sm.simulate_step(job_from(v, **keys)))
     return out
 
 
 def amdahl_lines(r: sm.Result, speedup: float) -> list:
-    """What a claimed whole-step speedup needs: the share of the step the engine can change
-    (compute, and compute + communication) and how much that share must shrink."""
+    """What a claimed whole-step speedup S needs, with ceiling = 1 / ((1 - f) + f / s) for a
+    share f of the step made s times faster: f = the kernels alone; f = the kernels and the
+    pipeline bubble (idle time scales with stage compute time, so faster kernels shrink it too);
+    and, read the other way, the MFU the baseline would have to run at."""
     b = r.breakdown
-    compute = b["forward"] + b["backward_input"] + b["backward_weight"] + b["optimizer"]
-    comm = b["tp_comm_exposed"] + b["dp_comm_exposed"]
+    kernels = b["forward"] + b["backward_input"] + b["backward_weight"] + b["optimizer"]
     lines = [f"Amdahl: a claimed {speedup:g}x step speedup needs, of this step "
-             f"({r.step_s:.3f} s):"]
-    for label, part in (("compute kernels", compute), ("compute + exposed communication",
-                                                       compute + comm),
-                        ("everything but the pipeline bubble", r.step_s - b["pipeline_idle"])):
+             f"({r.step_s:.3f} s, MFU {r.mfu:.1%}):"]
+    for label, part in (("compute kernels", kernels),
+                        ("compute kernels + the bubble they set", kernels + b["pipeline_idle"])):
         f = part / r.step_s
         need = sm.amdahl_needed(speedup, f)
         ceil = 1 / (1 - f) if f < 1 else math.inf
-        need_txt = f"{need:.1f}x faster" if math.isfinite(need) else "impossible"
-        lines.append(f"  {label}: f = {f:.1%} of the step, ceiling 1/(1-f) = {ceil:.2f}x; "
-                     f"{speedup:g}x needs that part {need_txt}")
+        need_txt = (f"those {f:.1%} {need:.1f}x faster" if math.isfinite(need)
+                    else f"more than the {ceil:.2f}x ceiling: impossible even at infinite speed; "
+                         f"the other {1 - f:.1%} of the step must shrink too")
+        lines.append(f"  {label}: f = {f:.1%}, ceiling 1/(1-f) = {ceil:.2f}x; {speedup:g}x "
+                     f"needs {need_txt}")
+    lines.append(f"  read the other way: a step {speedup:g}x longer than this one is the "
+                 f"baseline running at {r.mfu / speedup:.1%} MFU; against a baseline at MFU m the "
+                 f"ceiling of any engine is 1/m (at m = 40%, 2.5x)")
     return lines
 
 
@@ -280,7 +303,7 @@ def print_result(r: sm.Result) -> None:
 
 
 def write_outputs(out: Path, checks: list, proj_result, curve: list, claim: dict | None,
-                  elapsed_1k: float | None) -> list:
+                  elapsed_1k: float | None, fixed: list = ()) -> list:
     """OUT/simulate.parquet (long-form rows), OUT/simulate.json, OUT/figures/*.png."""
     import pandas as pd
 
@@ -291,17 +314,20 @@ def write_outputs(out: Path, checks: list, proj_result, curve: list, claim: dict
                      "predicted": c.predicted, "reference": c.reference, "error": c.error,
                      "bound": c.point.bound, "ok": c.ok, "role": c.point.role,
                      "kind": c.point.kind, "source": c.point.source, "detail": c.detail})
-    for r in ([proj_result] if proj_result else []) + curve:
+    tagged = ([("projection", proj_result)] if proj_result else []) + \
+        [("scaling", r) for r in curve] + [("fixed_batch", r) for r in fixed]
+    for sec, r in tagged:
         d = result_dict(r)
-        base = {k: d[k] for k in ("gpus", "step_s", "tokens_per_s", "mfu", "mfu_palm", "bubble")}
-        sec = "projection" if r is proj_result else "scaling"
+        base = {k: d[k] for k in ("gpus", "step_s", "tokens_per_s", "mfu", "mfu_palm", "bubble",
+                                  "microbatches", "global_batch_tokens")}
         for k, v in d["breakdown_s"].items():
             rows.append({"section": sec, "name": f"{d['model']}@{d['gpus']}", "metric": k,
                          "predicted": v, **{f"job_{a}": b for a, b in base.items()}})
     df = pd.DataFrame(rows)
     df.to_parquet(out / "simulate.parquet", index=False)
     meta = {"projection": result_dict(proj_result) if proj_result else None,
-            "scaling": [result_dict(r) for r in curve], "claim": claim,
+            "scaling": [result_dict(r) for r in curve],
+            "fixed_batch": [result_dict(r) for r in fixed], "claim": claim,
             "amdahl": amdahl_lines(proj_result, claim["speedup"]) if proj_result and claim
             else [], "simulate_1k_gpus_s": elapsed_1k,
             "validation": [{"name": c.point.name, "metric": c.metric, "predicted": c.predicted,
@@ -344,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.validate or args.scaling or args.model):
         raise ConfigError("give --model M --cluster C [--layout ...], --validate or --scaling")
     status = 0
-    checks, proj_r, curve, claim, t1k = [], None, [], None, None
+    checks, proj_r, curve, fixed, claim, t1k = [], None, [], [], None, None
     if args.model:
         if not args.cluster:
             raise ConfigError("--model needs --cluster (suites/clusters/*.toml)")
@@ -384,11 +410,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r.job.gpus:8d} {r.job.dp:6d} {r.step_s:8.3f} {r.tokens_per_s / 1e6:8.2f} "
                   f"{r.mfu:6.1%} {r.bubble:7.1%} "
                   f"{r.breakdown['dp_comm_exposed'] / r.step_s:8.1%}")
+        fixed = fixed_batch_curve(proj)
+        if fixed:
+            print(f"\nfixed global batch of {proj['global_batch_tokens']:,} tokens:")
+            print(f"{'GPUs':>8} {'dp':>6} {'M':>4} {'schedule':>11} {'step s':>8} {'Mtok/s':>8} "
+                  f"{'MFU':>6} {'bubble':>7}")
+            for r in fixed:
+                print(f"{r.job.gpus:8d} {r.job.dp:6d} {r.job.microbatches:4d} "
+                      f"{r.job.schedule:>11} {r.step_s:8.3f} {r.tokens_per_s / 1e6:8.2f} "
+                      f"{r.mfu:6.1%} {r.bubble:7.1%}")
         print()
         print("\n".join(amdahl_lines(proj_r, claim["speedup"])))
         print(f"(simulating one step of the 1,024-GPU layout took {t1k:.3f} s)")
     if args.out:
-        for f in write_outputs(args.out, checks, proj_r, curve, claim, t1k):
+        for f in write_outputs(args.out, checks, proj_r, curve, claim, t1k, fixed):
             print(f)
     return status
 

@@ -19,6 +19,7 @@ import pandas as pd
 from reports import figures, tables
 from reports.doc import Card, Document, Figure, Links, Note, Section, write
 from reports.load import Results, finite, load, percent, pick, summarize
+from reports.simulate import section as simulate_section
 
 FIG_DIR = "figures"
 TRACE_DIR = "traces"
@@ -290,6 +291,9 @@ def build_report(dirs: list[Path], out: Path) -> Path:
         _parity_section(res, fig, out),
         _loss_section(res, fig, out),
     ]
+    sim = simulate_section(res.dirs, fig, out)  # directories `tandem simulate --out` wrote
+    if sim:
+        sections.append(sim)
     commits = sorted({str(r.get("commit")) for r in res.runs.values() if r.get("commit")})
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     subtitle = [f"Generated {stamp} from {', '.join(str(d) for d in res.dirs)}"]

@@ -48,7 +48,7 @@ CONFIG_COLUMNS = [
 # Direction in which a metric gets better; metrics not listed are shown but never judged.
 HIGHER_IS_BETTER = {"tokens_per_s", "flops_per_s", "mfu", "mfu_palm", "speedup"}
 LOWER_IS_BETTER = {"step_ms", "bubble", "peak_mem_bytes", "compile_s"}
-RESULT_FILES = ("records.parquet", "parity.parquet", "losses.parquet")
+RESULT_FILES = ("records.parquet", "parity.parquet", "losses.parquet", "simulate.json")
 
 
 @dataclass
