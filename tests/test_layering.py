@@ -137,8 +137,9 @@ C_LAYER = {
 }
 C_INCLUDES = {  # the local headers each file may include
     "internal.h": {"tandem.h"},
-    "kernels.h": {"internal.h"},
-    "gemm.c": {"kernels.h"},
+    "gemm.h": {"internal.h"},             # the GEMM's entry points
+    "kernels.h": {"internal.h", "gemm.h"},  # the ops, on the GEMM
+    "gemm.c": {"gemm.h"},                 # the GEMM sees nothing of the ops
     "kernels.c": {"kernels.h"},
     "optim.c": {"internal.h"},
     "io.c": {"internal.h"},

@@ -15,7 +15,7 @@
 #include <omp.h>
 #endif
 
-#include "kernels.h"
+#include "gemm.h"
 
 #ifdef TD_FLOAT64
 

@@ -11,15 +11,8 @@
 
 #include <stdint.h>
 
+#include "gemm.h" /* the layer below: td_gemm, td_gemm_reference */
 #include "internal.h"
-
-/* C[M,N] (+)= op(A)[M,K] @ op(B)[K,N], row-major. op(A) = A (stored M x K) or, with transA,
- * A^T (A stored K x M); likewise B (K x N) or, with transB, B^T (B stored N x K).
- * accumulate = 0 overwrites C, 1 adds to it. */
-void td_gemm(td_real *C, const td_real *A, const td_real *B, int M, int N, int K, int transA,
-             int transB, int accumulate);
-void td_gemm_reference(td_real *C, const td_real *A, const td_real *B, int M, int N, int K,
-                       int transA, int transB, int accumulate);
 
 /* out(B,T,C) = wte[tokens] + wpe[t] */
 void td_encoder_forward(td_real *out, const int32_t *tokens, const td_real *wte,
