@@ -422,7 +422,7 @@ def amdahl_needed(target: float, fraction: float) -> float:
     """Speedup the `fraction` must get for the whole step to reach `target`; inf if it cannot
     (the ceiling 1 / (1 - fraction) is at or below the target)."""
     rest = 1.0 / target - (1.0 - fraction)
-    return fraction / rest if rest > 0 else math.inf
+    return fraction / rest if rest > 1e-12 else math.inf  # at the ceiling: rounding, not room
 
 
 __all__ = ["Model", "Job", "Result", "Costs", "load_model", "load_costs", "parse_layout",
