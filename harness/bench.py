@@ -42,8 +42,18 @@ RANK_SAMPLE_S = 0.1  # how often the ranks' VmHWM is read during a pipelined job
 
 # How the numbers are taken; copied into run.json so a reader of the results knows.
 METHOD = {
-    "alternation": "per case: engine block, JAX block, engine block, ... (`repeats` pairs); "
-                   "speedup = engine tokens/s / JAX tokens/s of each pair, then median [p25, p75]",
+    "alternation": "per case: engine block, JAX block, engine block, ... (`repeats` pairs; "
+                   "order = alternate, the default on CPU), or every engine block, the engine's "
+                   "memory released, then every JAX block with JAX alone on the device (order = "
+                   "separate, the default on GPU); speedup = engine tokens/s / JAX tokens/s of "
+                   "the r-th block of each side, then median [p25, p75]",
+    "out_of_memory": "a side that does not fit is a result: JAX's compiled step is checked "
+                     "against 90% of the device's memory (compiled memory analysis) and "
+                     "RESOURCE_EXHAUSTED is caught; then JAX is tried with jax.checkpoint per "
+                     "block (remat) and with more micro-batches at the same global batch "
+                     "(accum), each that fits its own labelled baseline; the engine retries with "
+                     "twice the micro-batches until one fits; oom_asked_bytes rows say what the "
+                     "step asked for",
     "block": "one repeat = a timed block of optimizer steps, at least case.steps and at least "
              "min_block_s long (in-process engine and JAX: steps are added until the block has "
              "lasted that long; a pipelined job: the step count comes from an untimed "
@@ -61,15 +71,16 @@ METHOD = {
                   "with XLA_FLAGS=--xla_force_host_platform_device_count=P on CPU so the GPipe "
                   "baseline has P devices; jax.block_until_ready on every step before the clock "
                   "is read; batches are on the device before timing",
-    "peak_mem_bytes": "engine one-stage: VmHWM of the bench process, reset through "
-                      "/proc/self/clear_refs when the case starts (the bench process's baseline "
-                      "RSS included); engine CUDA one-stage: device memory the bench process "
-                      "holds (nvidia-smi); engine CUDA pipelined: sum over ranks of the device "
+    "peak_mem_bytes": "engine one-stage: the engine's own allocation counter (libtandem "
+                      "host_bytes on CPU, device_bytes on CUDA; it allocates everything at "
+                      "build), with the bench process's VmHWM / nvidia-smi in run.json "
+                      "(process_mem_bytes); engine CUDA pipelined: sum over ranks of the device "
                       "memory each held (nvidia-smi, sampled every 0.1 s), each rank's own "
                       "allocations in run.json (rank_device_bytes); engine CPU pipelined: sum "
                       "over ranks of each rank's VmHWM, "
-                      "sampled every 0.1 s during the job; JAX on CPU: VmHWM of the worker (JAX "
-                      "runtime included); JAX on GPU: allocator peak_bytes_in_use, summed over "
+                      "sampled every 0.1 s during the job; JAX on CPU: XLA's compiled memory "
+                      "analysis of the step (arguments + outputs + temporaries - donated), the "
+                      "worker's VmHWM where unknown (GPipe); JAX on GPU: allocator peak_bytes_in_use, summed over "
                       "devices",
     "mfu": "FLOPs per token (harness.flops, tandem 6N+6LTC; mfu_palm 6N+12LTC) x tokens/s / peak;"
            " CPU peak: the fp32 GEMM peak measured once per results directory (all ranks share "
@@ -87,6 +98,21 @@ class BenchFailure(TandemError):
     as failed in run.json and the run goes on; `tandem bench` then exits 3."""
 
     exit_code = 3
+
+
+class JaxOutOfMemory(BenchFailure):
+    """JAX's step of one variant did not fit the device: a result (recorded), not a failure.
+    `info`: variant, batch, micro_batches, asked_bytes, limit_bytes, message."""
+
+    def __init__(self, message: str, info: dict[str, Any]):
+        super().__init__(message)
+        self.info = info
+
+
+# JAX variants tried in order when the case's own step runs out of memory; each that fits is
+# its own labelled baseline (side "jax" for the first, "jax-<variant>" for the others)
+JAX_FALLBACKS = ("remat", "accum")
+ORDERS = ("auto", "alternate", "separate")
 
 
 # ---- small helpers -----------------------------------------------------------------------------
@@ -215,6 +241,9 @@ class JaxWorker:
         if not reply.get("ok"):
             self._log.write(reply.get("traceback", "") + "\n")
             self._log.flush()
+            if reply.get("oom"):
+                raise JaxOutOfMemory(f"JAX side ({obj.get('op')}): {reply.get('error')}",
+                                     reply["oom"])
             raise BenchFailure(f"JAX side ({obj.get('op')}): {reply.get('error')} "
                                f"(traceback in {self.log_path})")
         return reply
@@ -282,19 +311,30 @@ def engine_config(case: CaseConfig, threads: int, batch_size: int | None = None)
 class InProcessEngine:
     """One-stage engine through harness.engine.Model.train_step, in this process."""
 
-    def __init__(self, case: CaseConfig, threads: int):
+    def __init__(self, case: CaseConfig, threads: int, microbatches: int | None = None):
         from harness.engine import Model
 
-        self.model = Model(**engine_config(case, threads))
-        self.M, self.b = case.pipeline.microbatches, microbatch_size(case)
+        self.M = microbatches or case.pipeline.microbatches
+        self.b = case.batch_size // self.M
+        self.model = Model(**engine_config(case, threads, batch_size=self.b))
         self.cuda = _is_cuda(case)
 
     def peak_memory(self) -> tuple[int, str]:
-        """CPU: this process's VmHWM since the case started. CUDA: the device memory this
-        process holds (nvidia-smi; the engine allocates up front, so held ~ peak)."""
+        """The engine's own allocation counter (it allocates everything when the model is
+        built, so what it holds is its peak): device bytes on CUDA (`device_bytes`), host bytes
+        on CPU (`host_bytes`: parameters, gradients, AdamW moments, activations). The bench
+        process's RSS (JAX-free: JAX runs in its own worker) is kept in run.json."""
         if self.cuda:
-            return _gpu_process_bytes(os.getpid()), "device memory held by the bench process " \
-                "(nvidia-smi used_memory)"
+            return self.model.get_int("device_bytes"), "the engine's device allocations " \
+                "(libtandem device_bytes; nvidia-smi of the process in run.json)"
+        return self.model.get_int("host_bytes"), "the engine's host allocations (libtandem " \
+            "host_bytes: parameters, gradients, AdamW moments, activations)"
+
+    def process_memory(self) -> tuple[int, str]:
+        """What the bench process holds: nvidia-smi on CUDA, VmHWM since the case started on
+        CPU (Python, NumPy and the harness included)."""
+        if self.cuda:
+            return _gpu_process_bytes(os.getpid()), "nvidia-smi used_memory of the bench process"
         mem, src = rss_high_water_bytes()
         return mem, src + (" since the case started" if self.reset_ok else
                            " (lifetime: could not be reset)")
@@ -324,7 +364,9 @@ class InProcessEngine:
         return per
 
     def close(self) -> None:
-        self.model.close()
+        if self.model is not None:
+            self.model.close()
+            self.model = None
 
 
 class RankMemory:
@@ -524,6 +566,36 @@ class Settings:
     jax: bool
     min_block_s: float
     timeout: float
+    order: str = "auto"
+
+
+# JAX's share of the GPU when it runs alone (order = separate): all of it but the CUDA context's
+# and the allocator's slack
+SEPARATE_FRACTION = 0.95
+
+
+def _engine_asked_bytes(message: str) -> int | None:
+    """The size in the engine's out-of-memory message ("cudaMalloc of N bytes", "cannot allocate
+    4 x N bytes", "cannot allocate N activation elements")."""
+    import re
+
+    for pat, mul in ((r"cudaMalloc of (\d+) bytes", 1), (r"allocate 4 x (\d+) bytes", 4),
+                     (r"allocate (\d+) activation elements", 4)):
+        m = re.search(pat, message)
+        if m:
+            return int(m.group(1)) * mul
+    return None
+
+
+def resolve_order(order: str, case: CaseConfig) -> str:
+    """auto: alternate on CPU (drift on a shared machine cancels in the ratio), separate on a
+    GPU (each side gets the whole device: an engine holding its memory during JAX's block, or
+    JAX's allocator holding it during the engine's, would rob the other side)."""
+    if order not in ORDERS:
+        raise ConfigError(f"--order = {order!r}: expected one of {', '.join(ORDERS)}")
+    if order == "auto":
+        return "separate" if _is_cuda(case) else "alternate"
+    return order
 
 
 def _steps_for(calib_s: float, case: CaseConfig, min_block_s: float) -> int:
@@ -583,19 +655,43 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
     inproc: InProcessEngine | None = None
     engine_available = True
     if not pipelined:
-        try:
-            inproc = InProcessEngine(case, settings.threads)
-        except EngineError as exc:
-            if not _is_cuda(case):
-                raise
-            engine_available, why = False, f"the engine cannot run on CUDA here: {exc}"
+        # out of memory is a result: recorded, then the same global batch over twice as many
+        # micro-batches, until one fits or a micro-batch is one sequence
+        M_e, B = case.pipeline.microbatches, case.batch_size
+        notes["engine_attempts"] = []
+        while inproc is None and engine_available:
+            try:
+                inproc = InProcessEngine(case, settings.threads, microbatches=M_e)
+            except EngineError as exc:
+                if exc.status == "TD_ERR_NOMEM":
+                    msg = (f"out of memory at B{B} over {M_e} micro-batch(es) of {B // M_e}: "
+                           f"{exc}")
+                    notes["engine_attempts"].append({"micro_batches": M_e, "status": "oom",
+                                                     "message": msg,
+                                                     "asked_bytes": _engine_asked_bytes(str(exc))})
+                    notes["notes"].append(f"engine: {msg}")
+                    if (B // M_e) % 2 == 0:
+                        M_e *= 2
+                        continue
+                    engine_available, why = False, "out of memory at every micro-batch size"
+                elif not _is_cuda(case):
+                    raise
+                else:
+                    engine_available, why = False, f"the engine cannot run on CUDA here: {exc}"
+        if inproc is not None and M_e != case.pipeline.microbatches:
+            notes["engine_baseline"] = (f"gradient accumulation over {M_e} micro-batches "
+                                        f"(the case's {case.pipeline.microbatches} did not fit)")
+            notes["notes"].append(f"engine: {notes['engine_baseline']}")
     if not engine_available:
-        notes["engine"] = {"status": "unavailable", "note": why}
+        oom = any(a["status"] == "oom" for a in notes.get("engine_attempts", []))
+        notes["engine"] = {"status": "out of memory" if oom else "unavailable", "note": why}
         notes["notes"].append(f"engine side not run: {why}")
         if not settings.jax:
             raise BenchFailure(f"neither side can run: {why}; and --no-jax was given")
 
-    worker: JaxWorker | None = None
+    jax_runs: list[dict[str, Any]] = []
+    side_order = resolve_order(settings.order, case)
+    notes["order"] = side_order
     try:
         # ---- weights: seeded init written once, loaded by both sides
         table = _param_table(case, inproc)
@@ -641,48 +737,108 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
                     "step measures the cost of pipelining (bubble, transfers, smaller products) "
                     f"and MFU is against {job.devices} GPU(s), not {P}")
 
-        # ---- JAX: worker start, compile, warm-up, calibration
-        jax_step_s: list[float] = []
-        jax_mem: list[float] = []
-        if settings.jax:
-            pbar.set_description(f"{case.name}: JAX compile")
-            data_path = work / "data.npz"
-            np.savez(data_path, inputs_SBT=x_SBT, targets_SBT=y_SBT,
-                     untimed_order=np.asarray([0] + untimed), timed_order=np.asarray(timed))
-            fraction = None
-            if _is_cuda(case) and pipelined and engine_available:
-                fraction, why_f = jax_memory_fraction(job, env)
-                notes["jax_memory"] = why_f
-            worker = JaxWorker(case, work / "jax.log", fraction)
-            if _is_cuda(case) and not peak_of(case)[0] > 0:
-                env["gpu_gemm_peak"] = worker.request({"op": "peak"})["gpu_gemm_peak"]
-            c = {"model": dataclasses.asdict(case.model), "optim": dataclasses.asdict(case.optim),
-                 "stages": P, "microbatches": case.pipeline.microbatches,
-                 "schedule": case.pipeline.schedule, "dtype": case.dtype,
-                 "backend": case.backend, "uneven_layers": case.pipeline.layers is not None}
-            setup = worker.request({"op": "setup", "case": c, "data": str(data_path.resolve()),
-                                    "weights": str(weights.resolve()), "warmup": W,
-                                    "steps": case.steps, "min_block_s": settings.min_block_s,
-                                    "max_steps": MAX_STEPS_PER_BLOCK})
-            notes["jax_baseline"] = setup["baseline"]
-            notes["jax_baseline_note"] = setup["baseline_note"]
-            notes["jax"] = {k: setup[k] for k in ("compile_s", "first_call_s", "calib_step_s",
-                                                  "compilations", "compile_events_s",
-                                                  "devices", "base_rss_bytes")}
-            if setup["baseline"].startswith("single-device (fallback)"):
-                notes["notes"].append(setup["baseline_note"])
-        else:
+        # ---- JAX: the case's own step, and when it runs out of memory each fallback variant
+        # (remat, more micro-batches) that fits, each its own labelled baseline
+        jax_runs: list[dict[str, Any]] = []
+        data_path = work / "data.npz"
+        np.savez(data_path, inputs_SBT=x_SBT, targets_SBT=y_SBT,
+                 untimed_order=np.asarray([0] + untimed), timed_order=np.asarray(timed))
+
+        def jax_fraction() -> float | None:
+            if not _is_cuda(case):
+                return None
+            if side_order == "separate":
+                notes["jax_memory"] = (f"JAX runs alone on the GPU (order = separate: the "
+                                       f"engine has released its memory), "
+                                       f"XLA_PYTHON_CLIENT_MEM_FRACTION={SEPARATE_FRACTION}")
+                return SEPARATE_FRACTION
+            if pipelined and engine_available:
+                fraction, notes["jax_memory"] = jax_memory_fraction(job, env)
+                return fraction
+            return None
+
+        def start_jax(variant: str) -> dict[str, Any] | None:
+            """Start and set up one JAX variant; None (recorded) when it does not fit."""
+            pbar.set_description(f"{case.name}: JAX compile ({variant})")
+            worker = JaxWorker(case, work / f"jax-{variant}.log", jax_fraction())
+            try:
+                if _is_cuda(case) and not peak_of(case)[0] > 0:
+                    env["gpu_gemm_peak"] = worker.request({"op": "peak"})["gpu_gemm_peak"]
+                c = {"model": dataclasses.asdict(case.model),
+                     "optim": dataclasses.asdict(case.optim), "stages": P,
+                     "microbatches": case.pipeline.microbatches,
+                     "schedule": case.pipeline.schedule, "dtype": case.dtype,
+                     "backend": case.backend, "uneven_layers": case.pipeline.layers is not None}
+                setup = worker.request({"op": "setup", "case": c, "data": str(data_path.resolve()),
+                                        "weights": str(weights.resolve()), "warmup": W,
+                                        "steps": case.steps, "variant": variant,
+                                        "min_block_s": settings.min_block_s,
+                                        "max_steps": MAX_STEPS_PER_BLOCK})
+            except JaxOutOfMemory as exc:
+                worker.close()
+                notes["jax_attempts"].append({"variant": variant, "status": "oom", **exc.info})
+                notes["notes"].append(f"JAX {variant}: {exc.info['message']}")
+                return None
+            except BaseException:
+                worker.close()
+                raise
+            notes["jax_attempts"].append({"variant": variant, "status": "ok",
+                                          "baseline": setup["baseline"],
+                                          "micro_batches": setup.get("micro_batches"),
+                                          "need_bytes": setup.get("need_bytes"),
+                                          "limit_bytes": setup.get("limit_bytes")})
+            side = "jax" if not jax_runs else f"jax-{variant}"
+            run = {"side": side, "variant": variant, "worker": worker, "setup": setup,
+                   "step_s": [], "mem": []}
+            jax_runs.append(run)
+            info = {k: setup[k] for k in ("compile_s", "first_call_s", "calib_step_s",
+                                          "compilations", "compile_events_s", "devices",
+                                          "base_rss_bytes")}
+            if side == "jax":
+                notes["jax_baseline"] = setup["baseline"]
+                notes["jax_baseline_note"] = setup["baseline_note"]
+                notes["jax"] = info
+                if setup["baseline"].startswith("single-device (fallback)"):
+                    notes["notes"].append(setup["baseline_note"])
+            else:
+                notes.setdefault("jax_baselines", {})[side] = {
+                    "baseline": setup["baseline"], "note": setup["baseline_note"], **info}
+            return run
+
+        def jax_variants():
+            """The variants to run, started one at a time (a generator: in order = separate
+            each runs its blocks and is closed before the next one starts)."""
+            if not settings.jax:
+                return
+            notes["jax_attempts"] = []
+            run = start_jax("plain")
+            if run is not None:
+                yield run
+                return
+            for variant in JAX_FALLBACKS:
+                run = start_jax(variant)
+                if run is not None:
+                    yield run
+            if not jax_runs:
+                notes["notes"].append("JAX did not fit in any variant (plain, "
+                                      + ", ".join(JAX_FALLBACKS) + "): no JAX rows")
+
+        if not settings.jax:
             notes["jax_baseline"] = "none (--no-jax)"
             notes["jax"] = {"status": "not run (--no-jax)"}
+        else:
+            notes["jax"] = {}
 
-        # ---- alternating repeats
+        # ---- timed repeats: alternating (engine, JAX, engine, ...) or separate (every engine
+        # block, the engine's memory released, then every block of each JAX variant alone)
         eng_step_s: list[float] = []
         eng_mem: list[float] = []
         bubbles: list[float] = []
         sims: list[float] = []
         last_job: JobResult | None = None
-        for r in range(R):
-            pbar.set_description(f"{case.name}: repeat {r + 1}/{R}")
+
+        def engine_block(r: int) -> None:
+            nonlocal last_job
             if inproc is not None:
                 per = inproc.block(x_SBT, y_SBT, timed, case.steps, settings.min_block_s)
                 eng_step_s.append(statistics.median(per))
@@ -690,6 +846,9 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
                 mem, src = inproc.peak_memory()
                 eng_mem.append(mem)
                 notes["engine"]["peak_mem_source"] = src
+                pm, psrc = inproc.process_memory()
+                notes["engine"]["process_mem_bytes"], notes["engine"]["process_mem_source"] = \
+                    pm, psrc
             elif engine_available:
                 if last_job is not None:
                     shutil.rmtree(work / f"job{r - 1}", ignore_errors=True)
@@ -705,14 +864,37 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
                 if last_job.stage_bytes:
                     notes["engine"]["rank_device_bytes"] = {
                         str(r): b for r, b in sorted(last_job.stage_bytes.items())}
-            if worker is not None:
-                blk = worker.request({"op": "block"})
-                jax_step_s.append(statistics.median(blk["step_s"]))
-                jax_mem.append(blk["peak_mem_bytes"])
-                notes["jax"]["peak_mem_source"] = blk["peak_mem_source"]
-                notes["jax"]["recompiled_steps"] = blk["recompiled_steps"]
-                notes["jax"].setdefault("steps_per_block", []).append(len(blk["step_s"]))
-            pbar.update(1)
+
+        def jax_block(run: dict[str, Any]) -> None:
+            blk = run["worker"].request({"op": "block"})
+            run["step_s"].append(statistics.median(blk["step_s"]))
+            run["mem"].append(blk["peak_mem_bytes"])
+            info = notes["jax"] if run["side"] == "jax" else notes["jax_baselines"][run["side"]]
+            info["peak_mem_source"] = blk["peak_mem_source"]
+            info["recompiled_steps"] = blk["recompiled_steps"]
+            info.setdefault("steps_per_block", []).append(len(blk["step_s"]))
+
+        if side_order == "alternate":
+            runs = list(jax_variants())
+            for r in range(R):
+                pbar.set_description(f"{case.name}: repeat {r + 1}/{R}")
+                engine_block(r)
+                for run in runs:
+                    jax_block(run)
+                pbar.update(1)
+        else:
+            for r in range(R):
+                pbar.set_description(f"{case.name}: engine {r + 1}/{R}")
+                engine_block(r)
+                pbar.update(0.5)
+            if inproc is not None:  # the engine's device memory is free before JAX starts
+                inproc.close()
+            for run in jax_variants():
+                for r in range(R):
+                    pbar.set_description(f"{case.name}: JAX {run['variant']} {r + 1}/{R}")
+                    jax_block(run)
+                run["worker"].close()
+            pbar.update(0.5 * R)
 
         # ---- traces and timelines of the last pipelined job
         if last_job is not None:
@@ -731,8 +913,8 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
             notes["timelines"] = f"timelines/{slug}/ (every step of the last job; steps < {W} "\
                                  "are warm-up)"
     finally:
-        if worker is not None:
-            worker.close()
+        for run in jax_runs:
+            run["worker"].close()
         if inproc is not None:
             inproc.close()
 
@@ -748,13 +930,24 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
     if eng_step_s:
         add_throughput_rows(rows, "engine", case, eng_step_s, peak)
         rows.add("engine", "peak_mem_bytes", "B", eng_mem)
-    if jax_step_s:
-        add_throughput_rows(rows, "jax", case, jax_step_s, peak)
-        rows.add("jax", "peak_mem_bytes", "B", jax_mem)
-        cs = notes["jax"]["compile_s"]
-        rows.add("jax", "compile_s", "s", [cs], summary=(cs, cs, cs))
-    if eng_step_s and jax_step_s:
-        rows.add("ratio", "speedup", "x", [j / e for e, j in zip(eng_step_s, jax_step_s)])
+    for run in jax_runs:
+        if not run["step_s"]:
+            continue
+        side = run["side"]
+        add_throughput_rows(rows, side, case, run["step_s"], peak)
+        rows.add(side, "peak_mem_bytes", "B", run["mem"])
+        cs = run["setup"]["compile_s"]
+        rows.add(side, "compile_s", "s", [cs], summary=(cs, cs, cs))
+        if eng_step_s:  # pairs in repeat order (alternated, or the r-th block of each side)
+            metric = "speedup" if side == "jax" else f"speedup_vs_{run['variant']}"
+            rows.add("ratio", metric, "x", [j / e for e, j in zip(eng_step_s, run["step_s"])])
+    # a side that did not fit is a result: what it asked for
+    for a in notes.get("jax_attempts", []):
+        if a["status"] == "oom" and a.get("asked_bytes"):
+            rows.add(f"jax-{a['variant']}", "oom_asked_bytes", "B", [a["asked_bytes"]])
+    first_oom = next((a for a in notes.get("engine_attempts", []) if a["status"] == "oom"), None)
+    if first_oom is not None and first_oom.get("asked_bytes"):
+        rows.add("engine", "oom_asked_bytes", "B", [first_oom["asked_bytes"]])
     if pipelined:
         from harness import schedule as sched
 
@@ -846,8 +1039,9 @@ def format_table(records, cases: list[CaseConfig], run: dict) -> str:
         body.append([
             name,
             _fmt_si(e["value"]) if e is not None else (
+                "OOM" if info.get("engine", {}).get("status") == "out of memory" else
                 "n/a" if info.get("engine", {}).get("status") == "unavailable" else "-"),
-            _fmt_si(j["value"]) if j is not None else "-",
+            _fmt_si(j["value"]) if j is not None else _oom_cell(info.get("jax_attempts", [])),
             f"{sp['value']:.2f}x [{sp['spread_lo']:.2f}, {sp['spread_hi']:.2f}]"
             if sp is not None else "-",
             f"{pct(me)} / {pct(mj)}",
@@ -861,12 +1055,33 @@ def format_table(records, cases: list[CaseConfig], run: dict) -> str:
     return "\n".join(lines)
 
 
-def _table_notes(cases: list[CaseConfig], run: dict) -> list[str]:
+def _oom_cell(attempts: list[dict]) -> str:
+    """The JAX column of a case whose JAX side fit in no variant: "OOM" (and the first ask)."""
+    oom = [a for a in attempts if a.get("status") == "oom"]
+    if not oom:
+        return "-"
+    asked = oom[0].get("asked_bytes")
+    return f"OOM ({asked / 2**30:.1f} GiB)" if asked else "OOM"
+
+
+def _table_notes(cases: list[CaseConfig], run: dict, records=None) -> list[str]:
     out = []
     for c in cases:
         info = run.get("cases", {}).get(case_id(c), {})
         if info.get("jax_baseline"):
             out.append(f"{case_id(c)}: JAX baseline = {info['jax_baseline']}")
+        for side, b in (info.get("jax_baselines") or {}).items():
+            line = f"{case_id(c)}: also JAX baseline {side} = {b['baseline']}"
+            if records is not None and len(records):
+                s = records[(records["repeat"] == -1) & (records["case"] == case_id(c))]
+                t = s[(s["side"] == side) & (s["metric"] == "tokens_per_s")]
+                r = s[(s["side"] == "ratio") & (s["metric"] == f"speedup_vs_{side[4:]}")]
+                if len(t):
+                    line += f": {_fmt_si(t.iloc[0]['value'])} tok/s"
+                if len(r):
+                    line += (f", engine {r.iloc[0]['value']:.2f}x [{r.iloc[0]['spread_lo']:.2f}, "
+                             f"{r.iloc[0]['spread_hi']:.2f}]")
+            out.append(line)
         for n in info.get("notes", []):
             out.append(f"{case_id(c)}: {n}")
         if info.get("status") == "failed":
@@ -887,7 +1102,7 @@ def bench_suite(suite_arg: str, out: Path | None = None, *, repeats: int | None 
                 warmup: int | None = None, cases: list[str] | None = None,
                 threads: int | None = None, jax: bool = True, min_block_s: float = MIN_BLOCK_S,
                 timeout: float = PIPELINE_TIMEOUT_S, fresh: bool = False,
-                command: str = "") -> int:
+                command: str = "", order: str = "auto") -> int:
     """Run (or resume) a bench into `out`; returns the exit code (0, or 3 when a case failed).
     Bad input raises ConfigError/DataError (exit 2)."""
     from tqdm import tqdm
@@ -901,7 +1116,9 @@ def bench_suite(suite_arg: str, out: Path | None = None, *, repeats: int | None 
         warmup=_count("--warmup" if warmup is not None else "bench.warmup",
                       suite.bench.warmup if warmup is None else warmup, 0),
         threads=_count("--threads", threads if threads is not None else (os.cpu_count() or 1), 1),
-        jax=jax, min_block_s=float(min_block_s), timeout=float(timeout))
+        jax=jax, min_block_s=float(min_block_s), timeout=float(timeout), order=order)
+    if order not in ORDERS:
+        raise ConfigError(f"--order = {order!r}: expected one of {', '.join(ORDERS)}")
     if not (math.isfinite(settings.min_block_s) and settings.min_block_s >= 0):
         raise ConfigError(f"--min-time = {min_block_s!r}: must be a number >= 0")
     chosen = select_cases(suite, cases)
@@ -936,7 +1153,8 @@ def bench_suite(suite_arg: str, out: Path | None = None, *, repeats: int | None 
                   "path": str(suite.path) if suite.path else None},
         "bench": {"repeats": settings.repeats, "warmup": settings.warmup,
                   "threads": settings.threads, "jax": settings.jax,
-                  "min_block_s": settings.min_block_s, "method": METHOD},
+                  "min_block_s": settings.min_block_s, "order": settings.order,
+                  "method": METHOD},
     })
     run.setdefault("cases", {})
     run.setdefault("peaks", {})
@@ -1017,7 +1235,7 @@ def bench_suite(suite_arg: str, out: Path | None = None, *, repeats: int | None 
     print(f"tandem bench: suite {suite.name}, {settings.repeats} repeats x (engine, JAX), "
           f"warm-up {settings.warmup}; results in {out}")
     print(format_table(records, chosen, run))
-    for line in _table_notes(chosen, run):
+    for line in _table_notes(chosen, run, records):
         print(f"  {line}")
     ncpu = os.cpu_count() or 1
     loads = [v for c in chosen for k in ("loadavg_start", "loadavg_end")
@@ -1052,6 +1270,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-time", type=float, default=MIN_BLOCK_S, metavar="S",
                    help=f"shortest timed block in seconds (default {MIN_BLOCK_S}); a block is "
                         "at least the case's `steps` steps")
+    p.add_argument("--order", choices=ORDERS, default="auto",
+                   help="alternate: engine block, JAX block, ... (drift cancels in the ratio); "
+                        "separate: every engine block, then the engine's memory released and "
+                        "every JAX block alone (each side gets the whole GPU); auto (default): "
+                        "alternate on CPU, separate on GPU")
     p.add_argument("--fresh", action="store_true",
                    help="discard earlier results in DIR instead of resuming")
     p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT_S, metavar="S",
@@ -1065,7 +1288,7 @@ def run(args: argparse.Namespace) -> int:
     rc = bench_suite(args.suite, args.out, repeats=args.repeats, warmup=args.warmup,
                    cases=names or None, threads=args.threads, jax=not args.no_jax,
                    min_block_s=args.min_time, timeout=args.timeout, fresh=args.fresh,
-                   command=command)
+                   command=command, order=args.order)
     print(f"  wall time {time.perf_counter() - t0:.1f} s")
     return rc
 
@@ -1089,6 +1312,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         out += ["--min-time", str(args.min_time)]
     if args.timeout != PIPELINE_TIMEOUT_S:
         out += ["--timeout", str(args.timeout)]
+    if getattr(args, "order", "auto") != "auto":
+        out += ["--order", args.order]
     return out
 
 

@@ -19,15 +19,57 @@ import numpy as np
 
 # Protocol (requests from bench.py -> replies from this worker):
 #   {"op": "setup", "case": {...}, "data": PATH.npz, "weights": PATH.safetensors, "warmup": W,
-#    "steps": K, "min_block_s": S, "max_steps": N}
+#    "steps": K, "min_block_s": S, "max_steps": N, "variant": "plain" | "remat" | "accum"}
 #       -> {"ok": true, "baseline": ..., "baseline_note": ..., "compile_s", "first_call_s",
-#           "calib_step_s", "compilations", "devices", "base_rss_bytes", "loss"}
+#           "calib_step_s", "compilations", "devices", "base_rss_bytes", "loss", "micro_batches",
+#           "need_bytes", "limit_bytes"}
+#     variant: plain = the case's own step; remat = the same with jax.checkpoint around every
+#     transformer block; accum = gradient accumulation over more micro-batches at the same global
+#     batch (the fewest that fit). A step that does not fit the device (compiled memory analysis
+#     above the limit, or RESOURCE_EXHAUSTED when it runs) answers
+#       -> {"ok": false, "error": "...", "oom": {"variant", "batch", "micro_batches",
+#           "asked_bytes", "limit_bytes", "message"}}
 #   {"op": "block"}   -> {"ok": true, "step_s": [...], "peak_mem_bytes", "peak_mem_source", "loss"}
 #   {"op": "peak"}    -> {"ok": true, "gpu_gemm_peak": {...}}  (envinfo.measure_gpu_peak)
 #   {"op": "quit"}    -> the worker exits 0
 # Any failure -> {"ok": false, "error": "...", "traceback": "..."} and the worker keeps serving.
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+VARIANTS = ("plain", "remat", "accum")
+# A memory limit for JAX's step in bytes, applied to the compiled memory analysis on any backend
+# (the device's own limit applies on a GPU anyway): lets a CPU run exercise the out-of-memory
+# path, and caps JAX on a shared GPU.
+MEMORY_LIMIT_ENV = "TANDEM_JAX_MEMORY_LIMIT"
+
+
+class JaxOutOfMemory(RuntimeError):
+    """JAX's step of one variant does not fit: `info` is the protocol's "oom" object."""
+
+    def __init__(self, message: str, info: dict[str, Any]):
+        super().__init__(message)
+        self.info = info
+
+
+def _is_oom_error(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _asked_bytes(message: str) -> int | None:
+    """The allocation size in an XLA out-of-memory message ("... allocate 9.30GiB ..." or
+    "... allocate 9987654321 bytes ...")."""
+    import re
+
+    m = re.search(r"allocat\w*\s+([\d.]+)\s*([KMGT]i?B|bytes|B)\b", message)
+    if not m:
+        return None
+    scale = {"B": 1, "bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+             "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[m.group(2)]
+    return int(float(m.group(1)) * scale)
 
 
 def _vm_kib(field: str) -> int | None:
@@ -111,8 +153,10 @@ class _Side:
         ys = [jnp.asarray(a) for a in data["targets_SBT"]]
         state = adamw_init(params)
         self.aot_compile_s = 0.0
+        self.variant = req.get("variant", "plain")
+        self.micro_batches, self.need_bytes, self.limit_bytes = self.microbatches, None, None
         self.step, self.baseline, self.baseline_note = self._make_step(
-            cfg, opt, c, (params, state, xs[0], ys[0]))
+            cfg, opt, c, (params, state, xs[0], ys[0]), self.variant)
         if self.mesh is not None:
             # GPipe: inputs replicated on the stage mesh up front. Its outputs come back with
             # that sharding; inputs on one device would make the second call compile again.
@@ -135,46 +179,71 @@ class _Side:
         if name.startswith("/jax/core/compile/"):
             self.compile_events.append(float(secs))
 
-    def _make_step(self, cfg, opt, c, example):
-        """(jitted step, baseline label, note). GPipe over P devices for pipelined cases when it
-        can run, else the single-device step with gradient accumulation over M micro-batches
-        (on a GPU, for a pipelined case: the fewest micro-batches whose step fits the device,
-        JAX's best setting, since the engine's M is a pipeline parameter). Parameters and
-        optimizer state are donated: the step updates them in place."""
-        step, label, note = self._make_step_inner(cfg, opt, c, example)
+    def _make_step(self, cfg, opt, c, example, variant):
+        """(step, baseline label, note). GPipe over P devices for pipelined cases when it can
+        run (variant plain), else a single-device step compiled ahead of time with its memory
+        checked against the limit (`_fitting_step`). Parameters and optimizer state are
+        donated: the step updates them in place."""
+        step, label, note = self._make_step_inner(cfg, opt, c, example, variant)
         if not hasattr(step, "lower"):  # already compiled (the fitting search)
             return step, label, note
         return self.jax.jit(step, donate_argnums=(0, 1)), label, note + "; params and " \
             "optimizer state donated"
 
-    def _fitting_step(self, make, M: int, example):
-        """The compiled step of the fewest micro-batches m (a divisor of the batch, m <= M)
-        whose compiled memory (arguments + outputs + temporaries - aliased) fits in 90% of the
-        device's memory; (compiled step, m, what it needs, the limit)."""
+    def _limit(self) -> int:
+        """Bytes the step may need: 90% of the device's bytes_limit on a GPU (the rest is the
+        allocator's slack) and $TANDEM_JAX_MEMORY_LIMIT when set, the smaller; 0 = unknown."""
+        limits = []
+        if self.backend == "cuda":
+            dev = int((self.devices[0].memory_stats() or {}).get("bytes_limit", 0))
+            if dev:
+                limits.append(int(0.9 * dev))
+        raw = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+        if raw:
+            try:
+                limits.append(int(float(raw)))
+            except ValueError:
+                raise ValueError(f"{MEMORY_LIMIT_ENV}={raw!r}: not a number of bytes") from None
+        return min(limits) if limits else 0
+
+    def _fitting_step(self, make, candidates: list[int], example, variant: str):
+        """The compiled step of the first micro-batch count m in `candidates` whose compiled
+        memory (arguments + outputs + temporaries - aliased) fits the limit: (compiled step, m,
+        what it needs, the limit). Raises JaxOutOfMemory, with what the first candidate asked,
+        when none fits."""
         jax = self.jax
-        B = int(example[2].shape[0])
-        limit = int((self.devices[0].memory_stats() or {}).get("bytes_limit", 0))
+        limit = self._limit()
         shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), example)
-        last = None
-        for m in [d for d in range(1, M + 1) if M % d == 0 and B % d == 0]:
+        tried = []
+        for m in candidates:
             t0 = time.perf_counter()
             compiled = jax.jit(make(m), donate_argnums=(0, 1)).lower(*shapes).compile()
             self.aot_compile_s += time.perf_counter() - t0
             ma = compiled.memory_analysis()
             need = None if ma is None else int(ma.argument_size_in_bytes + ma.output_size_in_bytes
                                                + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
-            last = (compiled, m, need, limit)
-            if need is None or not limit or need <= 0.9 * limit:
-                return last
-        return last
+            if need is None or not limit or need <= limit:
+                return compiled, m, need, limit
+            tried.append((m, need))
+        B = int(example[2].shape[0])
+        m0, need0 = tried[0]
+        msg = (f"out of memory at B{B}: the {variant} step over {m0} micro-batch(es) needs "
+               f"{_fmt_bytes(need0)}, the limit is {_fmt_bytes(limit)}")
+        if len(tried) > 1:
+            msg += f" (also too big over {', '.join(str(m) for m, _ in tried[1:])} micro-batches)"
+        raise JaxOutOfMemory(msg, {"variant": variant, "batch": B,
+                                   "micro_batches": [m for m, _ in tried], "asked_bytes": need0,
+                                   "limit_bytes": limit, "message": msg})
 
-    def _make_step_inner(self, cfg, opt, c, example):
+    def _make_step_inner(self, cfg, opt, c, example, variant):
         from reference.pipeline import make_gpipe_loss_and_grads, make_gpipe_train_step
 
+        if variant not in VARIANTS:
+            raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
         M, P = self.microbatches, self.stages
-        note = ""
-        if P > 1:
-            why = None
+        B = int(example[2].shape[0])
+        why = None
+        if P > 1 and variant == "plain":
             if cfg.n_layer % P:
                 why = f"n_layer = {cfg.n_layer} is not divisible by stages = {P}"
             elif len(self.devices) < P:
@@ -202,30 +271,47 @@ class _Side:
                 except Exception as exc:  # noqa: BLE001 - fall back, and say why
                     self.mesh = None
                     why = f"the GPipe baseline failed to build: {type(exc).__name__}: {exc}"
+        divisors = [d for d in range(1, B + 1) if B % d == 0]
+        if variant == "accum":
+            # more micro-batches than the case's at the same global batch: the fewest that fit
+            candidates = [d for d in divisors if d > M]
+            if not candidates:
+                raise ValueError(f"variant accum: the batch of {B} is already split into {M} "
+                                 "micro-batches of one sequence")
+        elif P > 1 and self.backend == "cuda":
+            # a pipelined case on one GPU: the fewest micro-batches that fit (JAX's best
+            # setting; the engine's M is a pipeline parameter)
+            candidates = [d for d in divisors if d <= M and M % d == 0]
+        else:
+            candidates = [M]
+        remat = variant == "remat"
+        step, m, need, limit = self._fitting_step(
+            lambda m: self._single_step(cfg, opt, m, remat), candidates, example, variant)
+        self.micro_batches, self.need_bytes, self.limit_bytes = m, need, limit
+        fit = (f"needs {_fmt_bytes(need)} of {_fmt_bytes(limit)}" if need and limit else
+               f"needs {_fmt_bytes(need)}" if need else "memory analysis unavailable")
+        if why is not None:
             label = "single-device (fallback)"
-            if self.backend == "cuda":
-                step, m, need, limit = self._fitting_step(
-                    lambda m: self._single_step(cfg, opt, m), M, example)
-                fit = (f"needs {need / 2**30:.1f} of {limit / 2**30:.1f} GiB" if need and limit
-                       else "memory analysis unavailable")
-                note = (f"single-device JAX at the same global batch, gradient accumulation over "
-                        f"{m} micro-batch(es) (the fewest that fit: {fit}; the engine pipelines "
-                        f"{M}) instead of the JAX GPipe baseline: {why}; params and optimizer "
-                        "state donated")
-                return step, label, note + self._dtype_note()
-            note = (f"single-device JAX (gradient accumulation over {M} micro-batches) instead "
-                    f"of the JAX GPipe baseline: {why}")
+            note = (f"single-device JAX at the same global batch, gradient accumulation over {m} "
+                    f"micro-batch(es) ({fit}) instead of the JAX GPipe baseline: {why}")
         else:
             label = "single-device"
-            note = f"single-device JAX step, gradient accumulation over {M} micro-batch(es)"
-        return self._single_step(cfg, opt, M), label, note + self._dtype_note()
+            note = f"single-device JAX step, gradient accumulation over {m} micro-batch(es) ({fit})"
+        if remat:
+            label += " + remat"
+            note += "; jax.checkpoint around every transformer block (activations recomputed)"
+        elif variant == "accum":
+            label += f" + accumulation over {m}"
+            note += f"; {m} micro-batches instead of the case's {M}, at the same global batch"
+        return step, label, note + "; params and optimizer state donated" + self._dtype_note()
 
-    def _single_step(self, cfg, opt, M):
-        """The single-device step over M micro-batches, in the case's dtype (jitted)."""
+    def _single_step(self, cfg, opt, M, remat: bool = False):
+        """The single-device step over M micro-batches in the case's dtype: the reference's own
+        step for plain fp32, else the same loss built here with bf16 casts and/or remat."""
         from reference.train import make_train_step
 
-        if self.dtype == "bf16":
-            return self._bf16_single_step(cfg, opt, M)
+        if self.dtype == "bf16" or remat:
+            return self._custom_single_step(cfg, opt, M, self.dtype == "bf16", remat)
         return make_train_step(cfg, opt, M)
 
     def _dtype_note(self) -> str:
@@ -238,22 +324,25 @@ class _Side:
         return note
 
     # -- bf16 compute with fp32 master weights, around the reference functions -------------------
-    def _bf16_single_step(self, cfg, opt, M):
-        """reference/ computes in the parameters' dtype and has no mixed-precision path: the cast
-        lives here. Forward/backward in bf16 on a bf16 copy of the fp32 master weights; logits
-        upcast to fp32 for the cross-entropy; gradients arrive in fp32 through the cast's
-        transpose; accumulation over micro-batches and AdamW in fp32 (docs/model.md order)."""
+    def _custom_single_step(self, cfg, opt, M, bf16: bool, remat: bool):
+        """reference/ computes in the parameters' dtype and has no mixed-precision or remat
+        path: both live here. bf16: forward/backward on a bf16 copy of the fp32 master weights,
+        logits upcast to fp32 for the cross-entropy, gradients back in fp32 through the cast's
+        transpose. remat: jax.checkpoint around every block (its activations are recomputed in
+        the backward). Accumulation over micro-batches and AdamW in fp32 (docs/model.md)."""
         jax, jnp = self.jax, self.jax.numpy
         from reference import gpt2, ops
         from reference.optim import adamw_update
         from reference.train import as_microbatches
 
+        block = jax.checkpoint(gpt2.block, static_argnums=(2,)) if remat else gpt2.block
+
         def loss32(params32, x_BT, y_BT):
-            p16 = {k: v.astype(jnp.bfloat16) for k, v in params32.items()}
-            x_BTC = gpt2.embed(p16, x_BT)
-            for i in range(gpt2.n_layers(p16)):
-                x_BTC = gpt2.block(gpt2.layer_params(p16, i), x_BTC, cfg.n_head)
-            logits_BTV = gpt2.head(p16, x_BTC).astype(jnp.float32)
+            p = {k: v.astype(jnp.bfloat16) for k, v in params32.items()} if bf16 else params32
+            x_BTC = gpt2.embed(p, x_BT)
+            for i in range(gpt2.n_layers(p)):
+                x_BTC = block(gpt2.layer_params(p, i), x_BTC, cfg.n_head)
+            logits_BTV = gpt2.head(p, x_BTC).astype(jnp.float32)
             return ops.softmax_cross_entropy(logits_BTV, y_BT)
 
         grad_fn = jax.value_and_grad(loss32)
@@ -305,7 +394,19 @@ class _Side:
 
         compile_s = the first call minus the median steady step, plus the same excess for any
         later untimed call during which JAX compiled again (seen through jax.monitoring)."""
-        calls = [self.one_step(b) for b in self.order_untimed]
+        try:
+            calls = [self.one_step(b) for b in self.order_untimed]
+        except Exception as exc:  # noqa: BLE001 - out of memory is a result, the rest re-raised
+            if not _is_oom_error(exc):
+                raise
+            B = int(self.x[0].shape[0])
+            text = f"{type(exc).__name__}: {exc}"
+            msg = (f"out of memory at B{B} running the {self.variant} step over "
+                   f"{self.micro_batches} micro-batch(es): {text.splitlines()[0][:300]}")
+            raise JaxOutOfMemory(msg, {"variant": self.variant, "batch": B,
+                                       "micro_batches": [self.micro_batches],
+                                       "asked_bytes": _asked_bytes(text),
+                                       "limit_bytes": self.limit_bytes, "message": msg}) from None
         steady_calls = [t for t, compiled in calls[1:] if not compiled] or \
             [t for t, _ in calls[1:]]
         steady = statistics.median(steady_calls)
@@ -319,7 +420,9 @@ class _Side:
                 "baseline": self.baseline,
                 "baseline_note": self.baseline_note, "base_rss_bytes": self.base_rss,
                 "devices": [str(d) for d in self.devices[:max(1, self.stages)]],
-                "loss": float(self._last_loss)}
+                "loss": float(self._last_loss), "variant": self.variant,
+                "micro_batches": self.micro_batches, "need_bytes": self.need_bytes,
+                "limit_bytes": self.limit_bytes}
 
     def block(self) -> dict[str, Any]:
         """A timed block: at least `steps` steps, and more until it has lasted min_block_s
@@ -337,15 +440,20 @@ class _Side:
                 "recompiled_steps": self.recompiled_in_block, "loss": float(self._last_loss)}
 
     def peak_memory(self) -> tuple[int, str]:
-        """GPU: the allocator's peak bytes in use, summed over the devices the step uses.
-        CPU: the worker's RSS high-water mark (JAX runtime included, like the engine's process)."""
+        """GPU: the allocator's peak bytes in use, summed over the devices the step uses. CPU:
+        the compiled step's own memory (XLA's buffer assignment, the counterpart of the engine's
+        allocation counter); the worker's RSS high-water mark where that is unknown (GPipe)."""
         if self.backend == "cuda":
             total = 0
             for d in self.devices[:max(1, self.stages)]:
                 stats = d.memory_stats() or {}
                 total += int(stats.get("peak_bytes_in_use", 0))
             return total, "JAX device allocator peak_bytes_in_use (sum over devices)"
-        return rss_high_water_bytes()
+        if self.need_bytes:
+            return self.need_bytes, ("XLA's compiled memory analysis of the step (arguments + "
+                                     "outputs + temporaries - donated)")
+        mem, src = rss_high_water_bytes()
+        return mem, src + " of the JAX worker (JAX runtime included)"
 
 
 def serve(inp, out) -> int:
@@ -359,6 +467,7 @@ def serve(inp, out) -> int:
     for line in inp:
         if not line.strip():
             continue
+        req = None
         try:
             req = json.loads(line)
             op = req.get("op")
@@ -378,9 +487,17 @@ def serve(inp, out) -> int:
                 reply({"ok": True, "gpu_gemm_peak": measure_gpu_peak()})
             else:
                 raise ValueError(f"unknown op {op!r}")
+        except JaxOutOfMemory as exc:
+            reply({"ok": False, "error": str(exc), "oom": exc.info})
         except Exception as exc:  # noqa: BLE001 - every failure goes back to bench.py
-            reply({"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                   "traceback": traceback.format_exc()})
+            err = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                   "traceback": traceback.format_exc()}
+            if _is_oom_error(exc):  # e.g. while compiling: a result, like the other OOMs
+                req_ = req if isinstance(req, dict) else {}
+                err["oom"] = {"variant": req_.get("variant", "plain"), "batch": None,
+                              "micro_batches": [], "asked_bytes": _asked_bytes(str(exc)),
+                              "limit_bytes": None, "message": err["error"][:500]}
+            reply(err)
     return 0
 
 

@@ -105,6 +105,29 @@ def _cards(summary: pd.DataFrame, res: Results) -> list[Card]:
     return cards
 
 
+def _memory_notes(res: Results) -> list[str]:
+    """One line per case where a side ran out of memory (a result, from run.json): what it
+    asked for, and the baselines measured instead (each its own side in the tables)."""
+    out = []
+    for source, run in res.runs.items():
+        for case, info in (run.get("cases") or {}).items():
+            lines = [f"engine: {a['message']}" for a in info.get("engine_attempts", [])
+                     if a.get("status") == "oom"]
+            lines += [f"JAX {a['variant']}: {a['message']}" for a in info.get("jax_attempts", [])
+                      if a.get("status") == "oom"]
+            if not lines:
+                continue
+            ok = [f"{a['variant']} ({a.get('baseline')})" for a in info.get("jax_attempts", [])
+                  if a.get("status") == "ok"]
+            tail = (f" Measured instead: JAX {', '.join(ok)}." if ok else
+                    " No JAX variant fit: no JAX rows.")
+            if info.get("engine_baseline"):
+                tail += f" Engine: {info['engine_baseline']}."
+            label = case if len(res.runs) == 1 else f"{source}:{case}"
+            out.append(f"{label}: out of memory is a result here. " + "; ".join(lines) + "." + tail)
+    return out
+
+
 def _bench_section(summary: pd.DataFrame, res: Results, fig: Path, out: Path) -> Section:
     s = Section("bench", "Performance: engine vs JAX",
                 intro="Throughput, speedup and MFU per case, medians over timed repeats.")
@@ -113,6 +136,8 @@ def _bench_section(summary: pd.DataFrame, res: Results, fig: Path, out: Path) ->
                              "speedup, MFU, scaling or bubble figures.", "missing"))
         return s
     s.blocks += tables.bench(summary)
+    for text in _memory_notes(res):
+        s.blocks.append(Note(text, "warn"))
     p = figures.speedup(summary, fig / "speedup.png")
     if p:
         derived = pick(summary, "speedup", "ratio")["derived"].any()

@@ -194,6 +194,8 @@ td_status td_model_get_int(const td_model *m, const char *key, int64_t *out) {
     /* bytes per element of the activations td_stage_*_dev exchange: the compute type */
     if (!strcmp(key, "io_bytes")) return *out = m->bf16 ? 2 : (int64_t)sizeof(td_real), TD_OK;
     if (!strcmp(key, "device")) return *out = m->ops && m->built ? m->ops->device((td_model *)m) : -1, TD_OK;
+    /* the engine's own allocation counter: parameters, gradients, AdamW moments, activations */
+    if (!strcmp(key, "host_bytes")) return *out = m->built ? (int64_t)m->host_bytes : 0, TD_OK;
     if (!strcmp(key, "device_bytes"))
         return *out = m->ops && m->built ? m->ops->device_bytes((td_model *)m) : 0, TD_OK;
     const key_entry *k = find_key(INT_KEYS, NKEYS(INT_KEYS), key);

@@ -154,6 +154,7 @@ struct td_model {
     int32_t nparams;
     td_param *params;
     size_t total; /* elements in each flat buffer */
+    size_t host_bytes; /* what td_model_layout allocated on the host (get_int "host_bytes") */
     td_real *param_mem, *grad_mem, *m_mem, *v_mem;
     td_stage_ptrs P, G; /* parameters and gradients */
 

@@ -268,6 +268,8 @@ td_status td_model_layout(td_model *m) {
                        bytes, m->total);
     bind_ptrs(m, &m->P, m->param_mem);
     bind_ptrs(m, &m->G, m->grad_mem);
+    m->host_bytes = 4 * bytes + (size_t)m->slots * 2 * (size_t)(m->batch_size * m->seq_len) *
+                                    sizeof(int32_t);
 
     if (m->backend == 1) return TD_OK; /* a device backend keeps its own activations; the
                                           * slots' tokens and targets above stay for staging */
@@ -280,6 +282,7 @@ td_status td_model_layout(td_model *m) {
                        "batch_size or seq_len",
                        n, (long long)m->batch_size, (long long)m->seq_len, (long long)m->slots);
     layout_buffers(m, acts); /* slot[0].input == acts: freed through acts_mem_of */
+    m->host_bytes += n * sizeof(td_real);
     return TD_OK;
 oom:
     return td_fail(m, TD_ERR_NOMEM, "td_model_build: out of memory laying out the model");

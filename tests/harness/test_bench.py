@@ -302,3 +302,154 @@ def test_jax_memory_fraction_leaves_the_engine_what_its_ranks_held(tmp_path):
     assert frac is None and "too much to leave JAX a fair share" in why
     frac, why = jax_memory_fraction(job(20 * gib, 6 * gib, 1), {"gpus": [{"name": "H100"}]})
     assert frac is None and "unknown" in why
+
+
+# ---- memory: each side's own counter, out of memory as a result, side order -------------------
+
+def _one_case_suite(tmp_path):
+    (tmp_path / "s.toml").write_text(SUITE)
+    return str(tmp_path / "s.toml")
+
+
+def test_memory_rows_are_each_sides_own_allocations(first_run):
+    """The engine's peak is its allocation counter (parameters, grads, two moments and the
+    activations: more than 4 copies of the parameters, far less than the process's RSS); JAX's
+    on CPU is its compiled step's memory; both sources are named in run.json."""
+    _, out, _, _ = first_run
+    df = pd.read_parquet(out / "records.parquet")
+    one = df[(df["case"] == "one") & (df["repeat"] == -1) & (df["metric"] == "peak_mem_bytes")]
+    eng = one[one["side"] == "engine"]["value"].iloc[0]
+    jax = one[one["side"] == "jax"]["value"].iloc[0]
+    n_params = 2 * (12 * 32 * 32 + 13 * 32) + 64 * 32 + 16 * 32 + 2 * 32
+    assert 4 * 4 * n_params < eng < 20e6
+    assert 0 < jax < 50e6
+    run = json.loads((out / "run.json").read_text())["cases"]["one"]
+    assert "host_bytes" in run["engine"]["peak_mem_source"]
+    assert run["engine"]["process_mem_bytes"] > eng  # the process holds Python, NumPy, ...
+    assert "compiled memory analysis" in run["jax"]["peak_mem_source"]
+    assert run["order"] == "alternate"
+
+
+def test_jax_out_of_memory_is_a_result_with_labelled_fallbacks(tmp_path, monkeypatch, capsys):
+    """JAX's own step does not fit (a memory limit just under what it needs): the case is done,
+    not failed; the record says what the step asked for; the fallbacks are tried and the first
+    that fits is the baseline, labelled; the report says so."""
+    from harness import bench_jax
+
+    suite = _one_case_suite(tmp_path)
+    probe = tmp_path / "probe"
+    assert main(["bench", "--suite", suite, "--out", str(probe), "--case", "one",
+                 "--repeats", "1", *FAST]) == 0
+    need = json.loads((probe / "run.json").read_text())["cases"]["one"]["jax_attempts"][0][
+        "need_bytes"]
+    monkeypatch.setenv(bench_jax.MEMORY_LIMIT_ENV, str(need - 1))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["bench", "--suite", suite, "--out", str(out), "--case", "one", *FAST]) == 0
+    stdout = capsys.readouterr().out
+    case = json.loads((out / "run.json").read_text())["cases"]["one"]
+    assert case["status"] == "done"
+    plain = case["jax_attempts"][0]
+    assert plain["variant"] == "plain" and plain["status"] == "oom"
+    assert plain["asked_bytes"] == need and plain["limit_bytes"] == need - 1
+    assert "out of memory at B4" in plain["message"]
+    fitted = [a for a in case["jax_attempts"] if a["status"] == "ok"]
+    assert fitted and fitted[0]["variant"] in ("remat", "accum")
+    assert case["jax_baseline"] == fitted[0]["baseline"]
+    assert "+ remat" in case["jax_baseline"] or "+ accumulation over" in case["jax_baseline"]
+    df = pd.read_parquet(out / "records.parquet")
+    s = df[df["repeat"] == -1]
+    asked = s[(s["side"] == "jax-plain") & (s["metric"] == "oom_asked_bytes")]["value"]
+    assert list(asked) == [need]
+    assert len(s[(s["side"] == "jax") & (s["metric"] == "tokens_per_s")]) == 1
+    assert len(s[(s["side"] == "ratio") & (s["metric"] == "speedup")]) == 1
+    for extra in fitted[1:]:  # every other variant that fit is its own labelled baseline
+        side = f"jax-{extra['variant']}"
+        assert len(s[(s["side"] == side) & (s["metric"] == "tokens_per_s")]) == 1
+        assert f"also JAX baseline {side}" in stdout
+    assert "JAX plain: out of memory at B4" in stdout
+    from reports.build import build_report
+
+    md = build_report([out], tmp_path / "report").parent / "report.md"
+    assert "one: out of memory is a result here. JAX plain: out of memory at B4" in md.read_text()
+
+
+def test_jax_out_of_memory_in_every_variant_leaves_no_jax_rows(tmp_path, monkeypatch, capsys):
+    from harness import bench_jax
+
+    monkeypatch.setenv(bench_jax.MEMORY_LIMIT_ENV, "1")
+    out = tmp_path / "out"
+    assert main(["bench", "--suite", _one_case_suite(tmp_path), "--out", str(out),
+                 "--case", "one", "--repeats", "1", *FAST]) == 0
+    stdout = capsys.readouterr().out
+    case = json.loads((out / "run.json").read_text())["cases"]["one"]
+    assert [a["variant"] for a in case["jax_attempts"]] == ["plain", "remat", "accum"]
+    assert {a["status"] for a in case["jax_attempts"]} == {"oom"}
+    assert any("JAX did not fit in any variant" in n for n in case["notes"])
+    df = pd.read_parquet(out / "records.parquet")
+    assert not df["side"].isin(["jax", "ratio"]).any()
+    assert set(df[df["metric"] == "oom_asked_bytes"]["side"]) == {"jax-plain", "jax-remat",
+                                                                  "jax-accum"}
+    row = next(line for line in stdout.splitlines() if line.startswith("one "))
+    assert "OOM (" in row
+
+
+def test_engine_out_of_memory_retries_with_more_micro_batches(tmp_path, monkeypatch):
+    """The engine's build fails with TD_ERR_NOMEM at micro-batch 4: recorded with what it asked
+    for, then the same global batch over 2 micro-batches runs and is labelled."""
+    from harness.errors import EngineError
+
+    real = bench.InProcessEngine
+
+    class Tight(real):
+        def __init__(self, case, threads, microbatches=None):
+            if (microbatches or 1) < 2:
+                raise EngineError("td_model_build: cannot allocate 4 x 123456 bytes for 3 "
+                                  "parameters. HINT: a smaller model", "TD_ERR_NOMEM")
+            super().__init__(case, threads, microbatches)
+
+    monkeypatch.setattr(bench, "InProcessEngine", Tight)
+    out = tmp_path / "out"
+    assert main(["bench", "--suite", _one_case_suite(tmp_path), "--out", str(out),
+                 "--case", "one", "--repeats", "1", "--no-jax", *FAST]) == 0
+    case = json.loads((out / "run.json").read_text())["cases"]["one"]
+    first = case["engine_attempts"][0]
+    assert first["status"] == "oom" and first["micro_batches"] == 1
+    assert first["asked_bytes"] == 4 * 123456 and "out of memory at B4" in first["message"]
+    assert "gradient accumulation over 2 micro-batches" in case["engine_baseline"]
+    df = pd.read_parquet(out / "records.parquet")
+    s = df[(df["repeat"] == -1) & (df["side"] == "engine")]
+    assert set(s["metric"]) >= {"tokens_per_s", "oom_asked_bytes"}
+
+
+def test_side_order_and_its_bad_value(tmp_path, capsys):
+    cpu = load_suite("cpu-smoke").cases[0]
+    assert bench.resolve_order("auto", cpu) == "alternate"
+    import dataclasses
+
+    assert bench.resolve_order("auto", dataclasses.replace(cpu, backend="cuda")) == "separate"
+    with pytest.raises(ConfigError, match="--order = 'sideways'"):
+        bench.resolve_order("sideways", cpu)
+    out = tmp_path / "out"
+    assert main(["bench", "--suite", _one_case_suite(tmp_path), "--out", str(out),
+                 "--case", "one", "--repeats", "2", "--order", "separate", *FAST]) == 0
+    case = json.loads((out / "run.json").read_text())["cases"]["one"]
+    assert case["order"] == "separate"
+    df = pd.read_parquet(out / "records.parquet")
+    assert set(df[(df["side"] == "ratio") & (df["metric"] == "speedup")]["repeat"]) == {-1, 0, 1}
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--suite", _one_case_suite(tmp_path), "--order", "x"])
+    assert exc.value.code == 2 and "--order: invalid choice: 'x'" in capsys.readouterr().err
+
+
+def test_out_of_memory_messages_are_parsed():
+    from harness.bench_jax import _asked_bytes, _is_oom_error
+
+    assert _asked_bytes("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                        "9.30GiB.") == int(9.30 * 2**30)
+    assert _asked_bytes("Failed to allocate 1234 bytes") == 1234
+    assert _asked_bytes("something else") is None
+    assert _is_oom_error(RuntimeError("RESOURCE_EXHAUSTED: ...")) and not _is_oom_error(
+        ValueError("bad shape"))
+    assert bench._engine_asked_bytes("td_model_build: cudaMalloc of 1048576 bytes for the "
+                                     "activations failed") == 1048576
