@@ -8,7 +8,8 @@
 #             and every product's measured algorithm choice -> gemm_tune.txt
 #   notune    the same engine-only timings with TANDEM_CUDA_GEMM_TUNE=off (the heuristic's first
 #             algorithm for every product) -> notune.txt
-#   suite     tandem bench --suite gpu (engine vs JAX, alternated, all three sizes) and its report
+#   suite     tandem bench --suite gpu (engine vs JAX, all three sizes or $SUITE_CASES, each side
+#             alone on the GPU, $SUITE_REPEATS repeats, limit $SUITE_S s) and its report
 #             -> suite.tar (records, run.json, report)
 #   tparity   tandem parity --suite smoke --backend cuda (fp32 engine vs JAX fp32 on the GPU)
 #             -> tparity.tar
@@ -58,7 +59,8 @@ for step in $STEPS; do
             tee "$OUT/notune.txt" || rc=1
         rm -rf "$OUT/notune" ;;
     suite)
-        timeout 480 python3 -m harness.cli bench --suite gpu --repeats 3 --out "$OUT/suite" 2>&1 || rc=1
+        timeout ${SUITE_S:-480} python3 -m harness.cli bench --suite gpu --repeats ${SUITE_REPEATS:-3} \
+            ${SUITE_CASES:+--case $SUITE_CASES} --out "$OUT/suite" 2>&1 || rc=1
         python3 -m harness.cli report "$OUT/suite" --out "$OUT/suite/report" > /dev/null 2>&1
         tar -C "$OUT" -cf "$OUT/suite.tar" suite && rm -rf "$OUT/suite" ;;
     tparity)
