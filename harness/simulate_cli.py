@@ -1,10 +1,11 @@
 """`tandem simulate`: one simulated step, the validation table, the scaling curve, the Amdahl
-ceiling, and records + figures that `tandem report` renders.
+ceiling, and the records that `tandem report` draws figures from.
 
     tandem simulate --model llama3-405b --cluster h100-sxm --layout tp=8,pp=16,dp=128,vp=8 \
         --schedule interleaved --microbatches 16 --seq 8192 [--json]
     tandem simulate --validate            # exit 1 if any point is outside its bound
     tandem simulate --scaling --out DIR   # 1k -> 220k GPUs on GB300 NVL72, + the projection
+    tandem report DIR --out DIR/report    # the figures (reports.simulate) and the section
 
 What it is not: the cost model (harness.simulate) or the network model (harness.netmodel).
 """
@@ -305,7 +306,8 @@ def print_result(r: sm.Result) -> None:
 
 def write_outputs(out: Path, checks: list, proj_result, curve: list, claim: dict | None,
                   elapsed_1k: float | None, fixed: list = ()) -> list:
-    """OUT/simulate.parquet (long-form rows), OUT/simulate.json, OUT/figures/*.png."""
+    """OUT/simulate.parquet (long-form rows) and OUT/simulate.json (what `tandem report OUT`
+    draws the breakdown, scaling and validation figures from). Returns the paths written."""
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
@@ -336,9 +338,9 @@ def write_outputs(out: Path, checks: list, proj_result, curve: list, claim: dict
                             "role": c.point.role, "fitted": c.point.fitted}
                            for c in checks]}
     (out / "simulate.json").write_text(json.dumps(meta, indent=1))
-    from reports.simulate import figures as sim_figures
-
-    return sim_figures(out, meta)
+    # figures are drawn by the report layer (reports.simulate), which reads simulate.json:
+    # `tandem report DIR --out OUT`; the harness does not import it (tests/test_layering.py)
+    return [out / "simulate.parquet", out / "simulate.json"]
 
 
 # ---- CLI --------------------------------------------------------------------------------------------
@@ -364,7 +366,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="the projection (suites/simulate/projection.toml) and its 1k -> 220k "
                         "GPU scaling curve, with the Amdahl ceiling of the claimed speedup")
     p.add_argument("--out", type=Path, metavar="DIR",
-                   help="write simulate.parquet, simulate.json and figures/ for tandem report")
+                   help="write simulate.parquet and simulate.json; `tandem report DIR --out OUT` "
+                        "draws the figures")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -426,6 +429,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         for f in write_outputs(args.out, checks, proj_r, curve, claim, t1k, fixed):
             print(f)
+        print(f"figures and report: tandem report {args.out} --out {args.out}/report")
     return status
 
 
