@@ -248,24 +248,35 @@ def fixed_batch_curve(proj: dict) -> list:
     return out
 
 
-def amdahl_lines(r: sm.Result, speedup: float) -> list:
-    """What a claimed whole-step speedup S needs, with ceiling = 1 / ((1 - f) + f / s) for a
-    share f of the step made s times faster: f = the kernels alone; f = the kernels and the
-    pipeline bubble (idle time scales with stage compute time, so faster kernels shrink it too);
-    and, read the other way, the MFU the baseline would have to run at."""
+def amdahl_rows(r: sm.Result, speedup: float) -> list:
+    """Per share of the step a faster engine could shrink: {part, f, ceiling, needed}, with
+    ceiling = 1 / (1 - f) (that share made infinitely fast) and needed = the speedup s of that
+    share for 1 / ((1 - f) + f / s) to reach `speedup` (inf when past the ceiling). The shares:
+    the kernels alone; the kernels and the pipeline bubble (idle time scales with stage compute
+    time, so faster kernels shrink it too); everything (kernels, bubble, communication)."""
     b = r.breakdown
     kernels = b["forward"] + b["backward_input"] + b["backward_weight"] + b["optimizer"]
+    out = []
+    for part, t in (("compute kernels", kernels),
+                    ("compute kernels + the bubble they set", kernels + b["pipeline_idle"]),
+                    ("the whole step, communication included", r.step_s)):
+        f = min(1.0, t / r.step_s)
+        out.append({"part": part, "f": f, "ceiling": 1 / (1 - f) if f < 1 else math.inf,
+                    "needed": sm.amdahl_needed(speedup, f)})
+    return out
+
+
+def amdahl_lines(r: sm.Result, speedup: float) -> list:
+    """The Amdahl reading of a claimed whole-step speedup, as printed lines."""
     lines = [f"Amdahl: a claimed {speedup:g}x step speedup needs, of this step "
              f"({r.step_s:.3f} s, MFU {r.mfu:.1%}):"]
-    for label, part in (("compute kernels", kernels),
-                        ("compute kernels + the bubble they set", kernels + b["pipeline_idle"])):
-        f = part / r.step_s
-        need = sm.amdahl_needed(speedup, f)
-        ceil = 1 / (1 - f) if f < 1 else math.inf
+    for x in amdahl_rows(r, speedup):
+        f, ceil, need = x["f"], x["ceiling"], x["needed"]
+        ceil_txt = f"{ceil:.2f}x" if math.isfinite(ceil) else "none"
         need_txt = (f"those {f:.1%} {need:.1f}x faster" if math.isfinite(need)
-                    else f"more than the {ceil:.2f}x ceiling: impossible even at infinite speed; "
+                    else f"more than the {ceil_txt} ceiling: impossible even at infinite speed; "
                          f"the other {1 - f:.1%} of the step must shrink too")
-        lines.append(f"  {label}: f = {f:.1%}, ceiling 1/(1-f) = {ceil:.2f}x; {speedup:g}x "
+        lines.append(f"  {x['part']}: f = {f:.1%}, ceiling 1/(1-f) = {ceil_txt}; {speedup:g}x "
                      f"needs {need_txt}")
     lines.append(f"  read the other way: a step {speedup:g}x longer than this one is the "
                  f"baseline running at {r.mfu / speedup:.1%} MFU; against a baseline at MFU m the "
@@ -332,7 +343,12 @@ def write_outputs(out: Path, checks: list, proj_result, curve: list, claim: dict
             "scaling": [result_dict(r) for r in curve],
             "fixed_batch": [result_dict(r) for r in fixed], "claim": claim,
             "amdahl": amdahl_lines(proj_result, claim["speedup"]) if proj_result and claim
-            else [], "simulate_1k_gpus_s": elapsed_1k,
+            else [],
+            "amdahl_rows": [{k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                             for k, v in x.items()}
+                            for x in amdahl_rows(proj_result, claim["speedup"])]
+            if proj_result and claim else [],
+            "simulate_1k_gpus_s": elapsed_1k,
             "validation": [{"name": c.point.name, "metric": c.metric, "predicted": c.predicted,
                             "reference": c.reference, "error": c.error, "ok": c.ok,
                             "role": c.point.role, "fitted": c.point.fitted}
@@ -434,4 +450,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["load_points", "check_point", "validate", "validation_table", "load_projection",
-           "projection_job", "scaling_curve", "amdahl_lines", "result_dict", "write_outputs"]
+           "projection_job", "scaling_curve", "fixed_batch_curve", "amdahl_rows", "amdahl_lines", "result_dict", "write_outputs"]

@@ -94,8 +94,16 @@ def figures(out: Path, meta: dict, fig_dir: Path | None = None) -> list:
                 a.set_xlabel(f"measured / published {unit}")
                 a.set_ylabel(f"simulated {unit}")
                 if metric == "step_ms":
+                    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
                     a.set_xscale("log")
                     a.set_yscale("log")
+                    ticks = [t for t in (10, 20, 30, 50, 100, 200, 300, 500, 1000, 2000)
+                             if lo <= t <= hi]
+                    for axis in (a.xaxis, a.yaxis):  # after set_*scale, which resets them
+                        axis.set_major_locator(FixedLocator(ticks))
+                        axis.set_major_formatter(ScalarFormatter())
+                        axis.set_minor_formatter(NullFormatter())
                 a.legend()
             fig.suptitle("Validation: simulated vs measured (Tandem) and published (MFU)")
             paths.append(_save(fig, fig_dir / "simulate_validation.png"))
@@ -142,8 +150,20 @@ def section(dirs: list, fig_dir: Path, out: Path) -> Section | None:
                 f"pp={p['pp']} dp={p['dp']} vp={p['chunks']}: step {p['step_s']:.2f} s, "
                 f"{p['tokens_per_s'] / 1e6:.1f}M tok/s, MFU {p['mfu']:.1%}",
                 ["part of the step", "time", "share"], rows, numeric=[False, True, True]))
-        if meta.get("amdahl"):
-            s.blocks.append(Note(" ".join(meta["amdahl"])))
+        if meta.get("amdahl_rows"):
+            claim = meta.get("claim") or {}
+            S = claim.get("speedup", 0)
+            rows = []
+            for x in meta["amdahl_rows"]:
+                ceil = "none" if x["ceiling"] is None else f"{x['ceiling']:.2f}×"
+                need = "impossible" if x["needed"] is None else f"{x['needed']:.1f}×"
+                rows.append([x["part"], f"{x['f']:.1%}", ceil, need])
+            s.blocks.append(Table(
+                f"Amdahl ceiling of the claimed {S:g}× ({claim.get('source', '')})",
+                ["share of the projected step made faster", "f", "ceiling 1/(1−f)",
+                 f"speedup that share needs for {S:g}×"], rows,
+                numeric=[False, True, True, True],
+                note=meta["amdahl"][-1].strip() if meta.get("amdahl") else ""))
         written = figures(path.parent, meta, fig_dir)
         for w in written:
             title, cap = {
