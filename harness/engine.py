@@ -101,6 +101,9 @@ def _declare(lib: C.CDLL) -> None:
         "td_op_softmax_crossentropy_forward": (C.c_int, [fp, fp, fp, ip, i32, i32]),
         "td_op_softmax_crossentropy_backward": (C.c_int, [fp, fp, ip, f64, i32, i32]),
         "td_free": (None, [vp]),
+        "td_model_save_checkpoint": (C.c_int, [vp, cp, i64]),
+        "td_model_load_checkpoint": (C.c_int, [vp, cp, C.POINTER(i64)]),
+        "td_model_find_nonfinite": (C.c_int, [vp, C.POINTER(cp), C.POINTER(i32)]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -310,6 +313,30 @@ class Model:
 
     def save_safetensors(self, path) -> None:
         self._check(self._lib.td_model_save_safetensors(self._h, str(path).encode()))
+
+    # -- training state (checkpoints) -------------------------------------------------------
+    def save_checkpoint(self, path, data_position: int = 0) -> None:
+        """Parameters, AdamW moments, step and `data_position` to one safetensors file,
+        atomically (td_model_save_checkpoint)."""
+        self._check(self._lib.td_model_save_checkpoint(self._h, str(path).encode(),
+                                                       int(data_position)))
+
+    def load_checkpoint(self, path) -> int:
+        """Restore a checkpoint of this model/stage; returns its data position. A truncated or
+        mismatched file raises EngineError and leaves the model as it was."""
+        pos = C.c_int64()
+        self._check(self._lib.td_model_load_checkpoint(self._h, str(path).encode(),
+                                                       C.byref(pos)))
+        return pos.value
+
+    def find_nonfinite(self) -> tuple[str, str] | None:
+        """The first tensor (table order) whose gradient, else whose parameter, holds a NaN or
+        inf: ("gradient" | "parameter", name); None when everything is finite."""
+        name, what = C.c_char_p(), C.c_int32()
+        self._check(self._lib.td_model_find_nonfinite(self._h, C.byref(name), C.byref(what)))
+        if not what.value:
+            return None
+        return ("gradient" if what.value == 1 else "parameter", name.value.decode())
 
     # -- one-stage passes -------------------------------------------------------------------
     def forward(self, tokens, targets=None, logits: bool = True):

@@ -46,6 +46,10 @@ class PipelineResult:
     # one dict per rank, by rank (read_rank_info): backend, transport, device, device_name,
     # stages, device_bytes; empty when the engine wrote none (builds before rank<r>.json)
     ranks: list[dict] = field(default_factory=list)
+    # the step index of each row (a resumed run starts past 0) and whether its update was skipped
+    # (on_nonfinite="skip" at a non-finite loss or norm); None from engines that predate them
+    steps: np.ndarray | None = None
+    skipped: np.ndarray | None = None
 
     @property
     def transport(self) -> str | None:
@@ -151,7 +155,11 @@ _MPI_DEATH = re.compile(r"rank (\d+) with PID \d+ on node \S+ exited on\s+signal
 
 
 def _failure_message(rc: int, stderr: str) -> str:
-    m = _RANK_MSG.search(stderr)
+    msgs = list(_RANK_MSG.finditer(stderr))
+    # every rank stops at a non-finite step; the one that found the first non-finite tensor says
+    # most, so its message wins when it got out before the job was brought down
+    named = [m for m in msgs if "first non-finite tensor:" in m.group(2)]
+    m = (named or msgs or [None])[0]
     if m:
         return f"rank {m.group(1)} failed: {m.group(2).strip()}"
     m = _MPI_DEATH.search(stderr)
@@ -175,10 +183,18 @@ def _failure_message(rc: int, stderr: str) -> str:
     return f"mpirun exited with code {rc}: " + " | ".join(tail)
 
 
+ON_NONFINITE = {"stop": 0, "skip": 1}
+
+
 def write_runfile(path: Path, case: CaseConfig, files: dict[str, Path], steps: int,
-                  threads: int, save_grads_step: int) -> None:
+                  threads: int, save_grads_step: int, *, checkpoint_dir: Path | None = None,
+                  checkpoint_every: int = 0, resume_step: int = 0,
+                  on_nonfinite: str = "stop") -> None:
     """The run file tandem-engine reads: one "key value" line per setting. backend 0 = cpu,
-    1 = cuda; bf16 1 = bf16 compute with fp32 master weights (cuda only, config.py checks)."""
+    1 = cuda; bf16 1 = bf16 compute with fp32 master weights (cuda only, config.py checks).
+    Checkpoints: every `checkpoint_every` steps each rank writes its stages' training states
+    under checkpoint_dir/step_<8 digits>/stage<s>.safetensors; resume_step > 0 starts there.
+    on_nonfinite: "stop" ends the job at a non-finite loss or norm, "skip" drops that update."""
     m, o, p = case.model, case.optim, case.pipeline
     device = {"backend": {"cpu": 0, "cuda": 1}[case.backend], "bf16": int(case.dtype == "bf16")}
     lines = {
@@ -192,6 +208,13 @@ def write_runfile(path: Path, case: CaseConfig, files: dict[str, Path], steps: i
         "layers": ",".join(str(n) for n in stage_layers(case)),
         **{k: str(v) for k, v in files.items()},
     }
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite={on_nonfinite!r}: allowed {sorted(ON_NONFINITE)}")
+    if on_nonfinite != "stop":
+        lines["on_nonfinite"] = ON_NONFINITE[on_nonfinite]
+    if checkpoint_dir is not None:
+        lines.update(checkpoint_dir=str(Path(checkpoint_dir).resolve()),
+                     checkpoint_every=int(checkpoint_every), resume_step=int(resume_step))
     path.write_text("".join(f"{k} {v}\n" for k, v in lines.items()))
 
 
@@ -217,8 +240,14 @@ def _launch(cmd: list[str], env: dict[str, str], timeout: float, case: CaseConfi
 def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
                  targets_SBT: np.ndarray, workdir: Path, *, timeout: float = 600.0,
                  threads: int = 1, save_grads_step: int = 0,
-                 extra_env: dict[str, str] | None = None) -> PipelineResult:
-    """Train `case` for inputs_SBT.shape[0] steps with its pipeline layout; see module doc."""
+                 extra_env: dict[str, str] | None = None, checkpoint_dir: Path | None = None,
+                 checkpoint_every: int = 0, resume_step: int = 0,
+                 on_nonfinite: str = "stop") -> PipelineResult:
+    """Train `case` for inputs_SBT.shape[0] steps with its pipeline layout; see module doc.
+    With checkpoint_dir, every `checkpoint_every` steps each rank checkpoints its stages there
+    (step_<8 digits>/stage<s>.safetensors); resume_step > 0 starts at that step from that
+    step's checkpoint (the inputs still hold every step: step s reads inputs_SBT[s]), and the
+    result's rows cover steps [resume_step, S). See write_runfile for on_nonfinite."""
     p = case.pipeline
     workdir = Path(workdir)
     out = workdir / "ranks"
@@ -238,7 +267,11 @@ def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
     steps = int(inputs_SBT.shape[0])
     runfile = workdir / "run.txt"
     exe = engine_executable()
-    write_runfile(runfile, case, files, steps, threads, save_grads_step)
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    write_runfile(runfile, case, files, steps, threads, save_grads_step,
+                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                  resume_step=resume_step, on_nonfinite=on_nonfinite)
     cmd = [str(find_mpirun()), "-n", str(p.stages), "--oversubscribe", "--bind-to", "none",
            str(exe), str(runfile.resolve())]
     env = _mpi_env(threads, case.backend)
@@ -255,6 +288,8 @@ def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
         gpath = out / f"grads_stage{s}.safetensors"
         if gpath.exists():
             grads.update(read_safetensors(gpath))
+    skipped = table[:, 4].astype(bool) if table.shape[1] > 4 else None
     return PipelineResult(losses=table[:, 1], grad_norms=table[:, 2], step_s=table[:, 3],
                           grads=grads, params=params, out_dir=out, timeline_dir=out,
-                          wall_s=wall, command=cmd, ranks=read_rank_info(out))
+                          wall_s=wall, command=cmd, ranks=read_rank_info(out),
+                          steps=table[:, 0].astype(np.int64), skipped=skipped)

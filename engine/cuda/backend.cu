@@ -397,6 +397,23 @@ static td_status cuda_download(td_model *m, int grads) {
     return TD_OK;
 }
 
+/* AdamW's fp32 moments to and from the host m_mem / v_mem (checkpoints; both ways synchronous) */
+static td_status cuda_opt_download(td_model *m) {
+    td_cuda_dev *d = (td_cuda_dev *)m->device;
+    TD_CK(cudaMemcpyAsync(m->m_mem, d->mom, m->total * sizeof(float), cudaMemcpyDeviceToHost, d->stream));
+    TD_CK(cudaMemcpyAsync(m->v_mem, d->var, m->total * sizeof(float), cudaMemcpyDeviceToHost, d->stream));
+    TD_CK(cudaStreamSynchronize(d->stream));
+    return TD_OK;
+}
+
+static td_status cuda_opt_upload(td_model *m) {
+    td_cuda_dev *d = (td_cuda_dev *)m->device;
+    TD_CK(cudaMemcpyAsync(d->mom, m->m_mem, m->total * sizeof(float), cudaMemcpyHostToDevice, d->stream));
+    TD_CK(cudaMemcpyAsync(d->var, m->v_mem, m->total * sizeof(float), cudaMemcpyHostToDevice, d->stream));
+    TD_CK(cudaStreamSynchronize(d->stream));
+    return TD_OK;
+}
+
 /* one-stage passes on slot 0 (td_model_forward, td_model_forward_backward): the loss at once,
  * the gradients after a lazy zero_grad overwritten by their first contribution */
 static td_status cuda_forward(td_model *m, float *logits_out, double *out_loss, int with_targets) {
@@ -494,7 +511,7 @@ static const td_backend_ops CUDA_OPS = {
     "cuda",          cuda_build,    cuda_release,     cuda_upload, cuda_download,
     cuda_forward,    cuda_backward, cuda_zero_grad,   cuda_grad_sq_sum, cuda_adamw,
     cuda_stage_forward, cuda_stage_backward, cuda_loss_sum, cuda_grad_data, cuda_stream,
-    cuda_device_bytes, cuda_device,
+    cuda_device_bytes, cuda_device, cuda_opt_download, cuda_opt_upload,
 };
 
 extern "C" const td_backend_ops *td_cuda_ops(void) { return &CUDA_OPS; }

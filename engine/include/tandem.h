@@ -194,6 +194,33 @@ td_status td_op_softmax_crossentropy_backward(float *dlogits_NV, const float *pr
                                               const int32_t *targets_N, double dloss, int32_t N,
                                               int32_t V);
 
+/* ---- training state: checkpoint and resume ------------------------------------------------- */
+
+/* Version of the checkpoint format (its safetensors __metadata__ "format_version"). */
+#define TD_CHECKPOINT_VERSION 1
+
+/* Writes this stage's whole training state to one safetensors file: every parameter under its
+ * name, AdamW's moments under "adamw.m.<name>" / "adamw.v.<name>" (the engine's real type, F32),
+ * and a __metadata__ table with format "tandem-checkpoint", format_version, the optimizer step,
+ * `data_position` (the caller's, e.g. training steps consumed; >= 0) and the settings the state
+ * belongs to (n_layer, n_embd, n_head, vocab_size, n_positions, stage, stages, layer_begin,
+ * layer_end, lr, beta1, beta2, eps, weight_decay, grad_clip). Atomic: a temporary file in the
+ * same directory is written, fsynced and renamed over `path`, so `path` holds the old state or
+ * the whole new one. */
+td_status td_model_save_checkpoint(td_model *model, const char *path, int64_t data_position);
+/* Restores what td_model_save_checkpoint wrote. Everything is checked before anything changes
+ * (format and version, every setting above against this model's, each tensor's name, dtype,
+ * shape and bytes): a truncated, foreign or mismatched file is TD_ERR_FORMAT or TD_ERR_CONFIG
+ * with a message naming the key and both values, and the model is left as it was.
+ * out_data_position (may be NULL) gets the saved data position. */
+td_status td_model_load_checkpoint(td_model *model, const char *path, int64_t *out_data_position);
+/* After a non-finite loss or gradient norm: the first tensor in table order whose gradient
+ * (*out_what = 1; the gradients td_model_grad_sq_sum counts, so not a last stage's copy of the
+ * tied wte) or, when those are finite, whose parameter (2) holds a NaN or inf;
+ * *out_name = NULL and *out_what = 0 when all are finite. The name is owned by the handle.
+ * Scans every element (downloads from a device first): for the failure path, not every step. */
+td_status td_model_find_nonfinite(td_model *model, const char **out_name, int32_t *out_what);
+
 /* ---- token shards --------------------------------------------------------------------------- */
 
 /* Token shard layout (little-endian): 64-byte header { u32 magic 0x544E4454 ("TDNT"),

@@ -44,13 +44,15 @@ td_status td_runfile_parse(td_run_config *cfg, char *err, size_t errlen, FILE *f
             {"seq_len", &cfg->seq_len}, {"batch_size", &cfg->batch_size},
             {"microbatches", &cfg->microbatches}, {"chunks", &cfg->chunks}, {"steps", &cfg->steps},
             {"threads", &cfg->threads}, {"save_grads_step", &cfg->save_grads_step},
-            {"backend", &cfg->backend}, {"bf16", &cfg->bf16}};
+            {"backend", &cfg->backend}, {"bf16", &cfg->bf16},
+            {"checkpoint_every", &cfg->checkpoint_every}, {"resume_step", &cfg->resume_step},
+            {"on_nonfinite", &cfg->on_nonfinite}};
         struct { const char *k; double *v; } fl[] = {
             {"lr", &cfg->lr}, {"beta1", &cfg->beta1}, {"beta2", &cfg->beta2}, {"eps", &cfg->eps},
             {"weight_decay", &cfg->weight_decay}, {"grad_clip", &cfg->grad_clip}};
         struct { const char *k; char *v; } strs[] = {
             {"weights", cfg->weights}, {"inputs", cfg->inputs}, {"targets", cfg->targets},
-            {"schedule", cfg->schedule}, {"out", cfg->out}};
+            {"schedule", cfg->schedule}, {"out", cfg->out}, {"checkpoint_dir", cfg->checkpoint_dir}};
         int found = 0;
         char *end = NULL;
         errno = 0;

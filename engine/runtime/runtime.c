@@ -10,10 +10,12 @@
  */
 #include "runtime.h"
 
+#include <errno.h>
 #include <math.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define FAIL(st, ...) (snprintf(err, errlen, __VA_ARGS__), (st))
 
@@ -199,6 +201,12 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
     const int last_rank = (int)((S - 1) % P);
     td_status st = TD_OK;
     if (cfg->batch_size % M) return FAIL(TD_ERR_CONFIG, "batch_size=%lld is not divisible by microbatches=%lld", (long long)cfg->batch_size, (long long)M);
+    if (cfg->checkpoint_every < 0 || cfg->resume_step < 0 || cfg->resume_step > cfg->steps ||
+        cfg->on_nonfinite < 0 || cfg->on_nonfinite > 1)
+        return FAIL(TD_ERR_CONFIG, "run file: checkpoint_every=%lld, resume_step=%lld, on_nonfinite=%lld (need checkpoint_every >= 0, 0 <= resume_step <= steps=%lld, on_nonfinite 0 = stop or 1 = skip)",
+                    (long long)cfg->checkpoint_every, (long long)cfg->resume_step, (long long)cfg->on_nonfinite, (long long)cfg->steps);
+    if ((cfg->checkpoint_every > 0 || cfg->resume_step > 0) && !cfg->checkpoint_dir[0])
+        return FAIL(TD_ERR_CONFIG, "run file: checkpoint_every=%lld / resume_step=%lld need checkpoint_dir", (long long)cfg->checkpoint_every, (long long)cfg->resume_step);
 
     /* tokens: inputs on the rank of stage 0, targets on the rank of stage S-1 */
     int32_t *inputs = NULL, *targets = NULL;
@@ -268,6 +276,15 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
     if ((st = write_rank_info(cfg, comm, chunks, nchunks, err, errlen))) return st;
 
     char path[1200];
+    /* resume: every local stage's training state from the step's checkpoint directory */
+    for (int c = 0; cfg->resume_step > 0 && c < nchunks; c++) {
+        snprintf(path, sizeof path, "%s/step_%08lld/stage%d.safetensors", cfg->checkpoint_dir, (long long)cfg->resume_step, chunks[c].stage);
+        int64_t pos = -1;
+        if ((st = td_model_load_checkpoint(chunks[c].model, path, &pos)))
+            return FAIL(st, "resume at step %lld, stage %d: %s", (long long)cfg->resume_step, chunks[c].stage, td_model_last_error(chunks[c].model));
+        if (pos != cfg->resume_step)
+            return FAIL(TD_ERR_FORMAT, "resume at step %lld, stage %d: '%s' holds data position %lld. HINT: the checkpoint belongs to another step", (long long)cfg->resume_step, chunks[c].stage, path, (long long)pos);
+    }
     timeline tl = {NULL, rank, 0};
     snprintf(path, sizeof path, "%s/timeline_rank%d.csv", cfg->out, rank);
     tl.f = fopen(path, "w");
@@ -277,7 +294,7 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
     if (rank == last_rank) {
         snprintf(path, sizeof path, "%s/losses.csv", cfg->out);
         if (!(lossf = fopen(path, "w"))) return FAIL(TD_ERR_IO, "cannot write '%s'", path);
-        fprintf(lossf, "step,loss,grad_norm,step_s\n");
+        fprintf(lossf, "step,loss,grad_norm,step_s,skipped\n");
     }
     if ((st = comm->barrier(comm))) return FAIL(st, "%s", comm->err);
     tl.t0 = comm->now(comm);
@@ -291,7 +308,7 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
     int crash_rank = -1, crash_step = -1;
     if (crash) sscanf(crash, "%d:%d", &crash_rank, &crash_step);
 
-    for (int64_t step = 0; step < cfg->steps; step++) {
+    for (int64_t step = cfg->resume_step; step < cfg->steps; step++) {
         if (rank == crash_rank && step == crash_step) {
             if (strstr(crash, ":kill")) raise(SIGKILL);
             fprintf(stderr, "tandem-engine: rank %d: TANDEM_CRASH requested, exiting abruptly at step %lld\n", rank, (long long)step);
@@ -419,12 +436,24 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
         const double local_sq = red[0];
         if ((st = comm->allreduce_sum(comm, red, 2))) return FAIL(st, "%s", comm->err);
         double norm = sqrt(red[0]);
-        /* every rank sees the reduced values: each stops here, naming its own stages' share */
-        if (!isfinite(red[0]) || !isfinite(red[1]))
-            return FAIL(TD_ERR_RANGE, "step %lld: non-finite %s (mean loss %g, gradient norm %g); this rank's stage%s %d%s: gradient square sum %g%s. HINT: lower the learning rate or enable grad_clip",
+        /* every rank sees the reduced values: each stops here (or skips the update: all ranks
+         * decide alike), naming its own stages' share and its first non-finite tensor */
+        const int skip = !isfinite(red[0]) || !isfinite(red[1]);
+        if (skip && cfg->on_nonfinite != 1) {
+            char culprit[160] = "; no non-finite gradient or parameter on this rank";
+            for (int c = 0; c < nchunks; c++) {
+                const char *name = NULL;
+                int32_t what = 0;
+                if (td_model_find_nonfinite(chunks[c].model, &name, &what) == TD_OK && name) {
+                    snprintf(culprit, sizeof culprit, "; first non-finite tensor: %s of '%s' on stage %d", what == 1 ? "the gradient" : "the parameter", name, chunks[c].stage);
+                    break;
+                }
+            }
+            return FAIL(TD_ERR_RANGE, "step %lld: non-finite %s (mean loss %g, gradient norm %g); this rank's stage%s %d%s: gradient square sum %g%s%s. HINT: lower the learning rate or enable grad_clip",
                         (long long)step, !isfinite(red[1]) ? "loss" : "gradient norm", red[1] / (double)M, norm,
                         nchunks > 1 ? "s" : "", nchunks ? chunks[0].stage : -1, nchunks > 1 ? ".." : "", local_sq,
-                        isfinite(local_sq) ? " (finite: the non-finite values are on another rank)" : "");
+                        isfinite(local_sq) ? " (finite: the non-finite values are on another rank)" : "", culprit);
+        }
         MARK(nchunks ? chunks[0].stream : NULL, m_end);
         if (add_row(&rows, "ALLREDUCE", -1, -1, m_begin, m_end)) return FAIL(TD_ERR_NOMEM, "out of memory for the timeline");
         if (step == cfg->save_grads_step)
@@ -434,7 +463,7 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
                     return FAIL(st, "%s", td_model_last_error(chunks[c].model));
             }
         double t_opt = comm->now(comm);
-        for (int c = 0; c < nchunks; c++)
+        for (int c = 0; c < nchunks && !skip; c++)
             if ((st = td_model_optimizer_step_with_norm(chunks[c].model, norm)))
                 return FAIL(st, "step %lld: optimizer on stage %d: %s", (long long)step, chunks[c].stage, td_model_last_error(chunks[c].model));
         double t_end = comm->now(comm);
@@ -453,7 +482,18 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
             record(&tl, (int)step, pr->kind, pr->stage, pr->mb, a0, a1);
         }
         record(&tl, (int)step, "OPT", -1, -1, t_opt, t_end);
-        if (lossf) fprintf(lossf, "%lld,%.17g,%.17g,%.9f\n", (long long)step, red[1] / (double)M, norm, t_end - step_start);
+        if (lossf) fprintf(lossf, "%lld,%.17g,%.17g,%.9f,%d\n", (long long)step, red[1] / (double)M, norm, t_end - step_start, skip);
+        /* after every K-th step: each stage's state, atomically, in the step's own directory */
+        if (cfg->checkpoint_every > 0 && (step + 1) % cfg->checkpoint_every == 0) {
+            snprintf(path, sizeof path, "%s/step_%08lld", cfg->checkpoint_dir, (long long)(step + 1));
+            if (mkdir(path, 0777) != 0 && errno != EEXIST)
+                return FAIL(TD_ERR_IO, "step %lld: cannot create checkpoint directory '%s': %s", (long long)step, path, strerror(errno));
+            for (int c = 0; c < nchunks; c++) {
+                snprintf(path, sizeof path, "%s/step_%08lld/stage%d.safetensors", cfg->checkpoint_dir, (long long)(step + 1), chunks[c].stage);
+                if ((st = td_model_save_checkpoint(chunks[c].model, path, step + 1)))
+                    return FAIL(st, "step %lld: checkpoint of stage %d: %s", (long long)step, chunks[c].stage, td_model_last_error(chunks[c].model));
+            }
+        }
     }
     for (int c = 0; c < nchunks; c++) {
         snprintf(path, sizeof path, "%s/params_stage%d.safetensors", cfg->out, chunks[c].stage);

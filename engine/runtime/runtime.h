@@ -31,6 +31,11 @@ typedef struct {
     int64_t save_grads_step; /* step whose gradients are written (-1: none) */
     int64_t backend;         /* 0 cpu, 1 cuda (one stage per rank on the rank's GPU) */
     int64_t bf16;            /* 1: bf16 compute (cuda) */
+    int64_t checkpoint_every; /* K > 0: after every K-th step each rank writes its stages' states
+                                 to checkpoint_dir/step_<8 digits>/stage<s>.safetensors; 0: never */
+    int64_t resume_step;      /* S > 0: start at step S from checkpoint_dir/step_<S>/ (0: fresh) */
+    int64_t on_nonfinite;     /* 0: stop at a non-finite loss or norm; 1: skip that step's update */
+    char checkpoint_dir[1024];
     double lr, beta1, beta2, eps, weight_decay, grad_clip;
     char weights[1024], inputs[1024], targets[1024], schedule[1024], out[1024];
 } td_run_config;
@@ -48,7 +53,8 @@ td_status td_plan_read(td_rank_plan *plan, char *err, size_t errlen, const char 
 td_status td_plan_parse(td_rank_plan *plan, char *err, size_t errlen, FILE *f, const char *path,
                         int rank, int64_t stages, int64_t microbatches);
 
-/* Runs every step; writes losses.csv (last stage's rank), timeline_rank<r>.csv, rank<r>.json
+/* Runs steps [resume_step, steps); writes losses.csv (last stage's rank; step, loss, grad_norm,
+ * step_s, skipped), timeline_rank<r>.csv, rank<r>.json
  * (transport, device, device memory, stages), and
  * params_stage<s>.safetensors / grads_stage<s>.safetensors for this rank's stages into cfg->out.
  * On failure returns a status with a message in err (the caller aborts the job). */

@@ -387,6 +387,50 @@ td_status td_model_save_grads_safetensors(td_model *m, const char *path) {
     return st ? st : td_save_safetensors(m, path, 1);
 }
 
+td_status td_model_save_checkpoint(td_model *m, const char *path, int64_t data_position) {
+    REQUIRE_BUILT("td_model_save_checkpoint");
+    if (!path) return td_fail(m, TD_ERR_ARG, "td_model_save_checkpoint: path is NULL");
+    if (data_position < 0)
+        return td_fail(m, TD_ERR_ARG, "td_model_save_checkpoint: data_position=%lld must be >= 0", (long long)data_position);
+    td_status st = m->ops ? m->ops->download(m, 0) : TD_OK;
+    if (!st && m->ops) st = m->ops->opt_download(m);
+    return st ? st : td_save_checkpoint(m, path, data_position);
+}
+
+td_status td_model_load_checkpoint(td_model *m, const char *path, int64_t *out_data_position) {
+    REQUIRE_BUILT("td_model_load_checkpoint");
+    if (!path) return td_fail(m, TD_ERR_ARG, "td_model_load_checkpoint: path is NULL");
+    td_status st = td_load_checkpoint(m, path, out_data_position);
+    if (!st && m->ops) st = m->ops->upload(m, 0);
+    if (!st && m->ops) st = m->ops->opt_upload(m);
+    return st;
+}
+
+/* the first tensor of a flat buffer holding a non-finite element among the first `elems`
+ * elements; -1 when all are finite */
+static int32_t first_nonfinite(const td_model *m, const td_real *buf, int64_t elems) {
+    for (int32_t i = 0; i < m->nparams && (int64_t)m->params[i].offset < elems; i++) {
+        const td_real *x = buf + m->params[i].offset;
+        for (int64_t j = 0; j < m->params[i].numel; j++)
+            if (!isfinite(x[j])) return i;
+    }
+    return -1;
+}
+
+td_status td_model_find_nonfinite(td_model *m, const char **out_name, int32_t *out_what) {
+    REQUIRE_BUILT("td_model_find_nonfinite");
+    if (!out_name || !out_what) return td_fail(m, TD_ERR_ARG, "td_model_find_nonfinite: NULL output");
+    td_status st = m->ops ? m->ops->download(m, 1) : TD_OK;
+    if (!st && m->ops) st = m->ops->download(m, 0);
+    if (st) return st;
+    *out_name = NULL, *out_what = 0;
+    /* the gradients the global norm counts (a last stage's tied wte copy is the first stage's) */
+    int32_t i = first_nonfinite(m, m->grad_mem, td_grad_norm_elems(m));
+    if (i >= 0) return *out_name = m->params[i].name, *out_what = 1, TD_OK;
+    if ((i = first_nonfinite(m, m->param_mem, (int64_t)m->total)) >= 0) *out_name = m->params[i].name, *out_what = 2;
+    return TD_OK;
+}
+
 /* ---- passes ---------------------------------------------------------------------------------- */
 
 static td_status check_ids(td_model *m, const char *fn, const char *what, const int32_t *ids,
@@ -584,8 +628,14 @@ td_status td_model_grad_sq_sum(td_model *m, double *out) {
 
 static td_status td_model_optimizer_step_with_norm_impl(td_model *m, double grad_norm) {
     REQUIRE_BUILT("td_model_optimizer_step_with_norm");
-    if (!(grad_norm >= 0) || !isfinite(grad_norm))
-        return td_fail(m, TD_ERR_ARG, "td_model_optimizer_step_with_norm: grad_norm=%g is not a finite non-negative number. HINT: a NaN or inf gradient; lower the learning rate or enable grad_clip", grad_norm);
+    if (!(grad_norm >= 0) || !isfinite(grad_norm)) {
+        const char *name = NULL;
+        int32_t what = 0;
+        td_model_find_nonfinite(m, &name, &what); /* failure path only: names the culprit */
+        char found[TD_MAX_NAME + 64] = "";
+        if (name) snprintf(found, sizeof found, "; first non-finite %s on stage %lld: '%s'", what == 1 ? "gradient" : "parameter", (long long)m->stage, name);
+        return td_fail(m, TD_ERR_ARG, "td_model_optimizer_step_with_norm: grad_norm=%g is not a finite non-negative number (step %lld)%s. HINT: a NaN or inf gradient; lower the learning rate or enable grad_clip", grad_norm, (long long)m->step, found);
+    }
     if (m->ops) return m->ops->adamw(m, grad_norm);
     td_adamw(m, grad_norm);
     return TD_OK;

@@ -131,6 +131,9 @@ typedef struct td_backend_ops {
     void *(*stream)(td_model *m);
     int64_t (*device_bytes)(td_model *m);
     int32_t (*device)(td_model *m);
+    /* AdamW's moments: device -> host m_mem / v_mem, and back (checkpoints) */
+    td_status (*opt_download)(td_model *m);
+    td_status (*opt_upload)(td_model *m);
 } td_backend_ops;
 
 /* The CUDA backend's table, or NULL when the library was built without CUDA. */
@@ -199,6 +202,10 @@ td_status td_load_safetensors_mem(td_model *m, const char *path, const unsigned 
 td_status td_tokens_parse(int32_t **out_tokens, int64_t *out_count, const char *path,
                           const unsigned char *buf, size_t size, int64_t vocab_size);
 td_status td_save_safetensors(td_model *m, const char *path, int grads);
+/* Training checkpoints (tandem.h td_model_save_checkpoint / _load_checkpoint) on the host buffers
+ * param_mem, m_mem, v_mem and the step; the load validates the whole file before it copies. */
+td_status td_save_checkpoint(td_model *m, const char *path, int64_t data_position);
+td_status td_load_checkpoint(td_model *m, const char *path, int64_t *out_data_position);
 
 void td_set_threads(const td_model *m);
 /* Around every compute entry point: threads, and denormals flushed (returns the caller's FP

@@ -5,9 +5,11 @@
  * the numbers, never a crash. Not here: the layout of tensors in memory (model.c).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "internal.h"
 
@@ -416,46 +418,97 @@ out:
     return st;
 }
 
-td_status td_save_safetensors(td_model *m, const char *path, int grads) {
-    /* header: {"name":{"dtype":"F32","shape":[..],"data_offsets":[b,e]},...} padded to 8 */
-    size_t cap = 256 + (size_t)m->nparams * 160, len = 0;
+/* One tensor of a file being written: `prefix` + the table name, the tensor's shape, and its
+ * elements in the stage's flat td_real buffer. */
+typedef struct {
+    const char *prefix;
+    const td_param *p;
+    const td_real *data;
+} st_out;
+
+/* Writes a safetensors file: header {"__metadata__":{...},"name":{"dtype",...},...} padded to
+ * 8 bytes, then every tensor's elements as F32 (or F64 with f64 = 1). `metadata` is the body of
+ * the __metadata__ object (already JSON) or NULL. atomic = 1 writes a temporary file in the
+ * same directory, flushes and fsyncs it, renames it over `path` and fsyncs the directory, so a
+ * reader sees the old file or the whole new one, never a part. `fn` names the caller. */
+static td_status st_write(td_model *m, const char *fn, const char *path, const st_out *t, int n,
+                          const char *metadata, int f64, int atomic) {
+    size_t cap = 256 + (metadata ? strlen(metadata) : 0), len = 0;
+    for (int i = 0; i < n; i++) cap += strlen(t[i].prefix) + strlen(t[i].p->name) + 160;
     char *h = malloc(cap);
-    if (!h) return td_fail(m, TD_ERR_NOMEM, "td_model_save_safetensors: out of memory");
+    if (!h) return td_fail(m, TD_ERR_NOMEM, "%s: out of memory", fn);
+    const int es = f64 ? 8 : 4;
     len += (size_t)snprintf(h + len, cap - len, "{");
+    if (metadata) len += (size_t)snprintf(h + len, cap - len, "\"__metadata__\":{%s}%s", metadata, n ? "," : "");
     int64_t off = 0;
-    for (int32_t i = 0; i < m->nparams; i++) {
-        const td_param *p = &m->params[i];
-        len += (size_t)snprintf(h + len, cap - len, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[",
-                                i ? "," : "", p->name);
+    for (int i = 0; i < n; i++) {
+        const td_param *p = t[i].p;
+        len += (size_t)snprintf(h + len, cap - len, "%s\"%s%s\":{\"dtype\":\"%s\",\"shape\":[",
+                                i ? "," : "", t[i].prefix, p->name, f64 ? "F64" : "F32");
         for (int d = 0; d < p->ndim; d++)
             len += (size_t)snprintf(h + len, cap - len, d ? ",%lld" : "%lld", (long long)p->shape[d]);
         len += (size_t)snprintf(h + len, cap - len, "],\"data_offsets\":[%lld,%lld]}",
-                                (long long)off, (long long)(off + 4 * p->numel));
-        off += 4 * p->numel;
+                                (long long)off, (long long)(off + es * p->numel));
+        off += es * p->numel;
     }
     len += (size_t)snprintf(h + len, cap - len, "}");
     while (len % 8) h[len++] = ' ';
-    FILE *f = fopen(path, "wb");
+    char tmp[4096];
+    if (atomic) snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    const char *target = atomic ? tmp : path;
+    FILE *f = fopen(target, "wb");
     if (!f) {
         free(h);
-        return td_fail(m, TD_ERR_IO, "td_model_save_safetensors: cannot create '%s': %s", path,
-                       strerror(errno));
+        return td_fail(m, TD_ERR_IO, "%s: cannot create '%s': %s", fn, target, strerror(errno));
     }
     unsigned char lenbuf[8];
     for (int i = 0; i < 8; i++) lenbuf[i] = (unsigned char)(((uint64_t)len >> (8 * i)) & 0xff);
     int ok = fwrite(lenbuf, 1, 8, f) == 8 && fwrite(h, 1, len, f) == len;
-    for (int32_t i = 0; ok && i < m->nparams; i++) {
-        const td_param *p = &m->params[i];
-        const td_real *src = (grads ? m->grad_mem : m->param_mem) + p->offset;
-        for (int64_t j = 0; ok && j < p->numel; j++) {
-            float v = (float)src[j];
-            ok = fwrite(&v, 4, 1, f) == 1;
+    free(h);
+    enum { CHUNK = 4096 };
+    unsigned char out[CHUNK * 8];
+    for (int i = 0; ok && i < n; i++) {
+        const td_real *src = t[i].data;
+        for (int64_t j0 = 0; ok && j0 < t[i].p->numel; j0 += CHUNK) {
+            const int64_t cnt = t[i].p->numel - j0 < CHUNK ? t[i].p->numel - j0 : CHUNK;
+            for (int64_t j = 0; j < cnt; j++) {
+                if (f64) { double v = (double)src[j0 + j]; memcpy(out + 8 * j, &v, 8); }
+                else { float v = (float)src[j0 + j]; memcpy(out + 4 * j, &v, 4); }
+            }
+            ok = fwrite(out, (size_t)es, (size_t)cnt, f) == (size_t)cnt;
         }
     }
-    free(h);
-    if (fclose(f) != 0) ok = 0;
-    if (!ok) return td_fail(m, TD_ERR_IO, "td_model_save_safetensors: write to '%s' failed: %s", path, strerror(errno));
+    int err = ok ? 0 : errno;
+    if (ok && atomic && (fflush(f) != 0 || fsync(fileno(f)) != 0)) ok = 0, err = errno;
+    if (fclose(f) != 0 && ok) ok = 0, err = errno;
+    if (ok && atomic && rename(tmp, path) != 0) ok = 0, err = errno;
+    if (!ok) {
+        if (atomic) remove(tmp);
+        return td_fail(m, TD_ERR_IO, "%s: write to '%s' failed: %s", fn, target, strerror(err));
+    }
+    if (atomic) { /* the rename itself reaches the disk with the directory */
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s", path);
+        char *slash = strrchr(dir, '/');
+        if (slash) *(slash == dir ? slash + 1 : slash) = 0;
+        else snprintf(dir, sizeof dir, ".");
+        int fd = open(dir, O_RDONLY);
+        if (fd >= 0) {
+            fsync(fd);
+            close(fd);
+        }
+    }
     return TD_OK;
+}
+
+td_status td_save_safetensors(td_model *m, const char *path, int grads) {
+    st_out *t = malloc(sizeof(st_out) * (size_t)(m->nparams ? m->nparams : 1));
+    if (!t) return td_fail(m, TD_ERR_NOMEM, "td_model_save_safetensors: out of memory");
+    for (int32_t i = 0; i < m->nparams; i++)
+        t[i] = (st_out){"", &m->params[i], (grads ? m->grad_mem : m->param_mem) + m->params[i].offset};
+    td_status st = st_write(m, "td_model_save_safetensors", path, t, m->nparams, NULL, 0, 0);
+    free(t);
+    return st;
 }
 
 /* ---- token shards ---------------------------------------------------------------------------- */
@@ -549,5 +602,235 @@ td_status td_tokens_parse(int32_t **out_tokens, int64_t *out_count, const char *
     tokens = NULL;
 out:
     free(tokens);
+    return st;
+}
+
+/* ---- training checkpoints -------------------------------------------------------------------- */
+
+/* A checkpoint is one safetensors file per stage: every parameter under its table name, AdamW's
+ * first and second moments under "adamw.m.<name>" and "adamw.v.<name>", all in the engine's real
+ * type (F32; F64 in the float64 build), and a __metadata__ table holding the format, its version,
+ * the optimizer step, the caller's data position and every setting the state depends on (the
+ * model shape, the stage's place, the optimizer's hyper-parameters), which a load must match. */
+#define TD_CKPT_FORMAT "tandem-checkpoint"
+#define TD_CKPT_NKEYS 18
+
+typedef struct {
+    char key[32];
+    char value[64];
+} st_meta;
+
+/* The settings a checkpoint must agree on, as the strings the file stores ("%.17g" for floats:
+ * they read back to the same double). */
+static int ckpt_settings(const td_model *m, st_meta *out) {
+    int n = 0;
+    snprintf(out[n].key, 32, "format"), snprintf(out[n++].value, 64, "%s", TD_CKPT_FORMAT);
+    snprintf(out[n].key, 32, "format_version"), snprintf(out[n++].value, 64, "%d", TD_CHECKPOINT_VERSION);
+    snprintf(out[n].key, 32, "dtype"), snprintf(out[n++].value, 64, "%s", sizeof(td_real) == 8 ? "F64" : "F32");
+    struct { const char *k; int64_t v; } ints[] = {
+        {"n_layer", m->n_layer}, {"n_embd", m->n_embd}, {"n_head", m->n_head},
+        {"vocab_size", m->vocab_size}, {"n_positions", m->n_positions}, {"stage", m->stage},
+        {"stages", m->stages}, {"layer_begin", m->layer_begin}, {"layer_end", m->layer_end}};
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
+        snprintf(out[n].key, 32, "%s", ints[i].k), snprintf(out[n++].value, 64, "%lld", (long long)ints[i].v);
+    struct { const char *k; double v; } fl[] = {
+        {"lr", m->lr}, {"beta1", m->beta1}, {"beta2", m->beta2}, {"eps", m->eps},
+        {"weight_decay", m->weight_decay}, {"grad_clip", m->grad_clip}};
+    for (size_t i = 0; i < sizeof fl / sizeof fl[0]; i++)
+        snprintf(out[n].key, 32, "%s", fl[i].k), snprintf(out[n++].value, 64, "%.17g", fl[i].v);
+    return n;
+}
+
+static const char *CKPT_PREFIX[3] = {"", "adamw.m.", "adamw.v."};
+
+td_status td_save_checkpoint(td_model *m, const char *path, int64_t data_position) {
+    static const char *fn = "td_model_save_checkpoint";
+    st_meta set[TD_CKPT_NKEYS];
+    const int ns = ckpt_settings(m, set);
+    char meta[2048];
+    size_t len = (size_t)snprintf(meta, sizeof meta, "\"step\":\"%lld\",\"data_position\":\"%lld\"",
+                                  (long long)m->step, (long long)data_position);
+    for (int i = 0; i < ns && len < sizeof meta; i++)
+        len += (size_t)snprintf(meta + len, sizeof meta - len, ",\"%s\":\"%s\"", set[i].key, set[i].value);
+    const int n = 3 * m->nparams;
+    st_out *t = malloc(sizeof(st_out) * (size_t)(n ? n : 1));
+    if (!t) return td_fail(m, TD_ERR_NOMEM, "%s: out of memory", fn);
+    td_real *bufs[3] = {m->param_mem, m->m_mem, m->v_mem};
+    for (int k = 0; k < 3; k++)
+        for (int32_t i = 0; i < m->nparams; i++)
+            t[k * m->nparams + i] = (st_out){CKPT_PREFIX[k], &m->params[i], bufs[k] + m->params[i].offset};
+    td_status st = st_write(m, fn, path, t, n, meta, sizeof(td_real) == 8, 1);
+    free(t);
+    return st;
+}
+
+/* Parses a checkpoint's header: its tensors (into *out_entries, malloc'd) and its __metadata__
+ * (string values only, into meta). Messages start with `fn`. */
+static td_status ckpt_header(td_model *m, const char *fn, const char *path, const unsigned char *buf,
+                             long fsize, st_entry **out_entries, int *out_n, st_meta *meta,
+                             int *out_nmeta, int64_t *out_data_size, int64_t *out_data_start) {
+    *out_entries = NULL, *out_n = 0, *out_nmeta = 0;
+    if (fsize < 8)
+        return td_fail(m, TD_ERR_FORMAT, "%s: '%s' is %ld bytes, too short for a safetensors file (8-byte header length first). HINT: the file is truncated; resume from an earlier checkpoint", fn, path, fsize);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | buf[i];
+    if (hlen == 0 || hlen > (uint64_t)(fsize - 8))
+        return td_fail(m, TD_ERR_FORMAT, "%s: '%s' declares a %llu-byte header but the file has %ld bytes after the length. HINT: the file is truncated; resume from an earlier checkpoint", fn, path, (unsigned long long)hlen, fsize - 8);
+    *out_data_start = 8 + (int64_t)hlen;
+    *out_data_size = (int64_t)((uint64_t)fsize - 8 - hlen);
+    jreader r = {(const char *)buf + 8, (const char *)buf + 8 + hlen, {0}, (const char *)buf + 8};
+    int cap = 64, n = 0, nmeta = 0;
+    st_entry *entries = calloc((size_t)cap, sizeof(st_entry));
+    if (!entries || !jexpect(&r, '{')) goto bad;
+    jws(&r);
+    if (r.s < r.end && *r.s == '}') r.s++;
+    else for (;;) {
+        char key[TD_MAX_NAME * 2];
+        if (!jstring(&r, key, sizeof key) || !jexpect(&r, ':')) goto bad;
+        if (!strcmp(key, "__metadata__")) {
+            if (!jexpect(&r, '{')) goto bad;
+            jws(&r);
+            if (r.s < r.end && *r.s == '}') r.s++;
+            else for (;;) {
+                st_meta kv;
+                if (!jstring(&r, kv.key, sizeof kv.key) || !jexpect(&r, ':') || !jstring(&r, kv.value, sizeof kv.value)) goto bad;
+                if (nmeta < 64) meta[nmeta++] = kv;
+                jws(&r);
+                if (r.s < r.end && *r.s == ',') { r.s++; continue; }
+                if (!jexpect(&r, '}')) goto bad;
+                break;
+            }
+        } else {
+            if (n == cap) {
+                st_entry *grown = realloc(entries, sizeof(st_entry) * (size_t)(cap *= 2));
+                if (!grown) goto bad;
+                entries = grown;
+            }
+            memset(&entries[n], 0, sizeof(st_entry));
+            snprintf(entries[n].name, sizeof entries[n].name, "%s", key);
+            if (!parse_entry(&r, &entries[n])) goto bad;
+            n++;
+        }
+        jws(&r);
+        if (r.s < r.end && *r.s == ',') { r.s++; continue; }
+        if (!jexpect(&r, '}')) goto bad;
+        break;
+    }
+    *out_entries = entries, *out_n = n, *out_nmeta = nmeta;
+    return TD_OK;
+bad:
+    free(entries);
+    return td_fail(m, TD_ERR_FORMAT, "%s: '%s' has a malformed JSON header: %s. HINT: the file is corrupt or not a checkpoint", fn, path, r.err[0] ? r.err : "out of memory");
+}
+
+static const char *meta_get(const st_meta *meta, int n, const char *key) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(meta[i].key, key)) return meta[i].value;
+    return NULL;
+}
+
+static int parse_count(const char *s, int64_t *out) {
+    char *e;
+    errno = 0;
+    long long v = s ? strtoll(s, &e, 10) : -1;
+    if (!s || e == s || *e || errno || v < 0) return 0;
+    *out = v;
+    return 1;
+}
+
+td_status td_load_checkpoint(td_model *m, const char *path, int64_t *out_data_position) {
+    static const char *fn = "td_model_load_checkpoint";
+    FILE *f = fopen(path, "rb");
+    if (!f) return td_fail(m, TD_ERR_IO, "%s: cannot open '%s': %s", fn, path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long fsize = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    td_status st = TD_OK;
+    unsigned char *buf = NULL;
+    st_entry *entries = NULL;
+    int *source = NULL;
+    int n = 0, nmeta = 0;
+    st_meta meta[64];
+    if (fsize < 0) st = td_fail(m, TD_ERR_IO, "%s: cannot size '%s': %s", fn, path, strerror(errno));
+    else if (!(buf = malloc(fsize ? (size_t)fsize : 1))) st = td_fail(m, TD_ERR_NOMEM, "%s: cannot allocate %ld bytes for '%s'", fn, fsize, path);
+    else if (fread(buf, 1, (size_t)fsize, f) != (size_t)fsize) st = td_fail(m, TD_ERR_IO, "%s: short read on '%s'", fn, path);
+    fclose(f);
+    int64_t data_size = 0, data_start = 0, step = 0, data_position = 0;
+    if (!st) st = ckpt_header(m, fn, path, buf, fsize, &entries, &n, meta, &nmeta, &data_size, &data_start);
+    if (st) goto out;
+    /* the settings first: a checkpoint of another model or stage is refused by name */
+    const char *format = meta_get(meta, nmeta, "format");
+    if (!format || strcmp(format, TD_CKPT_FORMAT)) {
+        st = td_fail(m, TD_ERR_FORMAT, "%s: '%s' is not a training checkpoint (__metadata__ format is %s%s%s, expected '%s'). HINT: weights alone load with td_model_load_safetensors", fn, path,
+                     format ? "'" : "", format ? format : "missing", format ? "'" : "", TD_CKPT_FORMAT);
+        goto out;
+    }
+    st_meta want[TD_CKPT_NKEYS];
+    const int nw = ckpt_settings(m, want);
+    for (int i = 1; i < nw; i++) {
+        const char *got = meta_get(meta, nmeta, want[i].key);
+        if (!got || strcmp(got, want[i].value)) {
+            st = td_fail(m, TD_ERR_CONFIG, "%s: '%s' was written for %s=%s, this model has %s=%s. HINT: resume with the configuration (model, stage layout, optimizer) the checkpoint was written with", fn, path,
+                         want[i].key, got ? got : "(missing)", want[i].key, want[i].value);
+            goto out;
+        }
+    }
+    if (!parse_count(meta_get(meta, nmeta, "step"), &step) || !parse_count(meta_get(meta, nmeta, "data_position"), &data_position)) {
+        st = td_fail(m, TD_ERR_FORMAT, "%s: '%s' has step=%s, data_position=%s in its __metadata__; both must be non-negative integers", fn, path,
+                     meta_get(meta, nmeta, "step") ? meta_get(meta, nmeta, "step") : "(missing)",
+                     meta_get(meta, nmeta, "data_position") ? meta_get(meta, nmeta, "data_position") : "(missing)");
+        goto out;
+    }
+    /* then every tensor: parameters, m and v of each, with the table's shapes, inside the data */
+    const int need = 3 * m->nparams;
+    source = malloc(sizeof(int) * (size_t)(need ? need : 1));
+    if (!source) { st = td_fail(m, TD_ERR_NOMEM, "%s: out of memory", fn); goto out; }
+    const char *real = sizeof(td_real) == 8 ? "F64" : "F32";
+    const int es = (int)sizeof(td_real);
+    for (int k = 0; k < need; k++) {
+        const td_param *p = &m->params[k % (m->nparams ? m->nparams : 1)];
+        char name[TD_MAX_NAME * 2];
+        snprintf(name, sizeof name, "%s%s", CKPT_PREFIX[k / m->nparams], p->name);
+        int found = -1;
+        for (int i = 0; i < n && found < 0; i++)
+            if (!strcmp(entries[i].name, name)) found = i;
+        char want_shape[96];
+        shape_str(want_shape, sizeof want_shape, p->ndim, p->shape);
+        if (found < 0) {
+            st = td_fail(m, TD_ERR_FORMAT, "%s: '%s' lacks tensor '%s' (expected %s %s). HINT: the file is not a complete checkpoint of this stage", fn, path, name, real, want_shape);
+            goto out;
+        }
+        const st_entry *e = &entries[found];
+        int same = e->ndim == p->ndim && !strcmp(e->dtype, real);
+        for (int d = 0; same && d < p->ndim; d++) same = e->shape[d] == p->shape[d];
+        if (!same) {
+            char got[96];
+            shape_str(got, sizeof got, e->ndim, e->shape);
+            st = td_fail(m, TD_ERR_FORMAT, "%s: '%s' tensor '%s' is %s %s, the model expects %s %s", fn, path, name, e->dtype, got, real, want_shape);
+            goto out;
+        }
+        if (e->begin < 0 || e->end < e->begin || e->end > data_size || e->end - e->begin != p->numel * es) {
+            st = td_fail(m, TD_ERR_FORMAT, "%s: '%s' is truncated or corrupt: tensor '%s' has data_offsets [%lld, %lld] but the data section holds %lld bytes and the tensor needs %lld. HINT: resume from an earlier checkpoint", fn, path, name,
+                         (long long)e->begin, (long long)e->end, (long long)data_size, (long long)(p->numel * es));
+            goto out;
+        }
+        source[k] = found;
+    }
+    if (n != need) {
+        st = td_fail(m, TD_ERR_FORMAT, "%s: '%s' holds %d tensors, a checkpoint of this stage has %d (parameters, adamw.m.*, adamw.v.*). HINT: the file belongs to another stage or model", fn, path, n, need);
+        goto out;
+    }
+    /* all checked: only now the model's state changes */
+    td_real *bufs[3] = {m->param_mem, m->m_mem, m->v_mem};
+    for (int k = 0; k < need; k++) {
+        const td_param *p = &m->params[k % m->nparams];
+        memcpy(bufs[k / m->nparams] + p->offset, buf + data_start + entries[source[k]].begin, (size_t)p->numel * sizeof(td_real));
+    }
+    m->step = step;
+    if (out_data_position) *out_data_position = data_position;
+out:
+    free(buf);
+    free(entries);
+    free(source);
     return st;
 }
