@@ -36,8 +36,8 @@ def read_toml(path: Path) -> dict:
 def take(where: str, table: Any, spec: dict) -> dict:
     """Check `table` against spec {key: (type, default)} (default `...` = required) and return
     the values. Unknown keys, missing keys and wrong types raise ConfigError with the key path.
-    type: int, float (ints accepted), str, bool, list (of str), "ints", "tables" (a list of tables) or
-    dict (both left to the caller)."""
+    type: int, float (ints accepted), str, bool, list (of str), "ints" (a list of integers),
+    "tables" (a list of tables) or dict (tables and dicts are left to the caller)."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {table!r}")
     unknown = sorted(set(table) - set(spec))

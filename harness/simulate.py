@@ -12,7 +12,7 @@ step. Validation points and the CLI live in harness.simulate_cli; network costs 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness import flops as flops_mod
@@ -126,7 +126,7 @@ def load_costs(path: Path = COSTS_FILE) -> Costs:
     return Costs(**vals)
 
 
-# ---- a job: model x cluster x layout --------------------------------------------------------------
+# ---- a job: model x cluster x layout ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class Job:
     distributed_optimizer: bool = True  # optimizer state and step sharded over dp
     order: str = "tp,dp,pp"  # placement, innermost first
     compute_scale: float = 1.0  # multiplies every compute time (calibration on a measured run)
-    costs: Costs = field(default=None)  # type: ignore[assignment]
+    costs: Costs | None = None  # None: suites/simulate/costs.toml (filled in by check_job)
 
     @property
     def gpus(self) -> int:
@@ -162,6 +162,8 @@ class Job:
 
 
 def check_job(j: Job) -> Job:
+    """Raise ConfigError naming the setting unless `j` is a layout the model can simulate;
+    returns `j` with its costs loaded."""
     where = "layout"
     for k in ("tp", "pp", "dp", "chunks", "microbatches", "microbatch_size", "seq_len"):
         v = getattr(j, k)
@@ -216,7 +218,7 @@ def parse_layout(text: str) -> dict:
     return out
 
 
-# ---- per-stage compute -----------------------------------------------------------------------------
+# ---- per-stage compute --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,7 @@ def stage_costs(j: Job) -> list:
     return out
 
 
-# ---- the step ---------------------------------------------------------------------------------------
+# ---- the step -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -407,7 +409,8 @@ def simulate_step(j: Job) -> Result:
         "shared_device_wait": step - pipe_end - t_opt,
     }
     tps = j.tokens / step
-    peak = j.gpus * j.cluster.gpu.peak_flops
+    # MFU against the GPUs used: one, when every rank shares it
+    peak = (1 if j.cluster.shared_device else j.gpus) * j.cluster.gpu.peak_flops
     return Result(j, step, tps, m.flops_per_token(j.seq_len) * tps / peak,
                   m.flops_per_token(j.seq_len, "palm") * tps / peak, sim.bubble, breakdown,
                   p2p, max(dp_times), algo, t_opt, sim)

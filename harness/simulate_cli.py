@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness import netmodel as nm
@@ -193,7 +192,7 @@ def validation_table(checks: list) -> str:
     return "\n".join(lines)
 
 
-# ---- projection and scaling -----------------------------------------------------------------------
+# ---- projection and scaling ---------------------------------------------------------------------
 
 
 def load_projection(path: Path = PROJECTION_FILE) -> dict:
@@ -284,7 +283,7 @@ def amdahl_lines(r: sm.Result, speedup: float) -> list:
     return lines
 
 
-# ---- output ---------------------------------------------------------------------------------------
+# ---- output -------------------------------------------------------------------------------------
 
 
 def result_dict(r: sm.Result) -> dict:
@@ -359,7 +358,7 @@ def write_outputs(out: Path, checks: list, proj_result, curve: list, claim: dict
     return [out / "simulate.parquet", out / "simulate.json"]
 
 
-# ---- CLI --------------------------------------------------------------------------------------------
+# ---- CLI ----------------------------------------------------------------------------------------
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -450,4 +449,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = ["load_points", "check_point", "validate", "validation_table", "load_projection",
-           "projection_job", "scaling_curve", "fixed_batch_curve", "amdahl_rows", "amdahl_lines", "result_dict", "write_outputs"]
+           "projection_job", "scaling_curve", "fixed_batch_curve", "amdahl_rows", "amdahl_lines",
+           "result_dict", "write_outputs"]

@@ -153,7 +153,7 @@ def test_oversubscription_only_slows_groups_that_exceed_pod_uplinks():
     assert nm.nic_bw(net, 2000, 3072) == pytest.approx(full / 7)
 
 
-# ---- bad input ------------------------------------------------------------------------------------
+# ---- bad input ----------------------------------------------------------------------------------
 
 
 def _cluster_text():
@@ -233,7 +233,7 @@ def test_cli_bad_input_exits_2(capsys):
     assert "exceeds the NVLink domain" in capsys.readouterr().err
 
 
-# ---- Amdahl, CLI output, report -------------------------------------------------------------------
+# ---- Amdahl, CLI output, report -----------------------------------------------------------------
 
 
 def test_amdahl():
