@@ -17,7 +17,19 @@ from typing import Any
 
 from harness.errors import ConfigError
 
-SUITES = Path(__file__).resolve().parent.parent / "suites"
+
+
+def _suites_root() -> Path:
+    """suites/ inside the installed package (the wheel puts it in harness/suites), else the
+    source checkout's, as harness.config.suite_dirs looks them up."""
+    pkg = Path(__file__).resolve().parent
+    for d in (pkg / "suites", pkg.parent / "suites"):
+        if (d / "clusters").is_dir():
+            return d
+    return pkg.parent / "suites"
+
+
+SUITES = _suites_root()
 ALGORITHMS = ("ring", "tree", "auto")
 
 # ---- strict TOML tables -------------------------------------------------------------------------

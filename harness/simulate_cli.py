@@ -137,6 +137,41 @@ def replay_step_s(v: dict) -> tuple:
     return sim.makespan + ar + opt, sim.bubble
 
 
+DEVICE_CLUSTERS = (("H100", "h100-sxm"), ("H200", "h200-sxm"))
+
+
+def calibration_scale(records: str, case: str, cluster: str | None = None) -> tuple:
+    """(compute scale, what it was computed from) of a one-stage engine run in a `tandem bench`
+    records file: measured step ÷ the cost model's step for the same GPT-2 shape, batch and
+    micro-batching on `cluster` (default: the cluster of the record's device, H100 or H200).
+    Multiplying a job's compute times by it carries the engine's measured speed to the target."""
+    df = _records(records)
+    rows = df[(df.case == case) & (df.side == "engine") & (df.metric == "step_ms")]
+    if rows.empty:
+        raise DataError(f"{records}: no engine step_ms rows for case {case!r}")
+    r = rows.iloc[0]
+    if int(r.stages) != 1:
+        raise ConfigError(f"--calibrate {records} {case!r}: a {int(r.stages)}-stage case; "
+                          f"calibrate on a one-stage case (its compute alone)")
+    if cluster is None:
+        cluster = next((c for key, c in DEVICE_CLUSTERS if key in str(r.device)), None)
+        if cluster is None:
+            raise ConfigError(f"--calibrate: no cluster file for device {r.device!r}; HINT: "
+                              f"name one with --calibrate-cluster")
+    M = int(r.microbatches)
+    if int(r.batch_size) % M:
+        raise DataError(f"{records}: case {case!r} batch {int(r.batch_size)} is not a multiple "
+                        f"of its {M} micro-batches")
+    model = sm.Model(f"{case} shape", "gpt2", int(r.n_layer), int(r.n_embd), int(r.n_head),
+                     int(r.vocab_size), int(r.seq_len))
+    job = sm.Job(model, nm.load_cluster(cluster), microbatches=M,
+                 microbatch_size=int(r.batch_size) // M, seq_len=int(r.seq_len))
+    measured = measured_step_s(records, case)
+    scale = measured / sm.simulate_step(job).step_s
+    return scale, (f"{case} in {records} on {r.device}: measured {measured * 1e3:.1f} ms, "
+                   f"model on {cluster} {measured / scale * 1e3:.1f} ms")
+
+
 @dataclass(frozen=True)
 class Check:
     point: Point
@@ -289,8 +324,8 @@ def amdahl_lines(r: sm.Result, speedup: float) -> list:
 def result_dict(r: sm.Result) -> dict:
     j = r.job
     return {
-        "model": j.model.name, "cluster": j.cluster.name, "gpus": j.gpus, "tp": j.tp, "pp": j.pp,
-        "dp": j.dp, "chunks": j.chunks, "schedule": j.schedule, "microbatches": j.microbatches,
+        "compute_scale": j.compute_scale, "model": j.model.name, "cluster": j.cluster.name,
+        "gpus": j.gpus, "tp": j.tp, "pp": j.pp, "dp": j.dp, "chunks": j.chunks, "schedule": j.schedule, "microbatches": j.microbatches,
         "microbatch_size": j.microbatch_size, "seq_len": j.seq_len,
         "global_batch_tokens": j.tokens, "step_s": r.step_s, "tokens_per_s": r.tokens_per_s,
         "mfu": r.mfu, "mfu_palm": r.mfu_palm, "bubble": r.bubble, "p2p_s": r.p2p_s,
@@ -374,6 +409,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dp-overlap", action="store_true",
                    help="start the gradient reduction after the last backward, not with it")
     p.add_argument("--order", default="tp,dp,pp", choices=sm.ORDERS)
+    p.add_argument("--calibrate", nargs=2, metavar=("RECORDS", "CASE"),
+                   help="scale compute times by a one-stage engine run's measured step ÷ the "
+                        "model's (a `tandem bench` records.parquet and its case)")
+    p.add_argument("--calibrate-cluster", metavar="C",
+                   help="cluster of the --calibrate run (default: from its device, H100/H200)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--validate", action="store_true",
                    help="print the validation table; exit 1 if a point is outside its bound")
@@ -394,12 +434,17 @@ def run(args: argparse.Namespace) -> int:
         if not args.cluster:
             raise ConfigError("--model needs --cluster (suites/clusters/*.toml)")
         lay = sm.parse_layout(args.layout)
+        scale, why = 1.0, ""
+        if args.calibrate:
+            scale, why = calibration_scale(*args.calibrate, args.calibrate_cluster)
         j = sm.Job(sm.load_model(args.model), nm.load_cluster(args.cluster), **lay,
                    schedule=args.schedule, microbatches=args.microbatches,
                    microbatch_size=args.microbatch_size, seq_len=args.seq,
                    tp_overlap=args.tp_overlap, dp_overlap=not args.no_dp_overlap,
-                   order=args.order)
+                   order=args.order, compute_scale=scale)
         r = sm.simulate_step(j)
+        if why and not args.json:
+            print(f"calibrated: compute x {scale:.3f} ({why})")
         if args.json:
             print(json.dumps(result_dict(r), indent=1))
         else:

@@ -16,7 +16,7 @@ from harness import schedule as sched
 from harness import simulate as sm
 from harness import simulate_cli as cli
 from harness.cli import main
-from harness.errors import ConfigError
+from harness.errors import ConfigError, DataError
 
 POINTS = cli.load_points()
 
@@ -231,6 +231,31 @@ def test_cli_bad_input_exits_2(capsys):
     assert main(["simulate", "--model", "gpt2-124m", "--cluster", "h100-sxm",
                  "--layout", "tp=16"]) == 2
     assert "exceeds the NVLink domain" in capsys.readouterr().err
+
+
+def test_calibration_from_bench_records():
+    scale, why = cli.calibration_scale("results/gpu-pipeline/h100-2026-12-06-m16/records.parquet",
+                                       "350m-1stage-m16")
+    assert scale == pytest.approx(1.0, abs=0.01)  # that run is one the model was fitted on
+    assert "h100-sxm" in why and "221.1 ms" in why
+    with pytest.raises(ConfigError, match=r"a 4-stage case; calibrate on a one-stage case"):
+        cli.calibration_scale("results/gpu-pipeline/h100-2026-12-06-m16/records.parquet",
+                              "350m/schedule=zb-h1,stages=4,microbatches=16")
+    with pytest.raises(DataError, match=r"no engine step_ms rows for case 'nope'"):
+        cli.calibration_scale("results/gpu/bench-h200/records.parquet", "nope")
+
+
+def test_calibrated_job_scales_compute(capsys):
+    args = ["simulate", "--model", "gpt2-1.5b", "--cluster", "h100-sxm", "--layout",
+            "pp=4,dp=2", "--schedule", "zb-h1", "--microbatches", "8", "--json"]
+    import json
+
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--calibrate", "results/gpu/bench-1.5b-r5-h200/records.parquet",
+                        "gpt2-1.5b"]) == 0
+    cal = json.loads(capsys.readouterr().out)
+    assert cal["compute_scale"] > 1 and cal["step_s"] > plain["step_s"]
 
 
 # ---- Amdahl, CLI output, report -----------------------------------------------------------------
