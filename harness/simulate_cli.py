@@ -408,7 +408,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="share of tensor-parallel communication hidden under GEMMs (0..1)")
     p.add_argument("--no-dp-overlap", action="store_true",
                    help="start the gradient reduction after the last backward, not with it")
-    p.add_argument("--order", default="tp,dp,pp", choices=sm.ORDERS)
+    p.add_argument("--order", default="tp,dp,pp", choices=sm.ORDERS, metavar="ORDER",
+                   help="placement, innermost first: tp,dp,pp (Megatron-LM's, the default) or "
+                        "tp,pp,dp (Llama 3's: data parallelism outermost)")
     p.add_argument("--calibrate", nargs=2, metavar=("RECORDS", "CASE"),
                    help="scale compute times by a one-stage engine run's measured step ÷ the "
                         "model's (a `tandem bench` records.parquet and its case)")
