@@ -30,6 +30,24 @@ td_status td_plan_read(td_rank_plan *plan, char *err, size_t errlen, const char 
     return st;
 }
 
+/* One integer field of a schedule row and the ',' after it (last = 1: the end of the row, blanks
+ * aside). strtoll with a range check: sscanf's %d reads 4294967296 as 0. */
+static int plan_field(const char **s, int *out, int last) {
+    char *e;
+    errno = 0;
+    long long v = strtoll(*s, &e, 10);
+    if (e == *s || errno == ERANGE || v < INT32_MIN || v > INT32_MAX) return 0;
+    if (last) {
+        while (*e == ' ' || *e == '\t' || *e == '\r') e++;
+        if (*e != '\n' && *e != 0) return 0;
+    } else if (*e++ != ',') {
+        return 0;
+    }
+    *s = e;
+    *out = (int)v;
+    return 1;
+}
+
 td_status td_plan_parse(td_rank_plan *plan, char *err, size_t errlen, FILE *f, const char *path,
                         int rank, int64_t stages, int64_t microbatches) {
     char line[256];
@@ -48,8 +66,20 @@ td_status td_plan_parse(td_rank_plan *plan, char *err, size_t errlen, FILE *f, c
         /* fgets splits a longer line: its tail would read as a row of its own */
         if (!strchr(line, '\n') && !feof(f))
             return FAIL(TD_ERR_FORMAT, "schedule '%s' line %d: longer than %d characters: '%.60s...'", path, lineno, (int)sizeof line - 2, line);
-        if (line[0] == '\n' || line[0] == 0) continue;
-        if (sscanf(line, "%d,%d,%7[A-Z],%d,%d", &r, &idx, kind, &stage, &mb) != 5) {
+        line[strcspn(line, "\r\n")] = 0; /* messages quote the row without its end */
+        if (line[0] == 0) continue;
+        const char *p = line;
+        size_t nk = 0;
+        int ok = plan_field(&p, &r, 0) && plan_field(&p, &idx, 0);
+        while (ok && nk < sizeof kind - 1 && p[nk] >= 'A' && p[nk] <= 'Z') nk++;
+        if (ok && nk && p[nk] == ',') {
+            memcpy(kind, p, nk);
+            kind[nk] = 0;
+            p += nk + 1;
+        } else {
+            ok = 0;
+        }
+        if (!ok || !plan_field(&p, &stage, 0) || !plan_field(&p, &mb, 1)) {
             return FAIL(TD_ERR_FORMAT, "schedule '%s' line %d: cannot parse '%.60s'", path, lineno, line);
         }
         if (r != rank) continue;

@@ -41,6 +41,11 @@ REGRESSIONS = {
         r"more than a file can hold",
     # a 300-character row: fgets split it and its tail was read as a second action
     "schedule/long-line.csv": r"TD_ERR_FORMAT: schedule 'fuzz.csv' line 2: longer than 254",
+    # sscanf's %d read stage 4294967296 as 0, and rank 4294967296 as rank 0
+    "schedule/int-overflow.csv":
+        r"TD_ERR_FORMAT: schedule 'fuzz.csv' line 2: cannot parse '0,0,F,4294967296,0'$",
+    # sscanf ignored what followed the last field
+    "schedule/trailing-junk.csv": r"TD_ERR_FORMAT: .* line 2: cannot parse '0,0,F,0,0junk'$",
     # a 2050-character path: its tail was read as a line of its own ("n_layer 99")
     "runfile/long-line.run": r"TD_ERR_CONFIG: run file 'fuzz.run' line 1: longer than 2046",
     # strtoll stopped at the 'x' and n_layer became 2
