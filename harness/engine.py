@@ -557,6 +557,109 @@ class Ops:
                    float(dloss), N, V)
         return d
 
+    # -- the Llama family's ops: td_op_real buffers (float32 here, float64 in libtandem_f64) --
+    @classmethod
+    def for_variant(cls, variant: str) -> "Ops":
+        """Ops on the "fp32" or "f64" library; only the Llama ops run on "f64" (the
+        finite-difference tests use it), their arrays then being float64."""
+        ops = cls.__new__(cls)
+        ops._lib = load_library(variant)
+        return ops
+
+    _LLAMA_SIGS = {  # r: a td_op_real buffer, i32/i64/f64: scalars
+        "td_op_rmsnorm_forward": "r r r r i32 i32 f64",
+        "td_op_rmsnorm_backward": "r r r r r r i32 i32",
+        "td_op_rope_forward": "r r i32 i32 i32 i32 f64",
+        "td_op_rope_backward": "r r i32 i32 i32 i32 f64",
+        "td_op_swiglu_forward": "r r r i64",
+        "td_op_swiglu_backward": "r r r r r i64",
+        "td_op_gqa_attention_forward": "r r r r r i32 i32 i32 i32 i32",
+        "td_op_gqa_attention_backward": "r r r r r r r r i32 i32 i32 i32 i32",
+    }
+
+    def _real(self) -> type:
+        return np.float64 if self._lib.td_real_bytes() == 8 else np.float32
+
+    def _llama(self, name: str, *args) -> None:
+        fn = getattr(self._lib, name)
+        if fn.argtypes is None:
+            kinds = {"r": C.c_void_p, "i32": C.c_int32, "i64": C.c_int64, "f64": C.c_double}
+            fn.restype, fn.argtypes = C.c_int, [kinds[k] for k in self._LLAMA_SIGS[name].split()]
+        conv = [a.ctypes.data_as(C.c_void_p) if isinstance(a, np.ndarray) else a for a in args]
+        self._call(name, *conv)
+
+    def _arr(self, a) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=self._real())
+
+    def rmsnorm_forward(self, x, w, eps: float):
+        """(out, rstd (N,)) for x (..., C)."""
+        x, w = self._arr(x), self._arr(w)
+        Cc = x.shape[-1]
+        N = x.size // Cc
+        out, rstd = np.empty_like(x), np.empty(N, x.dtype)
+        self._llama("td_op_rmsnorm_forward", out, rstd, x, w, N, Cc, float(eps))
+        return out, rstd
+
+    def rmsnorm_backward(self, dout, x, w, rstd):
+        """(dx, dw)."""
+        d, x, w, rstd = map(self._arr, (dout, x, w, rstd))
+        Cc = x.shape[-1]
+        N = x.size // Cc
+        dx, dw = np.empty_like(x), np.zeros(Cc, x.dtype)
+        self._llama("td_op_rmsnorm_backward", dx, dw, d, x, w, rstd, N, Cc)
+        return dx, dw
+
+    def rope_forward(self, x_BTNH, theta: float):
+        x = self._arr(x_BTNH)
+        B, T, NH, HS = x.shape
+        out = np.empty_like(x)
+        self._llama("td_op_rope_forward", out, x, B, T, NH, HS, float(theta))
+        return out
+
+    def rope_backward(self, dout_BTNH, theta: float):
+        d = self._arr(dout_BTNH)
+        B, T, NH, HS = d.shape
+        dx = np.empty_like(d)
+        self._llama("td_op_rope_backward", dx, d, B, T, NH, HS, float(theta))
+        return dx
+
+    def swiglu_forward(self, gate, up):
+        g, u = self._arr(gate), self._arr(up)
+        if g.shape != u.shape:
+            raise EngineError(f"swiglu: gate {g.shape} and up {u.shape} differ", "TD_ERR_ARG")
+        out = np.empty_like(g)
+        self._llama("td_op_swiglu_forward", out, g, u, g.size)
+        return out
+
+    def swiglu_backward(self, dout, gate, up):
+        """(dgate, dup)."""
+        d, g, u = self._arr(dout), self._arr(gate), self._arr(up)
+        dg, du = np.empty_like(g), np.empty_like(u)
+        self._llama("td_op_swiglu_backward", dg, du, d, g, u, g.size)
+        return dg, du
+
+    def gqa_attention_forward(self, q_BTNH, k_BTKH, v_BTKH):
+        """(out (B, T, NH, HS), att (B, NH, T, T))."""
+        q, k, v = self._arr(q_BTNH), self._arr(k_BTKH), self._arr(v_BTKH)
+        B, T, NH, HS = q.shape
+        NKV = k.shape[2]
+        if k.shape != (B, T, NKV, HS) or v.shape != k.shape:
+            raise EngineError(f"gqa_attention: q {q.shape}, k {k.shape}, v {v.shape} do not "
+                              "fit (B, T, NH, HS) and (B, T, NKV, HS)", "TD_ERR_ARG")
+        out, att = np.empty_like(q), np.empty((B, NH, T, T), q.dtype)
+        self._llama("td_op_gqa_attention_forward", out, att, q, k, v, B, T, NH, NKV, HS)
+        return out, att
+
+    def gqa_attention_backward(self, dout_BTNH, q_BTNH, k_BTKH, v_BTKH, att):
+        """(dq, dk, dv)."""
+        d, q, k, v, att = map(self._arr, (dout_BTNH, q_BTNH, k_BTKH, v_BTKH, att))
+        B, T, NH, HS = q.shape
+        NKV = k.shape[2]
+        dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+        self._llama("td_op_gqa_attention_backward", dq, dk, dv, d, q, k, v, att, B, T, NH, NKV,
+                    HS)
+        return dq, dk, dv
+
 
 def read_tokens(path, vocab_size: int = 0) -> np.ndarray:
     """Read a token shard through the engine's own reader (the same checks the engine applies)."""

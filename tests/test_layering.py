@@ -128,6 +128,7 @@ def python_violations(root: Path, exceptions=PY_EXCEPTIONS,
 C_LAYER = {
     "gemm.c": 1,      # the GEMM
     "kernels.c": 2,   # every op's maths, on the GEMM
+    "llama_ops.c": 2,  # the Llama family's own ops (RMSNorm, RoPE, SwiGLU, GQA attention)
     "optim.c": 3,     # AdamW over the model's flat buffers
     "io.c": 3,        # safetensors and token shards
     "cuda_stub.c": 3,  # the CUDA backend's table in a CPU-only build
@@ -141,11 +142,13 @@ C_INCLUDES = {  # the local headers each file may include
     "kernels.h": {"internal.h", "gemm.h"},  # the ops, on the GEMM
     "gemm.c": {"gemm.h"},                 # the GEMM sees nothing of the ops
     "kernels.c": {"kernels.h"},
+    "llama_ops.h": {"internal.h"},        # the Llama ops (their GEMMs are td_gemm's)
+    "llama_ops.c": {"llama_ops.h"},
     "optim.c": {"internal.h"},
     "io.c": {"internal.h"},
     "cuda_stub.c": {"internal.h"},
-    "model.c": {"internal.h", "kernels.h"},
-    "ops_abi.c": {"internal.h", "kernels.h"},
+    "model.c": {"internal.h", "kernels.h", "llama_ops.h"},
+    "ops_abi.c": {"internal.h", "kernels.h", "llama_ops.h"},
     "api.c": {"internal.h", "kernels.h"},
 }
 # functions every layer may call, with the file that defines them and why they live there

@@ -194,6 +194,44 @@ td_status td_op_softmax_crossentropy_backward(float *dlogits_NV, const float *pr
                                               const int32_t *targets_N, double dloss, int32_t N,
                                               int32_t V);
 
+/* The Llama family's ops (engine/src/llama_ops.h). Their buffers hold td_op_real: float in
+ * libtandem, double in libtandem_f64 (built with TD_FLOAT64; td_real_bytes() says which), so
+ * that finite-difference tests run these very kernels in float64. Shapes: N rows, C channels,
+ * NH query heads, NKV key/value heads (dividing NH), HS head size (even for RoPE). */
+#ifdef TD_FLOAT64
+typedef double td_op_real;
+#else
+typedef float td_op_real;
+#endif
+/* out_NC = x * rstd * w, rstd_N = 1 / sqrt(mean(x^2) + eps) */
+td_status td_op_rmsnorm_forward(td_op_real *out_NC, td_op_real *rstd_N, const td_op_real *inp_NC,
+                                const td_op_real *w_C, int32_t N, int32_t C, double eps);
+td_status td_op_rmsnorm_backward(td_op_real *dinp_NC, td_op_real *dw_C,
+                                 const td_op_real *dout_NC, const td_op_real *inp_NC,
+                                 const td_op_real *w_C, const td_op_real *rstd_N, int32_t N,
+                                 int32_t C);
+/* Rotary embedding at positions 0..T-1, half-split: channel i < HS/2 pairs with i + HS/2 and
+ * turns by t * theta^(-2i/HS). out may be inp. The backward turns dout back (dinp may be dout). */
+td_status td_op_rope_forward(td_op_real *out_BTNH, const td_op_real *inp_BTNH, int32_t B,
+                             int32_t T, int32_t NH, int32_t HS, double theta);
+td_status td_op_rope_backward(td_op_real *dinp_BTNH, const td_op_real *dout_BTNH, int32_t B,
+                              int32_t T, int32_t NH, int32_t HS, double theta);
+/* out = silu(gate) * up, n elements */
+td_status td_op_swiglu_forward(td_op_real *out, const td_op_real *gate, const td_op_real *up,
+                               int64_t n);
+td_status td_op_swiglu_backward(td_op_real *dgate, td_op_real *dup, const td_op_real *dout,
+                                const td_op_real *gate, const td_op_real *up, int64_t n);
+/* Causal grouped-query attention; query head h reads key/value head h / (NH / NKV). */
+td_status td_op_gqa_attention_forward(td_op_real *out_BTNH, td_op_real *att_BHTT,
+                                      const td_op_real *q_BTNH, const td_op_real *k_BTKH,
+                                      const td_op_real *v_BTKH, int32_t B, int32_t T, int32_t NH,
+                                      int32_t NKV, int32_t HS);
+td_status td_op_gqa_attention_backward(td_op_real *dq_BTNH, td_op_real *dk_BTKH,
+                                       td_op_real *dv_BTKH, const td_op_real *dout_BTNH,
+                                       const td_op_real *q_BTNH, const td_op_real *k_BTKH,
+                                       const td_op_real *v_BTKH, const td_op_real *att_BHTT,
+                                       int32_t B, int32_t T, int32_t NH, int32_t NKV, int32_t HS);
+
 /* ---- training state: checkpoint and resume ------------------------------------------------- */
 
 /* Version of the checkpoint format (its safetensors __metadata__ "format_version"). */

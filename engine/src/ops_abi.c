@@ -1,12 +1,15 @@
 /* ops_abi.c — the td_op_* entry points: each engine kernel exposed on caller buffers so that
  * op-level parity tests reach exactly the code the model runs. Thin wrappers: argument checks
- * here, maths in kernels.c / gemm.c. fp32 builds only (td_real is float there).
+ * here, maths in kernels.c / gemm.c / llama_ops.c. The GPT-2 ops exist in fp32 builds only
+ * (td_real is float there); the Llama ops run in either build on td_op_real buffers.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
 #include "kernels.h"
+#include "llama_ops.h"
 
 #ifdef TD_FLOAT64
 #define FP32_ONLY() return td_fail_global(TD_ERR_STATE, "%s: op entry points exist in the fp32 library only", __func__)
@@ -183,5 +186,100 @@ td_status td_op_softmax_crossentropy_backward(float *dlogits, const float *probs
 #ifndef TD_FLOAT64
     td_softmax_crossentropy_backward(dlogits, probs, targets, dloss, N, V);
 #endif
+    return TD_OK;
+}
+
+/* ---- Llama family: buffers of td_op_real (= td_real: float, or double in the TD_FLOAT64 build) */
+
+td_status td_op_rmsnorm_forward(td_op_real *out, td_op_real *rstd, const td_op_real *inp,
+                                const td_op_real *w, int32_t N, int32_t C, double eps) {
+    CHECK_PTRS(out && rstd && inp && w);
+    CHECK_DIMS(N > 0 && C > 0);
+    if (!(eps > 0) || !isfinite(eps)) return td_fail_global(TD_ERR_ARG, "%s: eps=%g must be a finite number > 0", __func__, eps);
+    td_rmsnorm_forward(out, rstd, inp, w, N, C, eps);
+    return TD_OK;
+}
+
+td_status td_op_rmsnorm_backward(td_op_real *dinp, td_op_real *dw, const td_op_real *dout,
+                                 const td_op_real *inp, const td_op_real *w,
+                                 const td_op_real *rstd, int32_t N, int32_t C) {
+    CHECK_PTRS(dinp && dw && dout && inp && w && rstd);
+    CHECK_DIMS(N > 0 && C > 0);
+    td_rmsnorm_backward_input(dinp, dout, inp, w, rstd, N, C, 0);
+    td_rmsnorm_backward_weight(dw, dout, inp, rstd, N, C);
+    return TD_OK;
+}
+
+static td_status check_rope(const char *fn, int32_t HS, double theta) {
+    if (HS % 2) return td_fail_global(TD_ERR_ARG, "%s: head size HS=%d must be even (RoPE rotates pairs i, i + HS/2)", fn, HS);
+    if (!(theta > 0) || !isfinite(theta)) return td_fail_global(TD_ERR_ARG, "%s: theta=%g must be a finite number > 0", fn, theta);
+    return TD_OK;
+}
+
+td_status td_op_rope_forward(td_op_real *out, const td_op_real *inp, int32_t B, int32_t T,
+                             int32_t NH, int32_t HS, double theta) {
+    CHECK_PTRS(out && inp);
+    CHECK_DIMS(B > 0 && T > 0 && NH > 0 && HS > 0);
+    td_status st = check_rope(__func__, HS, theta);
+    if (st) return st;
+    td_rope_forward(out, inp, B, T, NH, HS, theta);
+    return TD_OK;
+}
+
+td_status td_op_rope_backward(td_op_real *dinp, const td_op_real *dout, int32_t B, int32_t T,
+                              int32_t NH, int32_t HS, double theta) {
+    CHECK_PTRS(dinp && dout);
+    CHECK_DIMS(B > 0 && T > 0 && NH > 0 && HS > 0);
+    td_status st = check_rope(__func__, HS, theta);
+    if (st) return st;
+    td_rope_backward(dinp, dout, B, T, NH, HS, theta);
+    return TD_OK;
+}
+
+td_status td_op_swiglu_forward(td_op_real *out, const td_op_real *gate, const td_op_real *up,
+                               int64_t n) {
+    CHECK_PTRS(out && gate && up);
+    CHECK_DIMS(n > 0);
+    td_swiglu_forward(out, gate, up, n);
+    return TD_OK;
+}
+
+td_status td_op_swiglu_backward(td_op_real *dgate, td_op_real *dup, const td_op_real *dout,
+                                const td_op_real *gate, const td_op_real *up, int64_t n) {
+    CHECK_PTRS(dgate && dup && dout && gate && up);
+    CHECK_DIMS(n > 0);
+    td_swiglu_backward(dgate, dup, dout, gate, up, n);
+    return TD_OK;
+}
+
+static td_status check_gqa(const char *fn, int32_t NH, int32_t NKV) {
+    if (NH % NKV) return td_fail_global(TD_ERR_ARG, "%s: n_kv_head NKV=%d does not divide n_head NH=%d", fn, NKV, NH);
+    return TD_OK;
+}
+
+td_status td_op_gqa_attention_forward(td_op_real *out, td_op_real *att, const td_op_real *q,
+                                      const td_op_real *k, const td_op_real *v, int32_t B,
+                                      int32_t T, int32_t NH, int32_t NKV, int32_t HS) {
+    CHECK_PTRS(out && att && q && k && v);
+    CHECK_DIMS(B > 0 && T > 0 && NH > 0 && NKV > 0 && HS > 0);
+    td_status st = check_gqa(__func__, NH, NKV);
+    if (st) return st;
+    td_gqa_attention_forward(out, att, q, k, v, B, T, NH, NKV, HS);
+    return TD_OK;
+}
+
+td_status td_op_gqa_attention_backward(td_op_real *dq, td_op_real *dk, td_op_real *dv,
+                                       const td_op_real *dout, const td_op_real *q,
+                                       const td_op_real *k, const td_op_real *v,
+                                       const td_op_real *att, int32_t B, int32_t T, int32_t NH,
+                                       int32_t NKV, int32_t HS) {
+    CHECK_PTRS(dq && dk && dv && dout && q && k && v && att);
+    CHECK_DIMS(B > 0 && T > 0 && NH > 0 && NKV > 0 && HS > 0);
+    td_status st = check_gqa(__func__, NH, NKV);
+    if (st) return st;
+    td_real *datt = malloc(sizeof(td_real) * (size_t)B * NH * T * T);
+    if (!datt) return td_fail_global(TD_ERR_NOMEM, "%s: out of memory", __func__);
+    td_gqa_attention_backward(dq, dk, dv, datt, dout, q, k, v, att, B, T, NH, NKV, HS);
+    free(datt);
     return TD_OK;
 }

@@ -1,0 +1,223 @@
+/* llama_ops.c — reference CPU kernels of the Llama family's own ops (RMSNorm, RoPE, SwiGLU,
+ * grouped-query attention), forward and backward.
+ *
+ * Written to be read and checked, like kernels.c: the textbook loop, OpenMP over independent
+ * rows, a fixed reduction order (bit-identical for a given thread count). The maths and the
+ * conventions (half-split RoPE, query head h -> kv head h / (NH / NKV)) are docs/model.md's.
+ * The projections around these ops are GEMMs (td_gemm with the public (out, in) weights).
+ */
+#include "llama_ops.h"
+
+#include <math.h>
+#include <string.h>
+
+/* ---- RMSNorm --------------------------------------------------------------------------------- */
+
+void td_rmsnorm_forward(td_real *out, td_real *rstd, const td_real *inp, const td_real *w, int N,
+                        int C, double eps) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        const td_real *x = inp + (int64_t)i * C;
+        double ss = 0.0;
+        for (int c = 0; c < C; c++) ss += (double)x[c] * x[c];
+        double r = 1.0 / sqrt(ss / C + eps);
+        td_real *o = out + (int64_t)i * C;
+        for (int c = 0; c < C; c++) o[c] = (td_real)(x[c] * r) * w[c];
+        rstd[i] = (td_real)r;
+    }
+}
+
+void td_rmsnorm_backward_input(td_real *dinp, const td_real *dout, const td_real *inp,
+                               const td_real *w, const td_real *rstd, int N, int C,
+                               int accumulate_dinp) {
+    /* y = w * x * r, r = (mean(x^2) + eps)^(-1/2), dr/dx_j = -r^3 x_j / C:
+     * dx_j = r * (w_j dy_j - xhat_j * mean_i(w_i dy_i xhat_i)), xhat = x * r */
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        const td_real *d = dout + (int64_t)i * C;
+        const td_real *x = inp + (int64_t)i * C;
+        const double r = rstd[i];
+        double dot = 0.0;
+        for (int c = 0; c < C; c++) dot += (double)w[c] * d[c] * (x[c] * r);
+        dot /= C;
+        td_real *di = dinp + (int64_t)i * C;
+        for (int c = 0; c < C; c++) {
+            td_real g = (td_real)(r * ((double)w[c] * d[c] - (x[c] * r) * dot));
+            di[c] = accumulate_dinp ? di[c] + g : g;
+        }
+    }
+}
+
+void td_rmsnorm_backward_weight(td_real *dw, const td_real *dout, const td_real *inp,
+                                const td_real *rstd, int N, int C) {
+#pragma omp parallel for schedule(static)
+    for (int c0 = 0; c0 < C; c0 += 64) { /* 64 channels per task, rows in order */
+        const int cn = C - c0 < 64 ? C - c0 : 64;
+        td_real s[64] = {0};
+        for (int i = 0; i < N; i++) {
+            const td_real *d = dout + (int64_t)i * C + c0, *x = inp + (int64_t)i * C + c0;
+            const td_real r = rstd[i];
+            for (int c = 0; c < cn; c++) s[c] += d[c] * (x[c] * r);
+        }
+        for (int c = 0; c < cn; c++) dw[c0 + c] += s[c];
+    }
+}
+
+/* ---- rotary position embedding ----------------------------------------------------------------- */
+
+/* One rotation of every (b, t, h) pair (i, i + HS/2) by +angle (sign = 1) or -angle (-1). The
+ * angle t * theta^(-2i/HS) is computed in double and its cos and sin rounded once. */
+static void rope_rotate(td_real *out, const td_real *inp, int B, int T, int NH, int HS,
+                        double theta, int sign) {
+    const int half = HS / 2;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        for (int i = 0; i < half; i++) {
+            const double angle = (double)t * pow(theta, -2.0 * i / HS);
+            const td_real c = (td_real)cos(angle), s = (td_real)(sign * sin(angle));
+            for (int b = 0; b < B; b++) {
+                for (int h = 0; h < NH; h++) {
+                    const int64_t at = (((int64_t)b * T + t) * NH + h) * HS;
+                    const td_real x1 = inp[at + i], x2 = inp[at + i + half];
+                    out[at + i] = x1 * c - x2 * s;
+                    out[at + i + half] = x2 * c + x1 * s;
+                }
+            }
+        }
+    }
+}
+
+void td_rope_forward(td_real *out, const td_real *inp, int B, int T, int NH, int HS,
+                     double theta) {
+    rope_rotate(out, inp, B, T, NH, HS, theta, 1);
+}
+
+void td_rope_backward(td_real *dinp, const td_real *dout, int B, int T, int NH, int HS,
+                      double theta) {
+    /* a rotation's Jacobian is the rotation; its transpose turns by the opposite angle */
+    rope_rotate(dinp, dout, B, T, NH, HS, theta, -1);
+}
+
+/* ---- SwiGLU ---------------------------------------------------------------------------------- */
+
+void td_swiglu_forward(td_real *out, const td_real *gate, const td_real *up, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const double g = gate[i];
+        out[i] = (td_real)(g / (1.0 + exp(-g))) * up[i];
+    }
+}
+
+void td_swiglu_backward(td_real *dgate, td_real *dup, const td_real *dout, const td_real *gate,
+                        const td_real *up, int64_t n) {
+    /* d silu(g) / dg = sig(g) (1 + g (1 - sig(g))) */
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const double g = gate[i], sig = 1.0 / (1.0 + exp(-g));
+        const td_real d = dout[i];
+        dgate[i] = (td_real)(sig * (1.0 + g * (1.0 - sig))) * up[i] * d;
+        dup[i] = (td_real)(g * sig) * d;
+    }
+}
+
+/* ---- grouped-query attention ----------------------------------------------------------------- */
+
+void td_gqa_attention_forward(td_real *out, td_real *att, const td_real *q, const td_real *k,
+                              const td_real *v, int B, int T, int NH, int NKV, int HS) {
+    const int group = NH / NKV;
+    const td_real scale = (td_real)(1.0 / sqrt((double)HS));
+#pragma omp parallel for collapse(3) schedule(static)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < NH; h++) {
+                const int kvh = h / group; /* consecutive query heads share a kv head */
+                const td_real *qt = q + (((int64_t)b * T + t) * NH + h) * HS;
+                td_real *a = att + (((int64_t)b * NH + h) * T + t) * T;
+                td_real maxv = -INFINITY;
+                for (int u = 0; u <= t; u++) {
+                    const td_real *ku = k + (((int64_t)b * T + u) * NKV + kvh) * HS;
+                    td_real s = 0;
+                    for (int i = 0; i < HS; i++) s += qt[i] * ku[i];
+                    s *= scale;
+                    a[u] = s;
+                    if (s > maxv) maxv = s;
+                }
+                td_real sum = 0;
+                for (int u = 0; u <= t; u++) {
+                    a[u] = (td_real)exp((double)(a[u] - maxv));
+                    sum += a[u];
+                }
+                const td_real inv = (td_real)1 / sum;
+                for (int u = 0; u <= t; u++) a[u] *= inv;
+                for (int u = t + 1; u < T; u++) a[u] = 0;
+                td_real *o = out + (((int64_t)b * T + t) * NH + h) * HS;
+                for (int i = 0; i < HS; i++) o[i] = 0;
+                for (int u = 0; u <= t; u++) {
+                    const td_real *vu = v + (((int64_t)b * T + u) * NKV + kvh) * HS;
+                    const td_real au = a[u];
+                    for (int i = 0; i < HS; i++) o[i] += au * vu[i];
+                }
+            }
+        }
+    }
+}
+
+void td_gqa_attention_backward(td_real *dq, td_real *dk, td_real *dv, td_real *datt,
+                               const td_real *dout, const td_real *q, const td_real *k,
+                               const td_real *v, const td_real *att, int B, int T, int NH,
+                               int NKV, int HS) {
+    const int group = NH / NKV;
+    const td_real scale = (td_real)(1.0 / sqrt((double)HS));
+    /* One (b, kv head) per iteration: it owns dk and dv of that head and dq of the query heads
+     * of its group, so no two threads write one element, and the adds into dk and dv run in a
+     * fixed order (query heads of the group in order, then t). */
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++) {
+        for (int kvh = 0; kvh < NKV; kvh++) {
+            for (int t = 0; t < T; t++) {
+                const int64_t kv_at = (((int64_t)b * T + t) * NKV + kvh) * HS;
+                memset(dk + kv_at, 0, sizeof(td_real) * HS);
+                memset(dv + kv_at, 0, sizeof(td_real) * HS);
+                for (int j = 0; j < group; j++)
+                    memset(dq + (((int64_t)b * T + t) * NH + kvh * group + j) * HS, 0,
+                           sizeof(td_real) * HS);
+            }
+            for (int j = 0; j < group; j++) {
+                const int h = kvh * group + j;
+                for (int t = 0; t < T; t++) {
+                    const td_real *a = att + (((int64_t)b * NH + h) * T + t) * T;
+                    td_real *da = datt + (((int64_t)b * NH + h) * T + t) * T;
+                    const int64_t q_at = (((int64_t)b * T + t) * NH + h) * HS;
+                    const td_real *d = dout + q_at, *qt = q + q_at;
+                    td_real *dqt = dq + q_at;
+                    /* through o = sum_u a[u] v[u] */
+                    for (int u = 0; u <= t; u++) {
+                        const int64_t u_at = (((int64_t)b * T + u) * NKV + kvh) * HS;
+                        const td_real *vu = v + u_at;
+                        td_real *dvu = dv + u_at;
+                        const td_real au = a[u];
+                        td_real s = 0;
+                        for (int i = 0; i < HS; i++) {
+                            s += vu[i] * d[i];
+                            dvu[i] += au * d[i];
+                        }
+                        da[u] = s;
+                    }
+                    /* through the softmax: dpre[u] = a[u] (da[u] - sum_w a[w] da[w]) */
+                    td_real dot = 0;
+                    for (int u = 0; u <= t; u++) dot += a[u] * da[u];
+                    for (int u = 0; u <= t; u++) {
+                        const td_real dpre = a[u] * (da[u] - dot) * scale;
+                        const int64_t u_at = (((int64_t)b * T + u) * NKV + kvh) * HS;
+                        const td_real *ku = k + u_at;
+                        td_real *dku = dk + u_at;
+                        for (int i = 0; i < HS; i++) {
+                            dqt[i] += ku[i] * dpre;
+                            dku[i] += qt[i] * dpre;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
