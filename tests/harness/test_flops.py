@@ -116,3 +116,94 @@ def test_formula_against_xla_cost_analysis():
     assert d_palm == 12 * L * C * 64
     assert d_xla == pytest.approx(d_palm, rel=0.05)  # softmax element-wise work: ~1 % more
     assert tandem[128] - tandem[64] == d_palm / 2
+
+
+# ---- Llama family ------------------------------------------------------------------------------
+
+LLAMA2_7B = dict(n_layer=32, n_embd=4096, n_head=32, n_kv_head=32, vocab_size=32000,
+                 ffn_dim=11008)
+LLAMA3_8B = dict(n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, vocab_size=128256,
+                 ffn_dim=14336)
+
+
+def test_llama_param_counts_match_the_public_checkpoints():
+    from harness.flops import llama_param_count
+
+    # the public safetensors files: Llama-2-7b 6,738,415,616 and Llama-3-8B 8,030,261,248
+    # parameters (untied embed_tokens and lm_head both counted)
+    assert llama_param_count(**LLAMA2_7B) == 6_738_415_616
+    assert llama_param_count(**LLAMA3_8B) == 8_030_261_248
+    assert llama_param_count(**LLAMA3_8B, include_embedding=False) == \
+        8_030_261_248 - 128256 * 4096
+
+
+def test_llama_flops_per_token_hand_count():
+    """Every matmul of a tiny Llama written out: 2 FLOPs per multiply-add forward, 3x for the
+    training step; RMSNorm weights as parameters (6 each per token), attention causal."""
+    from harness.flops import llama_flops_per_token
+
+    L, C, NH, NKV, V, F, T = 3, 64, 8, 2, 100, 176, 32
+    HS = C // NH
+    fwd_matmuls = (C * C          # q_proj
+                   + C * NKV * HS  # k_proj
+                   + C * NKV * HS  # v_proj
+                   + C * C          # o_proj
+                   + C * F + C * F  # gate_proj, up_proj
+                   + F * C)         # down_proj
+    per_token_fwd = L * 2 * fwd_matmuls + 2 * C * V  # + lm_head; embed_tokens is a lookup
+    norms = 2 * C * L + C  # input_layernorm, post_attention_layernorm, model.norm
+    attn_fwd_full = L * (2 * T * C + 2 * T * C)  # q·k over T keys, p·v over T values
+    tandem = 3 * per_token_fwd + 6 * norms + 3 * attn_fwd_full // 2
+    palm = 3 * per_token_fwd + 6 * norms + 3 * attn_fwd_full
+    assert llama_flops_per_token(L, C, NH, NKV, V, F, T) == tandem == 870_528
+    assert llama_flops_per_token(L, C, NH, NKV, V, F, T, convention="palm") == palm
+    # GQA saves only projections: against MHA (NKV = NH) the difference is k and v's weights
+    mha = llama_flops_per_token(L, C, NH, NH, V, F, T)
+    assert mha - tandem == 6 * L * 2 * C * (C - NKV * HS)
+    with pytest.raises(ValueError, match="n_kv_head must divide n_head"):
+        llama_flops_per_token(L, C, NH, 3, V, F, T)
+    with pytest.raises(ValueError, match="convention = 'x'"):
+        llama_flops_per_token(L, C, NH, NKV, V, F, T, convention="x")
+
+
+def test_llama_flops_for_case_dispatches_on_family():
+    import types
+
+    from harness.flops import llama_flops_per_token
+
+    m = types.SimpleNamespace(family="llama", n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                              vocab_size=50, ffn_dim=96, n_positions=16)
+    case = types.SimpleNamespace(model=m, seq_len=16)
+    assert flops_for_case(case) == llama_flops_per_token(2, 64, 4, 2, 50, 96, 16)
+    assert flops_for_case(case, "palm") == llama_flops_per_token(2, 64, 4, 2, 50, 96, 16, "palm")
+    with pytest.raises(ValueError, match="seq_len = 32 exceeds n_positions = 16"):
+        flops_for_case(types.SimpleNamespace(model=m, seq_len=32))
+
+
+@pytest.mark.slow
+def test_llama_formula_against_xla_cost_analysis():
+    """XLA's count of reference.llama's training step: ≈ palm (it computes full T×T scores per
+    query head, and adds element-wise work), and the attention term grows like 12·L·C per
+    extra position whatever n_kv_head is."""
+    import jax
+    import jax.numpy as jnp
+
+    from harness.flops import llama_flops_per_token
+    from reference import llama
+
+    def xla(cfg, T, B=2):
+        shapes = {k: jax.ShapeDtypeStruct(s, jnp.float32)
+                  for k, s in llama.param_shapes(cfg).items()}
+        tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
+        fn = jax.jit(lambda p, x, y: llama.loss_and_grads(p, x, y, cfg))
+        cost = fn.lower(shapes, tok, tok).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return cost["flops"] / (B * T)
+
+    cfg = llama.LlamaConfig(2, 256, 8, 2, 1024, 688, 128)
+    args = (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size, cfg.ffn_dim)
+    got = {T: xla(cfg, T) for T in (64, 128)}
+    palm = {T: llama_flops_per_token(*args, T, convention="palm") for T in (64, 128)}
+    assert got[64] == pytest.approx(palm[64], rel=0.03)
+    assert got[64] > palm[64]
+    assert got[128] - got[64] == pytest.approx(palm[128] - palm[64], rel=0.05)
