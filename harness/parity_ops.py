@@ -161,6 +161,17 @@ def kernels(model, B: int, T: int, seed: int, threads: int = 1) -> Iterator[Comp
     want, g_x = _vjp_gelu(x, dout)
     yield "gelu.out", k.gelu_forward(x), _np(want)
     yield "gelu.dx", k.gelu_backward(x, dout), _np(g_x)
+    # GELU's negative tail, where it curves and its output is small: on N(0, 2^2) inputs the
+    # relative L2 is carried by large x, where GELU(x) ~ x whatever its constants, so a cubic
+    # coefficient off by 1e-4 relative moves it by ~1e-6 (below the gate); on [-3, -1] by
+    # ~2.8e-5 (measured). Not further out: the fp32 reference's 1 + tanh(u) cancels there
+    # (2e-6 of error at [-3.5, -1.5], 1e-5 at [-5, -2], against 7e-7 here).
+    tail = np.random.default_rng([seed, 5, T])
+    x = tail.uniform(-3.0, -1.0, (B, T, 4 * C)).astype(np.float32)
+    dout = _normal(tail, B, T, 4 * C)
+    want, g_x = _vjp_gelu(x, dout)
+    yield "gelu_tail.out", k.gelu_forward(x), _np(want)
+    yield "gelu_tail.dx", k.gelu_backward(x, dout), _np(g_x)
 
     logits, targets = 2.0 * _normal(rng, N, V), rng.integers(0, V, N).astype(np.int32)
     probs, losses = k.softmax_crossentropy_forward(logits, targets)

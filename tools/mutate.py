@@ -156,6 +156,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+QUIET_S = 2.0  # seconds of silence after a failing case line: its table is complete
 _CASE = re.compile(r"^\[\d+/\d+\] (\S+)\s+(PASS|FAIL|ERROR)\b")
 _ROW = re.compile(r"^  (\S+)\s{2,}(.+?)\s+\S+\s+\S+\s+\S+%\s+FAIL$")
 _NOTE = re.compile(r"^  (\S+)\s{2,}ERROR: (.*)$")
@@ -223,13 +224,27 @@ class Scratch:
         timer.start()
         lines: list[str] = []
         case, verdict, first, stopped = "", "", "", False
+        q: queue.Queue = queue.Queue()
+
+        def pump() -> None:
+            for raw in proc.stdout:
+                q.put(raw.rstrip("\n"))
+            q.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
         try:
-            for line in proc.stdout:
-                line = line.rstrip("\n")
+            while True:
+                try:  # a failing case's table is printed at once: a pause means it is complete
+                    line = q.get(timeout=QUIET_S if case and not full else None)
+                except queue.Empty:
+                    stopped = True
+                    break
+                if line is None:
+                    break
                 lines.append(line)
                 c = _CASE.match(line)
                 if case and not full and (c or line.startswith("parity: ")):
-                    stopped = True  # the failing case's table is complete
+                    stopped = True
                     break
                 if c and c.group(2) != "PASS" and not case:
                     case, verdict, first = c.group(1), c.group(2), f"{c.group(1)}: {c.group(2)}"
