@@ -68,6 +68,8 @@ def _declare(lib: C.CDLL) -> None:
         "td_model_set_float": (C.c_int, [vp, cp, f64]),
         "td_model_get_int": (C.c_int, [vp, cp, C.POINTER(i64)]),
         "td_model_build": (C.c_int, [vp]),
+        "td_model_profile": (C.c_int, [vp, i32, C.POINTER(cp), dp, C.POINTER(i64)]),
+        "td_model_profile_reset": (C.c_int, [vp]),
         "td_model_num_params": (C.c_int, [vp, C.POINTER(i32)]),
         "td_model_param_info": (C.c_int, [vp, i32, C.POINTER(cp), C.POINTER(i32),
                                           C.POINTER(i64), C.POINTER(i64), C.POINTER(i32)]),
@@ -175,7 +177,7 @@ class Model:
 
     _INT_KEYS = {"n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "seq_len",
                  "batch_size", "threads", "stage", "stages", "layer_begin", "layer_end", "slots",
-                 "split_backward", "backend", "bf16"}
+                 "split_backward", "backend", "bf16", "profile"}
     _BACKENDS = {"cpu": 0, "cuda": 1}
 
     def __init__(self, variant: str = "fp32", **config):
@@ -246,6 +248,20 @@ class Model:
         out = C.c_int64()
         self._check(self._lib.td_model_get_int(self._h, key.encode(), C.byref(out)))
         return out.value
+
+    def profile(self) -> dict[str, tuple[float, int]]:
+        """The CPU per-phase profile (needs profile=1): phase -> (wall seconds, calls), summed
+        since build or the last profile_reset, in the engine's phase order."""
+        out, i = {}, 0
+        name, sec, calls = C.c_char_p(), C.c_double(), C.c_int64()
+        while self._lib.td_model_profile(self._h, i, C.byref(name), C.byref(sec),
+                                         C.byref(calls)) == 0:
+            out[name.value.decode()] = (sec.value, calls.value)
+            i += 1
+        return out
+
+    def profile_reset(self) -> None:
+        self._check(self._lib.td_model_profile_reset(self._h))
 
     def set_float(self, key: str, value: float) -> None:
         self._check(self._lib.td_model_set_float(self._h, key.encode(), float(value)))

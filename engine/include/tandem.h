@@ -57,7 +57,8 @@ const char *td_model_last_error(const td_model *model);
  * default), stage, stages, layer_begin, layer_end (the stage's layers [begin, end); default: the
  * whole model on one stage), slots (activation sets kept at once; default 1), split_backward
  * (1 keeps per-slot gradients of activations so a backward can run as B then W; default 0),
- * backend (0 cpu, 1 cuda: on the current CUDA device), bf16 (1: bf16 compute, cuda only).
+ * backend (0 cpu, 1 cuda: on the current CUDA device), bf16 (1: bf16 compute, cuda only),
+ * profile (1: time each CPU phase, read with td_model_profile; may change after build).
  * Read-only integer keys (td_model_get_int): step, num_elements, io_bytes, device (the CUDA
  * device ordinal, -1 on the CPU), device_bytes (device memory the model allocated).
  * Float keys: lr, beta1, beta2, eps, weight_decay, grad_clip (0 = off).
@@ -67,6 +68,12 @@ td_status td_model_set_float(td_model *model, const char *key, double value);
 td_status td_model_get_int(const td_model *model, const char *key, int64_t *out_value);
 /* Validates the configuration, lays out the parameter table, allocates everything once. */
 td_status td_model_build(td_model *model);
+/* CPU per-phase profile (key profile = 1): phase `index` (0-based) as its name (static string),
+ * wall seconds spent in it on the calling thread and the number of calls, summed since build or
+ * the last reset; TD_ERR_RANGE past the last phase. Zeros while profile = 0. */
+td_status td_model_profile(const td_model *model, int32_t index, const char **out_name,
+                           double *out_seconds, int64_t *out_calls);
+td_status td_model_profile_reset(td_model *model);
 
 /* ---- parameter table ------------------------------------------------------------------------ */
 

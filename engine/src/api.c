@@ -127,7 +127,7 @@ static const key_entry INT_KEYS[] = {
     IKEY(n_layer), IKEY(n_embd), IKEY(n_head), IKEY(vocab_size), IKEY(n_positions),
     IKEY(seq_len), IKEY(batch_size), {"threads", offsetof(td_model, threads), 1}, IKEY(stage),
     IKEY(stages), IKEY(layer_begin), IKEY(layer_end), IKEY(slots), IKEY(split_backward),
-    IKEY(backend), IKEY(bf16),
+    IKEY(backend), IKEY(bf16), {"profile", offsetof(td_model, profile), 1},
 };
 #define FKEY(k) {#k, offsetof(td_model, k), 1}
 static const key_entry FLOAT_KEYS[] = {FKEY(lr), FKEY(beta1), FKEY(beta2), FKEY(eps),

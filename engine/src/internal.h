@@ -139,12 +139,23 @@ typedef struct td_backend_ops {
 /* The CUDA backend's table, or NULL when the library was built without CUDA. */
 const td_backend_ops *td_cuda_ops(void);
 
+/* Phases of the CPU per-phase profile (model.c names them; td_model_profile reads them). */
+typedef enum {
+    TD_PH_ENCODER_FWD, TD_PH_LAYERNORM_FWD, TD_PH_MATMUL_FWD, TD_PH_ATTENTION_FWD,
+    TD_PH_RESIDUAL_FWD, TD_PH_GELU_FWD, TD_PH_LM_HEAD_FWD, TD_PH_SOFTMAX_CE_FWD,
+    TD_PH_SOFTMAX_CE_BWD, TD_PH_LM_HEAD_BWD_INPUT, TD_PH_MATMUL_BWD_INPUT, TD_PH_GELU_BWD,
+    TD_PH_ATTENTION_BWD, TD_PH_LAYERNORM_BWD_INPUT, TD_PH_COPY_BWD, TD_PH_LM_HEAD_BWD_WEIGHT,
+    TD_PH_MATMUL_BWD_WEIGHT, TD_PH_LAYERNORM_BWD_WEIGHT, TD_PH_ENCODER_BWD, TD_PH_ADAMW,
+    TD_PH_COUNT
+} td_phase;
+
 struct td_model {
     /* configuration (td_model_set_*) */
     int64_t n_layer, n_embd, n_head, vocab_size, n_positions, seq_len, batch_size, threads;
     int64_t stage, stages, layer_begin, layer_end, slots, split_backward;
     int64_t backend; /* 0 cpu, 1 cuda */
     int64_t bf16;    /* 1: bf16 compute with fp32 master weights (cuda only) */
+    int64_t profile; /* 1: time every CPU phase (td_model_profile); off by default */
     const td_backend_ops *ops; /* NULL on the CPU */
     void *device;              /* the backend's own state */
     double lr, beta1, beta2, eps, weight_decay, grad_clip;
@@ -167,6 +178,11 @@ struct td_model {
     td_grad_store *gstore;  /* split_backward ? slots : 1 entries */
     td_scratch scratch;
 
+    /* CPU per-phase profile (profile = 1): wall seconds and calls per td_phase, summed since
+     * build or the last td_model_profile_reset */
+    double prof_s[TD_PH_COUNT];
+    int64_t prof_n[TD_PH_COUNT];
+
     char err[TD_ERR_LEN];
 };
 
@@ -187,6 +203,10 @@ const td_real *td_input_grad(const td_model *m, int32_t slot);
 int td_full_model_has(const td_model *m, const char *name);
 td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,
                            const td_real *dout_BTC);
+
+/* Per-phase profile: td_prof_now() before a phase, td_prof_add after (model.c). */
+double td_prof_now(void);
+void td_prof_add(td_model *m, td_phase ph, double started);
 
 /* optim.c */
 int64_t td_grad_norm_elems(const td_model *m);

@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <stdio.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -288,6 +289,56 @@ oom:
     return td_fail(m, TD_ERR_NOMEM, "td_model_build: out of memory laying out the model");
 }
 
+/* ---- per-phase profile ---------------------------------------------------------------------- */
+
+/* Names of td_phase, in its order. */
+static const char *const PHASE_NAME[TD_PH_COUNT] = {
+    "encoder_fwd", "layernorm_fwd", "matmul_fwd", "attention_fwd", "residual_fwd", "gelu_fwd",
+    "lm_head_fwd", "softmax_ce_fwd", "softmax_ce_bwd", "lm_head_bwd_input", "matmul_bwd_input",
+    "gelu_bwd", "attention_bwd", "layernorm_bwd_input", "copy_bwd", "lm_head_bwd_weight",
+    "matmul_bwd_weight", "layernorm_bwd_weight", "encoder_bwd", "adamw"};
+
+double td_prof_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void td_prof_add(td_model *m, td_phase ph, double started) {
+    m->prof_s[ph] += td_prof_now() - started;
+    m->prof_n[ph] += 1;
+}
+
+td_status td_model_profile(const td_model *m, int32_t index, const char **out_name,
+                           double *out_seconds, int64_t *out_calls) {
+    if (!m) return TD_ERR_ARG;
+    if (index < 0 || index >= TD_PH_COUNT) return TD_ERR_RANGE;
+    if (out_name) *out_name = PHASE_NAME[index];
+    if (out_seconds) *out_seconds = m->prof_s[index];
+    if (out_calls) *out_calls = m->prof_n[index];
+    return TD_OK;
+}
+
+td_status td_model_profile_reset(td_model *m) {
+    if (!m) return TD_ERR_ARG;
+    memset(m->prof_s, 0, sizeof m->prof_s);
+    memset(m->prof_n, 0, sizeof m->prof_n);
+    return TD_OK;
+}
+
+/* Runs `call` as phase ph: timed on the calling thread (fork/join included) when profiling,
+ * one predictable branch otherwise. */
+#define PHASE(m, ph, call)                                   \
+    do {                                                     \
+        if ((m)->profile) {                                  \
+            const double t0_ = td_prof_now();                \
+            call;                                            \
+            td_prof_add((m), (ph), t0_);                     \
+        } else {                                             \
+            call;                                            \
+        }                                                    \
+    } while (0)
+
 /* ---- forward --------------------------------------------------------------------------------- */
 
 /* The residual stream entering layer l (l == nl: leaving the last layer). */
@@ -300,30 +351,30 @@ td_status td_forward_slot(td_model *m, int32_t slot, float *logits_out, double *
     td_slot *s = &m->slot[slot];
     const int B = s->B, T = s->T, C = (int)m->n_embd, NH = (int)m->n_head, V = (int)m->vocab_size;
     const int BT = B * T;
-    if (m->has_embed) td_encoder_forward(s->input, s->tokens, m->P.wte, m->P.wpe, B, T, C);
+    if (m->has_embed) PHASE(m, TD_PH_ENCODER_FWD, td_encoder_forward(s->input, s->tokens, m->P.wte, m->P.wpe, B, T, C));
     for (int l = 0; l < m->nl; l++) {
         td_layer_acts *A = &s->layers[l];
         td_layer_ptrs *W = &m->P.layers[l];
         td_real *res = residual_in(s, l);
-        td_layernorm_forward(A->ln1, A->ln1_mean, A->ln1_rstd, res, W->ln1w, W->ln1b, BT, C);
-        td_linear_forward(A->qkv, A->ln1, W->qkvw, W->qkvb, BT, C, 3 * C);
-        td_attention_forward(A->atty, A->att, A->qkv, B, T, C, NH);
-        td_linear_forward(A->res2, A->atty, W->attprojw, W->attprojb, BT, C, C);
-        td_residual_forward(A->res2, res, A->res2, (int64_t)BT * C);
-        td_layernorm_forward(A->ln2, A->ln2_mean, A->ln2_rstd, A->res2, W->ln2w, W->ln2b, BT, C);
-        td_linear_forward(A->fch, A->ln2, W->fcw, W->fcb, BT, C, 4 * C);
-        td_gelu_forward(A->fch_gelu, A->fch, (int64_t)BT * 4 * C);
-        td_linear_forward(A->res3, A->fch_gelu, W->fcprojw, W->fcprojb, BT, 4 * C, C);
-        td_residual_forward(A->res3, A->res2, A->res3, (int64_t)BT * C);
+        PHASE(m, TD_PH_LAYERNORM_FWD, td_layernorm_forward(A->ln1, A->ln1_mean, A->ln1_rstd, res, W->ln1w, W->ln1b, BT, C));
+        PHASE(m, TD_PH_MATMUL_FWD, td_linear_forward(A->qkv, A->ln1, W->qkvw, W->qkvb, BT, C, 3 * C));
+        PHASE(m, TD_PH_ATTENTION_FWD, td_attention_forward(A->atty, A->att, A->qkv, B, T, C, NH));
+        PHASE(m, TD_PH_MATMUL_FWD, td_linear_forward(A->res2, A->atty, W->attprojw, W->attprojb, BT, C, C));
+        PHASE(m, TD_PH_RESIDUAL_FWD, td_residual_forward(A->res2, res, A->res2, (int64_t)BT * C));
+        PHASE(m, TD_PH_LAYERNORM_FWD, td_layernorm_forward(A->ln2, A->ln2_mean, A->ln2_rstd, A->res2, W->ln2w, W->ln2b, BT, C));
+        PHASE(m, TD_PH_MATMUL_FWD, td_linear_forward(A->fch, A->ln2, W->fcw, W->fcb, BT, C, 4 * C));
+        PHASE(m, TD_PH_GELU_FWD, td_gelu_forward(A->fch_gelu, A->fch, (int64_t)BT * 4 * C));
+        PHASE(m, TD_PH_MATMUL_FWD, td_linear_forward(A->res3, A->fch_gelu, W->fcprojw, W->fcprojb, BT, 4 * C, C));
+        PHASE(m, TD_PH_RESIDUAL_FWD, td_residual_forward(A->res3, A->res2, A->res3, (int64_t)BT * C));
     }
     if (!m->has_head) return TD_OK;
     td_real *res = residual_in(s, m->nl);
-    td_layernorm_forward(s->lnf, s->lnf_mean, s->lnf_rstd, res, m->P.lnfw, m->P.lnfb, BT, C);
-    td_gemm(s->probs, s->lnf, m->P.wte, BT, V, C, 0, 1, 0); /* logits = lnf @ wte^T */
+    PHASE(m, TD_PH_LAYERNORM_FWD, td_layernorm_forward(s->lnf, s->lnf_mean, s->lnf_rstd, res, m->P.lnfw, m->P.lnfb, BT, C));
+    PHASE(m, TD_PH_LM_HEAD_FWD, td_gemm(s->probs, s->lnf, m->P.wte, BT, V, C, 0, 1, 0)); /* logits = lnf @ wte^T */
     if (logits_out)
         for (int64_t i = 0; i < (int64_t)BT * V; i++) logits_out[i] = (float)s->probs[i];
     if (!with_targets) return TD_OK;
-    td_softmax_crossentropy_forward(s->probs, s->losses, s->targets, BT, V);
+    PHASE(m, TD_PH_SOFTMAX_CE_FWD, td_softmax_crossentropy_forward(s->probs, s->losses, s->targets, BT, V));
     double sum = 0.0;
     for (int i = 0; i < BT; i++) sum += s->losses[i];
     if (out_loss) *out_loss = sum / BT;
@@ -342,34 +393,34 @@ static void backward_input(td_model *m, td_slot *s, td_grad_store *g, double gra
     td_real *dres = m->scratch.dres;
     if (m->has_head) {
         /* loss = mean over BT rows: each row's d(loss) is grad_scale / BT */
-        td_softmax_crossentropy_backward(g->g_logits, s->probs, s->targets, grad_scale / BT, BT, V);
-        td_gemm(g->g_lnf, g->g_logits, m->P.wte, BT, C, V, 0, 0, 0); /* d lnf = dlogits @ wte */
-        td_layernorm_backward_input(dres, g->g_lnf, residual_in(s, m->nl), m->P.lnfw, s->lnf_mean,
-                                    s->lnf_rstd, BT, C, 0);
+        PHASE(m, TD_PH_SOFTMAX_CE_BWD, td_softmax_crossentropy_backward(g->g_logits, s->probs, s->targets, grad_scale / BT, BT, V));
+        PHASE(m, TD_PH_LM_HEAD_BWD_INPUT, td_gemm(g->g_lnf, g->g_logits, m->P.wte, BT, C, V, 0, 0, 0)); /* d lnf = dlogits @ wte */
+        PHASE(m, TD_PH_LAYERNORM_BWD_INPUT, td_layernorm_backward_input(dres, g->g_lnf, residual_in(s, m->nl), m->P.lnfw, s->lnf_mean,
+                                    s->lnf_rstd, BT, C, 0));
     } else {
-        memcpy(dres, dout_BTC, btc);
+        PHASE(m, TD_PH_COPY_BWD, memcpy(dres, dout_BTC, btc));
     }
     for (int l = m->nl - 1; l >= 0; l--) {
         td_layer_acts *A = &s->layers[l];
         td_layer_ptrs *W = &m->P.layers[l];
         td_layer_grads *L = &g->layers[l];
         /* MLP block: res3 = res2 + fcproj(gelu(fc(ln2(res2)))) */
-        memcpy(L->g_fcproj, dres, btc);
-        td_linear_backward_input(m->scratch.dfch_gelu, L->g_fcproj, W->fcprojw, BT, 4 * C, C, 0);
-        td_gelu_backward(L->g_fc, A->fch, m->scratch.dfch_gelu, (int64_t)BT * 4 * C);
-        td_linear_backward_input(L->g_ln2, L->g_fc, W->fcw, BT, C, 4 * C, 0);
-        td_layernorm_backward_input(dres, L->g_ln2, A->res2, W->ln2w, A->ln2_mean, A->ln2_rstd,
-                                    BT, C, 1);
+        PHASE(m, TD_PH_COPY_BWD, memcpy(L->g_fcproj, dres, btc));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, td_linear_backward_input(m->scratch.dfch_gelu, L->g_fcproj, W->fcprojw, BT, 4 * C, C, 0));
+        PHASE(m, TD_PH_GELU_BWD, td_gelu_backward(L->g_fc, A->fch, m->scratch.dfch_gelu, (int64_t)BT * 4 * C));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, td_linear_backward_input(L->g_ln2, L->g_fc, W->fcw, BT, C, 4 * C, 0));
+        PHASE(m, TD_PH_LAYERNORM_BWD_INPUT, td_layernorm_backward_input(dres, L->g_ln2, A->res2, W->ln2w, A->ln2_mean, A->ln2_rstd,
+                                    BT, C, 1));
         /* attention block: res2 = res + attproj(attention(qkv(ln1(res)))) */
-        memcpy(L->g_attproj, dres, btc);
-        td_linear_backward_input(m->scratch.datty, L->g_attproj, W->attprojw, BT, C, C, 0);
-        td_attention_backward(L->g_qkv, m->scratch.datt, m->scratch.datty, A->qkv, A->att, B, T,
-                              C, NH);
-        td_linear_backward_input(L->g_ln1, L->g_qkv, W->qkvw, BT, C, 3 * C, 0);
-        td_layernorm_backward_input(dres, L->g_ln1, residual_in(s, l), W->ln1w, A->ln1_mean,
-                                    A->ln1_rstd, BT, C, 1);
+        PHASE(m, TD_PH_COPY_BWD, memcpy(L->g_attproj, dres, btc));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, td_linear_backward_input(m->scratch.datty, L->g_attproj, W->attprojw, BT, C, C, 0));
+        PHASE(m, TD_PH_ATTENTION_BWD, td_attention_backward(L->g_qkv, m->scratch.datt, m->scratch.datty, A->qkv, A->att, B, T,
+                              C, NH));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, td_linear_backward_input(L->g_ln1, L->g_qkv, W->qkvw, BT, C, 3 * C, 0));
+        PHASE(m, TD_PH_LAYERNORM_BWD_INPUT, td_layernorm_backward_input(dres, L->g_ln1, residual_in(s, l), W->ln1w, A->ln1_mean,
+                                    A->ln1_rstd, BT, C, 1));
     }
-    memcpy(g->g_embed, dres, btc);
+    PHASE(m, TD_PH_COPY_BWD, memcpy(g->g_embed, dres, btc));
 }
 
 /* W: parameter gradients (accumulated) from what backward_input kept. */
@@ -377,24 +428,24 @@ static void backward_weight(td_model *m, td_slot *s, td_grad_store *g) {
     const int B = s->B, T = s->T, C = (int)m->n_embd, V = (int)m->vocab_size;
     const int BT = B * T;
     if (m->has_head) {
-        td_gemm(m->G.wte, g->g_logits, s->lnf, V, C, BT, 1, 0, 1); /* dwte += dlogits^T @ lnf */
-        td_layernorm_backward_weight(m->G.lnfw, m->G.lnfb, g->g_lnf, residual_in(s, m->nl),
-                                     s->lnf_mean, s->lnf_rstd, BT, C);
+        PHASE(m, TD_PH_LM_HEAD_BWD_WEIGHT, td_gemm(m->G.wte, g->g_logits, s->lnf, V, C, BT, 1, 0, 1)); /* dwte += dlogits^T @ lnf */
+        PHASE(m, TD_PH_LAYERNORM_BWD_WEIGHT, td_layernorm_backward_weight(m->G.lnfw, m->G.lnfb, g->g_lnf, residual_in(s, m->nl),
+                                     s->lnf_mean, s->lnf_rstd, BT, C));
     }
     for (int l = m->nl - 1; l >= 0; l--) {
         td_layer_acts *A = &s->layers[l];
         td_layer_ptrs *D = &m->G.layers[l];
         td_layer_grads *L = &g->layers[l];
-        td_linear_backward_weight(D->fcprojw, D->fcprojb, L->g_fcproj, A->fch_gelu, BT, 4 * C, C);
-        td_linear_backward_weight(D->fcw, D->fcb, L->g_fc, A->ln2, BT, C, 4 * C);
-        td_layernorm_backward_weight(D->ln2w, D->ln2b, L->g_ln2, A->res2, A->ln2_mean,
-                                     A->ln2_rstd, BT, C);
-        td_linear_backward_weight(D->attprojw, D->attprojb, L->g_attproj, A->atty, BT, C, C);
-        td_linear_backward_weight(D->qkvw, D->qkvb, L->g_qkv, A->ln1, BT, C, 3 * C);
-        td_layernorm_backward_weight(D->ln1w, D->ln1b, L->g_ln1, residual_in(s, l), A->ln1_mean,
-                                     A->ln1_rstd, BT, C);
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, td_linear_backward_weight(D->fcprojw, D->fcprojb, L->g_fcproj, A->fch_gelu, BT, 4 * C, C));
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, td_linear_backward_weight(D->fcw, D->fcb, L->g_fc, A->ln2, BT, C, 4 * C));
+        PHASE(m, TD_PH_LAYERNORM_BWD_WEIGHT, td_layernorm_backward_weight(D->ln2w, D->ln2b, L->g_ln2, A->res2, A->ln2_mean,
+                                     A->ln2_rstd, BT, C));
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, td_linear_backward_weight(D->attprojw, D->attprojb, L->g_attproj, A->atty, BT, C, C));
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, td_linear_backward_weight(D->qkvw, D->qkvb, L->g_qkv, A->ln1, BT, C, 3 * C));
+        PHASE(m, TD_PH_LAYERNORM_BWD_WEIGHT, td_layernorm_backward_weight(D->ln1w, D->ln1b, L->g_ln1, residual_in(s, l), A->ln1_mean,
+                                     A->ln1_rstd, BT, C));
     }
-    if (m->has_embed) td_encoder_backward(m->G.wte, m->G.wpe, g->g_embed, s->tokens, B, T, C);
+    if (m->has_embed) PHASE(m, TD_PH_ENCODER_BWD, td_encoder_backward(m->G.wte, m->G.wpe, g->g_embed, s->tokens, B, T, C));
 }
 
 td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,

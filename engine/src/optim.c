@@ -42,6 +42,7 @@ double td_grad_sq_sum_local(const td_model *m) {
 }
 
 void td_adamw(td_model *m, double grad_norm) {
+    const double started = m->profile ? td_prof_now() : 0.0;
     m->step += 1;
     const double t = (double)m->step;
     const td_real b1 = (td_real)m->beta1, b2 = (td_real)m->beta2;
@@ -68,4 +69,5 @@ void td_adamw(td_model *m, double grad_norm) {
             theta[j] = theta[j] - lr * (mhat / (td_sqrt(vhat) + eps) + wd * theta[j]);
         }
     }
+    if (m->profile) td_prof_add(m, TD_PH_ADAMW, started);
 }
