@@ -23,6 +23,15 @@ TIERS = ("op", "model", "trajectory")
 DATA_KINDS = ("random", "text")
 DTYPES = ("fp32", "bf16")
 BACKENDS = ("cpu", "cuda")
+FAMILIES = ("gpt2", "llama")
+MODEL_REQUIRED = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")
+LLAMA_KEYS = ("n_kv_head", "ffn_dim", "multiple_of", "rope_theta", "norm_eps")
+LLAMA_DEFAULTS = {"multiple_of": 256, "rope_theta": 10000.0, "norm_eps": 1e-5}  # n_kv_head: n_head
+# The engine runs the Llama family's kernels (td_op_*) but has no Llama model passes yet: until
+# it does, a llama case may ask for these parity tiers only, on one stage.
+ENGINE_LLAMA_TIERS = ("op",)
+ENGINE_LLAMA_ONLY = ("the engine runs only the op tier for llama so far (its Llama model "
+                     "passes do not exist yet: no model, trajectory, schedule or bench runs)")
 TEXT_VOCAB = 256  # data = "text" is byte-level: ids 0..255
 
 # ---- validation helpers ------------------------------------------------------------------------
@@ -68,21 +77,69 @@ def _set(obj: Any, name: str, value: Any) -> None:
 # ---- the typed configs -------------------------------------------------------------------------
 
 
+def llama_ffn_dim(n_embd: int, multiple_of: int) -> int:
+    """Llama's MLP width: 2/3 of 4·n_embd rounded up to a multiple of `multiple_of` (the rule
+    of reference.llama.llama_ffn_dim, repeated here because config imports no JAX)."""
+    return multiple_of * -(-int(2 * 4 * n_embd / 3) // multiple_of)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """GPT-2 shape (docs/model.md). HS = n_embd / n_head."""
+    """Model shape (docs/model.md). HS = n_embd / n_head. family "gpt2" (default) takes the
+    five GPT-2 keys only; "llama" adds n_kv_head (default n_head; must divide it), the MLP
+    width as ffn_dim or by the multiple_of rule (default multiple_of = 256), rope_theta
+    (default 10000) and norm_eps (default 1e-5), all normalised here: a loaded llama model has
+    every one of them set (multiple_of stays None when ffn_dim was given)."""
 
     n_layer: int
     n_embd: int
     n_head: int
     vocab_size: int
     n_positions: int
+    family: str = "gpt2"
+    n_kv_head: int | None = None
+    ffn_dim: int | None = None
+    multiple_of: int | None = None
+    rope_theta: float | None = None
+    norm_eps: float | None = None
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            _int(f.name, getattr(self, f.name))
+        for name in MODEL_REQUIRED:
+            _int(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise _Invalid("n_embd", self.n_embd, f"not divisible by n_head = {self.n_head}")
+        _choice("family", self.family, FAMILIES)
+        if self.family == "gpt2":
+            for k in LLAMA_KEYS:
+                if getattr(self, k) is not None:
+                    raise _Invalid(k, getattr(self, k), "only for family = 'llama' (this model "
+                                   "is family = 'gpt2')")
+            return
+        nkv = _int("n_kv_head", self.n_head if self.n_kv_head is None else self.n_kv_head)
+        if self.n_head % nkv:
+            raise _Invalid("n_kv_head", nkv, f"must divide n_head = {self.n_head}")
+        if self.head_size % 2:
+            raise _Invalid("n_head", self.n_head, f"head size n_embd / n_head = "
+                           f"{self.head_size} must be even for rotary embeddings")
+        _set(self, "n_kv_head", nkv)
+        if self.ffn_dim is None:
+            mult = _int("multiple_of", LLAMA_DEFAULTS["multiple_of"] if self.multiple_of is None
+                        else self.multiple_of)
+            _set(self, "multiple_of", mult)
+            _set(self, "ffn_dim", llama_ffn_dim(self.n_embd, mult))
+        else:
+            _int("ffn_dim", self.ffn_dim)
+            if self.multiple_of is not None:
+                rule = llama_ffn_dim(self.n_embd, _int("multiple_of", self.multiple_of))
+                if rule != self.ffn_dim:
+                    raise _Invalid("ffn_dim", self.ffn_dim,
+                                   f"multiple_of = {self.multiple_of} gives {rule} for n_embd = "
+                                   f"{self.n_embd}: give ffn_dim or multiple_of, not both")
+        for k in ("rope_theta", "norm_eps"):
+            v = _float(k, LLAMA_DEFAULTS[k] if getattr(self, k) is None else getattr(self, k))
+            if not v > 0:
+                raise _Invalid(k, v, "must be > 0")
+            _set(self, k, v)
 
     @property
     def head_size(self) -> int:
@@ -195,6 +252,22 @@ class CaseConfig:
             raise _Invalid("dtype", self.dtype, "bf16 needs backend = 'cuda' (CPU runs fp32)")
         self._check_tiers()
         self._check_pipeline(m, p)
+        if m.family == "llama":
+            self._check_llama()
+
+    def _check_llama(self) -> None:
+        extra = [t for t in self.tiers if t not in ENGINE_LLAMA_TIERS]
+        if extra:
+            raise _Invalid("tiers", list(self.tiers), f"family = 'llama': {ENGINE_LLAMA_ONLY}; "
+                           f"set tiers = {list(ENGINE_LLAMA_TIERS)}")
+        p = self.pipeline
+        for key in ("stages", "microbatches"):
+            if getattr(p, key) != 1:
+                raise _Invalid(f"pipeline.{key}", getattr(p, key),
+                               f"family = 'llama': {ENGINE_LLAMA_ONLY}; pipelines need them")
+        if self.backend != "cpu":
+            raise _Invalid("backend", self.backend, f"family = 'llama': {ENGINE_LLAMA_ONLY}; "
+                           "the op tier runs the CPU kernels")
 
     def _check_tiers(self) -> None:
         tiers = self.tiers
@@ -263,6 +336,14 @@ class SuiteConfig:
 
 
 # ---- helpers over a case -----------------------------------------------------------------------
+
+
+def require_model_passes(case: CaseConfig, command: str) -> None:
+    """ConfigError unless the engine can run `case`'s whole model (what `tandem bench` and the
+    parity tiers above op need): today every GPT-2 case, no Llama case."""
+    if case.model.family == "llama":
+        raise ConfigError(f'{command}: case "{case.name}" is family = \'llama\': '
+                          f"{ENGINE_LLAMA_ONLY}")
 
 
 def case_id(case: CaseConfig) -> str:
@@ -350,8 +431,14 @@ class _Loader:
                 known = ", ".join(models) or "none: add a [models] table"
                 raise self.fail(f"{path} = {v!r}", f"unknown model name (defined: {known})")
             return models[v]
-        self.table(path, v, MODEL_KEYS)
-        for k in MODEL_KEYS:
+        if not isinstance(v, dict):
+            raise self.fail(f"{path} = {v!r}", "expected a table")
+        for k in v:
+            if k not in MODEL_KEYS:
+                raise self.fail(f"{path}.{k}", f"unknown key (allowed: {', '.join(MODEL_REQUIRED)})"
+                                f" and family = {' | '.join(map(repr, FAMILIES))}; family = "
+                                f"'llama' adds {', '.join(LLAMA_KEYS)}")
+        for k in MODEL_REQUIRED:
             if k not in v:
                 raise self.fail(f"{path}.{k}", "missing (required)")
         try:
@@ -492,6 +579,8 @@ class _Loader:
             m = chosen.get("model", model)
             shape = {k: chosen[k] for k in SWEEP_MODEL_AXES if k in chosen}
             if shape:
+                if m.family == "llama" and m.multiple_of is not None:
+                    shape["ffn_dim"] = None  # the width follows n_embd by the rule
                 try:
                     m = replace(m, **shape)
                 except _Invalid as e:
@@ -516,6 +605,8 @@ class _Loader:
 
 
 def _model_label(m: ModelConfig) -> str:
+    if m.family == "llama":
+        return f"llama-L{m.n_layer}C{m.n_embd}NH{m.n_head}KV{m.n_kv_head}V{m.vocab_size}"
     return f"L{m.n_layer}C{m.n_embd}NH{m.n_head}V{m.vocab_size}"
 
 
@@ -571,7 +662,8 @@ def _load_file(p: Path) -> SuiteConfig:
 
 
 __all__ = [
-    "SCHEDULES", "TIERS", "ModelConfig", "OptimConfig", "PipelineConfig", "CaseConfig",
+    "SCHEDULES", "TIERS", "FAMILIES", "LLAMA_KEYS", "ENGINE_LLAMA_TIERS", "llama_ffn_dim",
+    "require_model_passes", "ModelConfig", "OptimConfig", "PipelineConfig", "CaseConfig",
     "BenchDefaults", "SuiteConfig", "case_id", "case_slug", "case_axes", "microbatch_size",
     "stage_layers", "parse_suite", "load_suite", "builtin_suites", "suite_dirs",
 ]

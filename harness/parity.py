@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from harness import tolerances as tol
-from harness.config import CaseConfig, SuiteConfig, case_slug, load_suite, microbatch_size
+from harness.config import (CaseConfig, SuiteConfig, case_slug, load_suite, microbatch_size,
+                            require_model_passes)
 from harness.data import make_case_data, read_shard, write_shard
 from harness.engine import Model, read_tokens, version as engine_version
 from harness.errors import ConfigError, DataError, EngineError, RankFailure
@@ -116,6 +117,14 @@ def prepare(case: CaseConfig, workdir: Path, threads: int) -> CaseInputs:
                       jx["inputs"], jx["targets"])
 
 
+def prepare_ops_only(case: CaseConfig, workdir: Path) -> CaseInputs:
+    """The inputs of a case that runs the op tier alone (a Llama case, until the engine has
+    Llama model passes): its kernels draw their own inputs, so no weights and no tokens."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    none = np.zeros((0, 0, 0), np.int32)
+    return CaseInputs(case, workdir, workdir / "no-weights", [], none, none, none, none)
+
+
 def _load_engine(inp: CaseInputs, threads: int) -> Model:
     m = Model(**engine_config(inp.case, threads))
     m.load_safetensors(inp.weights)
@@ -187,9 +196,11 @@ class Collector:
 
 def op_tier(inp: CaseInputs, col: Collector, threads: int) -> TierResult:
     """Every kernel and stage pass vs jax.vjp, at the case's micro-batch shape and at T = 1."""
-    from harness.parity_ops import op_comparisons
-
     case = inp.case
+    if case.model.family == "llama":
+        from harness.parity_ops_llama import op_comparisons
+    else:
+        from harness.parity_ops import op_comparisons
     B = microbatch_size(case)
     res = TierResult()
     for T in sorted({case.seq_len, 1}, reverse=True):
@@ -641,9 +652,15 @@ def run(args: argparse.Namespace) -> int:
         results: dict[str, TierResult] = {}
         case_error = None
         try:
-            inp = prepare(case, out / "cases" / case_slug(case), args.threads)
+            workdir = out / "cases" / case_slug(case)
+            if case.model.family == "llama":
+                inp = prepare_ops_only(case, workdir)
+            else:
+                inp = prepare(case, workdir, args.threads)
             for tier in case_tiers(case, args.tier):
                 fn = TIER_FUNCS[tier]
+                if tier != "op":
+                    require_model_passes(case, f"tandem parity (tier {tier})")
                 if case.backend != "cpu" and tier in CPU_ONLY_TIERS:
                     results[tier] = TierResult(skipped=f"{CPU_ONLY_TIERS[tier]}, not "
                                                        f"{case.backend}")

@@ -238,3 +238,22 @@ def test_op_tier_inputs_separate_wrong_variants():
     for name, (got, ref) in variants.items():
         err = tol.measure(np.asarray(got), np.asarray(ref)).rel_l2
         assert err > 100 * gate, f"{name}: only {err:.1e} from the reference"
+
+
+# ---- through `tandem parity` ----------------------------------------------------------------------
+
+
+def test_parity_cli_runs_the_llama_op_tier(tmp_path, capsys):
+    """An op-only llama case runs end to end (no weights, no tokens: the kernels draw their own
+    inputs) and passes; the summary names only op rows."""
+    import json
+
+    from harness.cli import main
+
+    rc = main(["parity", "--suite", "llama-ops", "--case", "mha-t1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    summary = json.loads((tmp_path / "parity_summary.json").read_text())
+    tiers = summary["cases"]["mha-t1"]["tiers"]
+    assert list(tiers) == ["op"] and tiers["op"]["compared"] == 18 and tiers["op"]["passed"]
+    assert "op/gqa_attention[T=1].dk" in out or "more passed" in out

@@ -360,3 +360,97 @@ def test_load_suite_by_path_and_unknown_name(tmp_path):
     p.write_text("[suite\nname = 1\n")
     with pytest.raises(ConfigError, match=re.escape(str(p)) + r": malformed TOML: .*line 1"):
         load_suite(p)
+
+
+# ---- the model family switch (family = "llama") ------------------------------------------------
+
+LLAMA = ('{ family = "llama", n_layer = 2, n_embd = 48, n_head = 6, n_kv_head = 2, '
+         'vocab_size = 311, n_positions = 32, ffn_dim = 80 }')
+
+
+def llama(case: str = "", model: str = LLAMA) -> str:
+    return suite('tiers = ["op"]\n' + case, model=model)
+
+
+def test_family_defaults_to_gpt2_and_llama_keys_normalise():
+    (g,) = parse_suite(suite()).cases
+    assert g.model.family == "gpt2" and g.model.n_kv_head is None and g.model.ffn_dim is None
+    (c,) = parse_suite(llama()).cases
+    m = c.model
+    assert (m.family, m.n_kv_head, m.ffn_dim, m.multiple_of, m.rope_theta, m.norm_eps) == \
+        ("llama", 2, 80, None, 10000.0, 1e-5)
+    assert c.tiers == ("op",) and m.head_size == 8
+    # n_kv_head defaults to n_head; the MLP width follows Llama's multiple_of rule (256)
+    (d,) = parse_suite(llama(model='{ family = "llama", n_layer = 1, n_embd = 48, n_head = 6, '
+                                   'vocab_size = 17, n_positions = 16 }')).cases
+    assert (d.model.n_kv_head, d.model.multiple_of, d.model.ffn_dim) == (6, 256, 256)
+    (e,) = parse_suite(llama(model='{ family = "llama", n_layer = 1, n_embd = 4096, n_head = 32, '
+                                   'vocab_size = 17, n_positions = 16, rope_theta = 500000.0 }'
+                                   )).cases
+    assert e.model.ffn_dim == 11008 and e.model.rope_theta == 500000.0  # Llama 2 7B's width
+    assert ModelConfig(2, 48, 3, 311, 32) == g.model  # the GPT-2 positional form still holds
+
+
+@pytest.mark.parametrize("model,pattern", [
+    ('{ family = "llama", n_layer = 2, n_embd = 48, n_head = 6, n_kv_head = 4, vocab_size = 9, '
+     'n_positions = 8 }', r"case\[0\]\.model\.n_kv_head = 4: must divide n_head = 6"),
+    ('{ family = "llama", n_layer = 2, n_embd = 36, n_head = 4, vocab_size = 9, n_positions = 8 }',
+     r"case\[0\]\.model\.n_head = 4: head size n_embd / n_head = 9 must be even"),
+    ('{ family = "llama", n_layer = 2, n_embd = 48, n_head = 6, vocab_size = 9, n_positions = 8, '
+     'ffn_dim = 100, multiple_of = 64 }',
+     r"model\.ffn_dim = 100: multiple_of = 64 gives 128 for n_embd = 48: give ffn_dim or "
+     r"multiple_of, not both"),
+    ('{ family = "llama", n_layer = 2, n_embd = 48, n_head = 6, vocab_size = 9, n_positions = 8, '
+     'rope_theta = 0 }', r"model\.rope_theta = 0\.0: must be > 0"),
+    ('{ family = "llama", n_layer = 2, n_embd = 48, n_head = 6, vocab_size = 9, n_positions = 8, '
+     'norm_eps = -1e-5 }', r"model\.norm_eps = -1e-05: must be > 0"),
+    ('{ family = "llama", n_layer = 2, n_embd = 48, n_head = 6, vocab_size = 9, n_positions = 8, '
+     'n_kv_head = 0 }', r"model\.n_kv_head = 0: must be >= 1"),
+    ('{ family = "llama", n_layer = 2, n_embd = 48, n_head = 6, vocab_size = 9, n_positions = 8, '
+     'ffn_dim = "big" }', r"model\.ffn_dim = 'big': expected an integer"),
+    ('{ family = "mistral", n_layer = 2, n_embd = 48, n_head = 6, vocab_size = 9, '
+     'n_positions = 8 }', r"model\.family = 'mistral': unknown value \(allowed: gpt2, llama\)"),
+    ('{ n_layer = 2, n_embd = 48, n_head = 6, vocab_size = 9, n_positions = 8, n_kv_head = 2 }',
+     r"model\.n_kv_head = 2: only for family = 'llama' \(this model is family = 'gpt2'\)"),
+    ('{ family = "llama", n_layer = 2, n_embd = 48, n_head = 6, vocab_size = 9, n_positions = 8, '
+     'n_kv_heads = 2 }', r"model\.n_kv_heads: unknown key .*family = 'llama' adds n_kv_head, "
+     r"ffn_dim, multiple_of, rope_theta, norm_eps"),
+])
+def test_llama_model_keys_validate_naming_the_key(model, pattern):
+    bad(llama(model=model), pattern)
+
+
+def test_llama_case_runs_the_op_tier_only_for_now():
+    from harness.config import require_model_passes
+
+    only = r"family = 'llama': the engine runs only the op tier for llama so far"
+    bad(suite(model=LLAMA), r"case\[0\]\.tiers = \['op', 'model', 'trajectory'\]: " + only +
+        r".*set tiers = \['op'\]")
+    bad(llama('pipeline = { stages = 2 }'), r"case\[0\]\.pipeline\.stages = 2: " + only)
+    bad(llama('pipeline = { microbatches = 2 }'), r"case\[0\]\.pipeline\.microbatches = 2: " + only)
+    bad(llama('backend = "cuda"'), r"case\[0\]\.backend = 'cuda': " + only)
+    (c,) = parse_suite(llama()).cases
+    with pytest.raises(ConfigError, match=r'tandem bench: case "tiny" is family = \'llama\': '
+                       r"the engine runs only the op tier for llama so far"):
+        require_model_passes(c, "tandem bench")
+    require_model_passes(parse_suite(suite()).cases[0], "tandem bench")  # GPT-2: no error
+
+
+def test_llama_sweep_recomputes_the_rule_width():
+    text = suite('tiers = ["op"]\n[case.sweep]\nn_embd = [48, 96]',
+                 model='{ family = "llama", n_layer = 1, n_embd = 48, n_head = 6, n_kv_head = 3, '
+                       'vocab_size = 9, n_positions = 32, multiple_of = 32 }')
+    widths = {c.model.n_embd: c.model.ffn_dim for c in parse_suite(text).cases}
+    assert widths == {48: 128, 96: 256}
+
+
+def test_llama_ops_suite():
+    s = load_suite("llama-ops")
+    assert all(c.model.family == "llama" and c.tiers == ("op",) for c in s.cases)
+    kv = {(c.model.n_head, c.model.n_kv_head) for c in s.cases}
+    assert {(6, 2), (6, 1), (4, 4)} == kv  # GQA, MQA, MHA
+    assert any(c.seq_len == 1 for c in s.cases)
+    assert any(c.model.rope_theta != 10000.0 for c in s.cases)
+    for name in builtin_suites():  # no other built-in suite holds a llama case yet
+        if name != "llama-ops":
+            assert all(c.model.family == "gpt2" for c in load_suite(name).cases), name
