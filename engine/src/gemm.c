@@ -267,7 +267,9 @@ void td_gemm(float *C, const float *A, const float *B, int M, int N, int K, int 
     const int MR = kd.mr, NR = kd.nr;
     const int mpanels = (M + MR - 1) / MR, npanels = (N + NR - 1) / NR;
     int failed = 0;
-#pragma omp parallel reduction(| : failed)
+    /* one thread below ~1M multiply-adds (tens of microseconds on one core): waking the pool
+     * would cost as much; every thread count gives the same bits, so this changes none */
+#pragma omp parallel reduction(| : failed) if ((double)M * N * K >= 1048576.0)
     {
         int nt = 1, t = 0;
 #ifdef _OPENMP

@@ -44,11 +44,17 @@ static void apply_fault(const char *kernel, td_real *out, int64_t n) {
         for (int64_t i = 0; i < n; i++) out[i] *= k;
 }
 
+/* Parallel regions run on the calling thread alone below this much work (elements touched, or
+ * multiply-adds): waking the pool costs more than it saves (a few microseconds spinning, tens
+ * when the threads sleep). Thread counts never change results, so neither does this. */
+#define PAR_MIN_WORK 32768
+#define PAR_IF(work) if ((int64_t)(work) >= PAR_MIN_WORK)
+
 /* ---- GEMM ------------------------------------------------------------------------------------ */
 
 void td_gemm_reference(td_real *C, const td_real *A, const td_real *B, int M, int N, int K,
                        int transA, int transB, int accumulate) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((int64_t)M * N * K)
     for (int i = 0; i < M; i++) {
         td_real *c = C + (int64_t)i * N;
         if (!transB) {
@@ -79,7 +85,7 @@ void td_gemm_reference(td_real *C, const td_real *A, const td_real *B, int M, in
 
 void td_encoder_forward(td_real *out, const int32_t *tokens, const td_real *wte,
                         const td_real *wpe, int B, int T, int C) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((int64_t)B * T * C)
     for (int bt = 0; bt < B * T; bt++) {
         int t = bt % T;
         const td_real *e = wte + (int64_t)tokens[bt] * C;
@@ -109,7 +115,7 @@ void td_encoder_backward(td_real *dwte, td_real *dwpe, const td_real *dout, cons
 void td_layernorm_forward(td_real *out, td_real *mean, td_real *rstd, const td_real *inp,
                           const td_real *w, const td_real *b, int N, int C) {
     const double eps = 1e-5;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((int64_t)N * C)
     for (int i = 0; i < N; i++) {
         const td_real *x = inp + (int64_t)i * C;
         double s = 0.0;
@@ -133,7 +139,7 @@ void td_layernorm_backward_input(td_real *dinp, const td_real *dout, const td_re
                                  const td_real *w, const td_real *mean, const td_real *rstd,
                                  int N, int C, int accumulate_dinp) {
     const td_real fk = fault_factor("layernorm_backward_input");
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((int64_t)N * C)
     for (int i = 0; i < N; i++) {
         const td_real *d = dout + (int64_t)i * C;
         const td_real *x = inp + (int64_t)i * C;
@@ -161,7 +167,7 @@ void td_layernorm_backward_weight(td_real *dw, td_real *db, const td_real *dout,
                                   const td_real *inp, const td_real *mean, const td_real *rstd,
                                   int N, int C) {
     const td_real fk = fault_factor("layernorm_backward_weight");
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((int64_t)N * C)
     for (int c0 = 0; c0 < C; c0 += 64) { /* 64 channels per task, rows in order */
         const int cn = C - c0 < 64 ? C - c0 : 64;
         td_real sw[64] = {0}, sb[64] = {0};
@@ -187,7 +193,7 @@ void td_linear_forward(td_real *out, const td_real *inp, const td_real *w, const
                        int N, int IC, int OC) {
     td_gemm(out, inp, w, N, OC, IC, 0, 0, 0);
     if (bias) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((int64_t)N * OC)
         for (int i = 0; i < N; i++) {
             td_real *o = out + (int64_t)i * OC;
             for (int j = 0; j < OC; j++) o[j] += bias[j];
@@ -204,7 +210,7 @@ void td_linear_backward_weight(td_real *dw, td_real *dbias, const td_real *dout,
                                const td_real *inp, int N, int IC, int OC) {
     td_gemm(dw, inp, dout, IC, OC, N, 1, 0, 1);
     if (dbias) { /* column sums, 64 columns per task, rows in order: contiguous inner loop */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((int64_t)N * OC)
         for (int j0 = 0; j0 < OC; j0 += 64) {
             const int jn = OC - j0 < 64 ? OC - j0 : 64;
             td_real s[64] = {0};
@@ -225,7 +231,7 @@ void td_attention_forward(td_real *out, td_real *att, const td_real *qkv, int B,
     const int hs = C / NH;
     const td_real scale = (td_real)(1.0 / sqrt((double)hs));
     const int64_t C3 = 3 * (int64_t)C;
-#pragma omp parallel for collapse(3) schedule(static)
+#pragma omp parallel for collapse(3) schedule(static) PAR_IF((int64_t)B * NH * T * T * hs / 2)
     for (int b = 0; b < B; b++) {
         for (int t = 0; t < T; t++) {
             for (int h = 0; h < NH; h++) {
@@ -270,7 +276,7 @@ void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, co
     const int64_t C3 = 3 * (int64_t)C;
     /* One (b, h) per iteration: it owns its columns of dq, dk, dv, so no two threads write the
      * same element and the order of the adds over t is fixed. */
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) PAR_IF((int64_t)B * NH * T * T * hs)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
             td_real *base = dqkv + (int64_t)b * T * C3;
@@ -388,7 +394,7 @@ void td_gelu_forward(td_real *out, const td_real *inp, int64_t n) {
         out[i] = half * x * (1 + td_tanh(s * (x + c * x * x * x)));
     }
 #else
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > EW_CHUNK)
     for (int64_t lo = 0; lo < n; lo += EW_CHUNK)
         gelu_forward_chunk(out + lo, inp + lo, n - lo < EW_CHUNK ? n - lo : EW_CHUNK);
 #endif
@@ -406,7 +412,7 @@ void td_gelu_backward(td_real *dinp, const td_real *inp, const td_real *dout, in
         dinp[i] = g * dout[i];
     }
 #else
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > EW_CHUNK)
     for (int64_t lo = 0; lo < n; lo += EW_CHUNK)
         gelu_backward_chunk(dinp + lo, inp + lo, dout + lo, n - lo < EW_CHUNK ? n - lo : EW_CHUNK);
 #endif
@@ -414,7 +420,7 @@ void td_gelu_backward(td_real *dinp, const td_real *inp, const td_real *dout, in
 }
 
 void td_residual_forward(td_real *out, const td_real *a, const td_real *b, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF(n)
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
@@ -422,7 +428,7 @@ void td_residual_forward(td_real *out, const td_real *a, const td_real *b, int64
 
 void td_softmax_crossentropy_forward(td_real *probs_NV, td_real *losses, const int32_t *targets,
                                      int N, int V) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((int64_t)N * V)
     for (int i = 0; i < N; i++) {
         td_real *p = probs_NV + (int64_t)i * V;
         td_real maxv = -INFINITY;
@@ -444,7 +450,7 @@ void td_softmax_crossentropy_forward(td_real *probs_NV, td_real *losses, const i
 
 void td_softmax_crossentropy_backward(td_real *dlogits, const td_real *probs,
                                       const int32_t *targets, double dloss, int N, int V) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR_IF((int64_t)N * V)
     for (int i = 0; i < N; i++) {
         const td_real *p = probs + (int64_t)i * V;
         td_real *d = dlogits + (int64_t)i * V;
