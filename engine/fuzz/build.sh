@@ -18,7 +18,13 @@ mkdir -p "$out"
 flags=(-std=c11 -g -O1 -fno-omit-frame-pointer -D_GNU_SOURCE
        -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -I"$engine/include" -I"$engine/src" -I"$engine/runtime")
-lib=("$engine"/src/{api,model,kernels,gemm,optim,io,ops_abi,cuda_stub}.c "$engine"/runtime/{runtime,runfile}.c)
+# libtandem's CPU sources as engine/CMakeLists.txt lists them (TD_SOURCES, TD_CPU_ONLY_SOURCES)
+read -r -a srcs <<< "$(sed -n 's/^set(TD_\(CPU_ONLY_\)\{0,1\}SOURCES \(.*\))$/\2/p' "$engine/CMakeLists.txt" | tr '\n' ' ')"
+if [ "${#srcs[@]}" -lt 2 ]; then
+    echo "build.sh: cannot read TD_SOURCES / TD_CPU_ONLY_SOURCES from $engine/CMakeLists.txt" >&2
+    exit 1
+fi
+lib=("${srcs[@]/#/$engine/}" "$engine"/runtime/{runtime,runfile}.c)
 # the engine's sources once, then one link per target (runtime.c's executor is linked but never
 # called: parsing needs no comm backend)
 objs=() pids=()
