@@ -58,7 +58,8 @@ const char *td_model_last_error(const td_model *model);
  * whole model on one stage), slots (activation sets kept at once; default 1), split_backward
  * (1 keeps per-slot gradients of activations so a backward can run as B then W; default 0),
  * backend (0 cpu, 1 cuda: on the current CUDA device), bf16 (1: bf16 compute, cuda only),
- * profile (1: time each CPU phase, read with td_model_profile; may change after build).
+ * profile (1: time each CPU phase in wall seconds, 2: in the calling thread's CPU seconds; read
+ * with td_model_profile; may change after build).
  * Read-only integer keys (td_model_get_int): step, num_elements, io_bytes, device (the CUDA
  * device ordinal, -1 on the CPU), device_bytes (device memory the model allocated).
  * Float keys: lr, beta1, beta2, eps, weight_decay, grad_clip (0 = off).

@@ -155,7 +155,7 @@ struct td_model {
     int64_t stage, stages, layer_begin, layer_end, slots, split_backward;
     int64_t backend; /* 0 cpu, 1 cuda */
     int64_t bf16;    /* 1: bf16 compute with fp32 master weights (cuda only) */
-    int64_t profile; /* 1: time every CPU phase (td_model_profile); off by default */
+    int64_t profile; /* time every CPU phase (td_model_profile): 1 wall, 2 thread CPU; 0 off */
     const td_backend_ops *ops; /* NULL on the CPU */
     void *device;              /* the backend's own state */
     double lr, beta1, beta2, eps, weight_decay, grad_clip;
@@ -204,8 +204,8 @@ int td_full_model_has(const td_model *m, const char *name);
 td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,
                            const td_real *dout_BTC);
 
-/* Per-phase profile: td_prof_now() before a phase, td_prof_add after (model.c). */
-double td_prof_now(void);
+/* Per-phase profile: td_prof_now(m) before a phase, td_prof_add after (model.c). */
+double td_prof_now(const td_model *m);
 void td_prof_add(td_model *m, td_phase ph, double started);
 
 /* optim.c */

@@ -72,7 +72,7 @@ adamw_slice(td_real *restrict theta, const td_real *restrict g, td_real *restric
 }
 
 void td_adamw(td_model *m, double grad_norm) {
-    const double started = m->profile ? td_prof_now() : 0.0;
+    const double started = m->profile ? td_prof_now(m) : 0.0;
     m->step += 1;
     const double t = (double)m->step;
     const td_real b1 = (td_real)m->beta1, b2 = (td_real)m->beta2;
