@@ -1,0 +1,65 @@
+"""The CPU per-phase profile (model key profile) and the OpenMP wait setting the binding picks.
+
+The profile must count every phase a training step runs, stay at zero when off, reset, and
+leave the numbers alone; the spin setting must only appear when the threads fit free cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine_util import TINY, tokens_for
+from harness import engine as eng
+from harness.engine import Model
+
+PHASES = {"encoder_fwd", "layernorm_fwd", "matmul_fwd", "attention_fwd", "residual_fwd",
+          "gelu_fwd", "lm_head_fwd", "softmax_ce_fwd", "softmax_ce_bwd", "lm_head_bwd_input",
+          "matmul_bwd_input", "gelu_bwd", "attention_bwd", "layernorm_bwd_input", "copy_bwd",
+          "lm_head_bwd_weight", "matmul_bwd_weight", "layernorm_bwd_weight", "encoder_bwd",
+          "adamw"}
+
+
+def _steps(model: Model, n: int = 2) -> list[float]:
+    x, y = tokens_for(TINY, seed=3)
+    return [model.train_step(x, y)[0] for _ in range(n)]
+
+
+@pytest.mark.parametrize("clock", [1, 2])
+def test_profile_counts_every_phase(clock):
+    with Model(**TINY, profile=clock) as m:
+        _steps(m, 2)
+        table = m.profile()
+    assert set(table) == PHASES
+    L = TINY["n_layer"]
+    calls = {k: n for k, (_, n) in table.items()}
+    assert calls["matmul_fwd"] == 2 * 4 * L and calls["attention_bwd"] == 2 * L
+    assert calls["adamw"] == 2 and calls["layernorm_fwd"] == 2 * (2 * L + 1)
+    assert all(s >= 0 for s, _ in table.values())
+    assert sum(s for s, _ in table.values()) > 0
+
+
+def test_profile_off_reset_and_same_numbers():
+    with Model(**TINY) as off, Model(**TINY, profile=1) as on:
+        on.set_params(off.params())
+        assert _steps(off) == _steps(on)
+        assert all(n == 0 for _, n in off.profile().values())
+        for name, p in off.params().items():
+            np.testing.assert_array_equal(p, on.params()[name])
+        on.profile_reset()
+        assert all(s == 0 and n == 0 for s, n in on.profile().values())
+
+
+def test_spin_only_when_threads_fit_free_cores(monkeypatch):
+    monkeypatch.setattr(eng, "_USER_SPINCOUNT", False)
+    monkeypatch.setattr(eng, "cores_available", lambda: 4)
+    monkeypatch.setattr(eng, "cores_busy_elsewhere", lambda samples=5: 1)
+    assert eng.spin_env(3) == {"GOMP_SPINCOUNT": eng.SPIN_COUNT}
+    assert eng.spin_env(4) == {}  # one core is busy elsewhere: passive only
+    monkeypatch.setattr(eng, "_USER_SPINCOUNT", True)
+    assert eng.spin_env(1) == {}  # the caller's own setting stands
+
+
+def test_wait_policy_recorded():
+    Model(**TINY).close()
+    assert set(eng.WAIT_POLICY) == {"libgomp_preloaded", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}
