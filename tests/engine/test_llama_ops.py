@@ -209,7 +209,8 @@ def _gqa_variant(q, k, v, scale=True, modulo_map=False):
 def test_op_tier_inputs_separate_wrong_variants():
     """On inputs drawn like the op tier's (same scales, T = 13, the gqa shape), each wrong
     variant differs from the reference by more than 100x the op gate; so a kernel implementing
-    one fails the op tier. (Each was also planted in llama_ops.c once and failed
+    one fails the op tier. (The wrong theta, the interleaved pairing, the missing scale and the
+    h % NKV map were also planted in llama_ops.c once each and failed
     test_llama_ops_match_jax_vjp.)"""
     gate = tol.tolerance("fp32", "op", "op").value
     cfg = SHAPES["gqa"]
