@@ -8,6 +8,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "tandem.h"
 
@@ -204,9 +205,22 @@ int td_full_model_has(const td_model *m, const char *name);
 td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,
                            const td_real *dout_BTC);
 
-/* Per-phase profile: td_prof_now(m) before a phase, td_prof_add after (model.c). */
-double td_prof_now(const td_model *m);
-void td_prof_add(td_model *m, td_phase ph, double started);
+/* Per-phase profile: td_prof_now(m) before a phase, td_prof_add after (model.c's passes,
+ * optim.c's AdamW; td_model_profile in model.c reads the sums). Inline here so that every layer
+ * may time itself. profile = 1: wall time on the calling thread (what a step waits for,
+ * fork/join included); profile = 2: the calling thread's CPU time (on a machine others load it
+ * moves far less than wall time; with threads = 1 it is all the work, with more it omits the
+ * other threads'). */
+static inline double td_prof_now(const td_model *m) {
+    struct timespec ts;
+    clock_gettime(m->profile == 2 ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static inline void td_prof_add(td_model *m, td_phase ph, double started) {
+    m->prof_s[ph] += td_prof_now(m) - started;
+    m->prof_n[ph] += 1;
+}
 
 /* optim.c */
 int64_t td_grad_norm_elems(const td_model *m);

@@ -9,7 +9,6 @@
  */
 #include <math.h>
 #include <stdio.h>
-#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -297,20 +296,6 @@ static const char *const PHASE_NAME[TD_PH_COUNT] = {
     "lm_head_fwd", "softmax_ce_fwd", "softmax_ce_bwd", "lm_head_bwd_input", "matmul_bwd_input",
     "gelu_bwd", "attention_bwd", "layernorm_bwd_input", "copy_bwd", "lm_head_bwd_weight",
     "matmul_bwd_weight", "layernorm_bwd_weight", "encoder_bwd", "adamw"};
-
-/* profile = 1: wall time on the calling thread (what a step waits for, fork/join included);
- * profile = 2: the calling thread's CPU time (on a machine others load, it moves far less than
- * wall time; with threads = 1 it is all the work, with more it omits the other threads'). */
-double td_prof_now(const td_model *m) {
-    struct timespec ts;
-    clock_gettime(m->profile == 2 ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-void td_prof_add(td_model *m, td_phase ph, double started) {
-    m->prof_s[ph] += td_prof_now(m) - started;
-    m->prof_n[ph] += 1;
-}
 
 td_status td_model_profile(const td_model *m, int32_t index, const char **out_name,
                            double *out_seconds, int64_t *out_calls) {
