@@ -63,3 +63,18 @@ def test_spin_only_when_threads_fit_free_cores(monkeypatch):
 def test_wait_policy_recorded():
     Model(**TINY).close()
     assert set(eng.WAIT_POLICY) == {"libgomp_preloaded", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}
+
+
+def test_pipeline_ranks_spin_only_when_all_fit(monkeypatch):
+    from harness import pipeline
+    if pipeline.unavailable() is not None:  # _mpi_env resolves mpirun's library directory
+        pytest.skip(pipeline.unavailable())
+    monkeypatch.setattr(eng, "_USER_SPINCOUNT", False)
+    monkeypatch.setattr(eng, "cores_available", lambda: 2)
+    monkeypatch.setattr(eng, "cores_busy_elsewhere", lambda samples=5: 0)
+    monkeypatch.setenv("GOMP_SPINCOUNT", eng.SPIN_COUNT)  # as the binding may have set it
+    assert pipeline._mpi_env(1, "cpu", ranks=2)["GOMP_SPINCOUNT"] == eng.SPIN_COUNT
+    assert "GOMP_SPINCOUNT" not in pipeline._mpi_env(1, "cpu", ranks=4)  # 4 ranks, 2 cores
+    monkeypatch.setattr(eng, "_USER_SPINCOUNT", True)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    assert pipeline._mpi_env(1, "cpu", ranks=4)["GOMP_SPINCOUNT"] == "7"
