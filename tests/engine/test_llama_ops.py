@@ -1,8 +1,9 @@
 """The Llama family's kernels (engine/src/llama_ops.c through td_op_*): op-tier parity against
-reference/ops.py and jax.vjp at the op tier's fp32 gate, finite differences of every input
-gradient on the float64 build, the argument checks, and proof that the op tier's inputs tell
-the usual wrong variants apart (theta, the interleaved RoPE pairing, a missing 1/sqrt(HS), a
-wrong query-to-kv-head map) by far more than the gate.
+reference/ops.py and jax.vjp at the op tier's fp32 gate (and one block composed from them
+against reference.llama.block), finite differences of every input gradient on the float64
+build, the argument checks, and proof that the op tier's inputs tell the usual wrong variants
+apart (theta, the interleaved RoPE pairing, a missing 1/sqrt(HS), a wrong query-to-kv-head
+map) by far more than the gate.
 
 Finite differences: L = sum(r * op(x)) for a seeded r, so dL/dx is the op's backward with
 dout = r. In float64 the central difference's truncation error falls as e^2 (~1e-10 relative
@@ -49,8 +50,10 @@ def test_llama_ops_match_jax_vjp(shape, T):
     gate = tol.tolerance("fp32", "op", "op")
     rows = list(op_comparisons(SHAPES[shape], 2, T, seed=3))
     names = {n.split("[T=")[0] for n, _, _ in rows}
-    assert {"op/rmsnorm", "op/rope[q]", "op/rope[k]", "op/swiglu", "op/gqa_attention"} <= names
-    assert len(rows) == 4 + 3 + 4 + 3 + 4
+    assert {"op/rmsnorm", "op/rope[q]", "op/rope[k]", "op/swiglu", "op/gqa_attention",
+            "op/llama-block"} <= names
+    # 4 projections, rmsnorm 3, rope 2 x 2, swiglu 3, attention 4; the block: out, dx, 9 weights
+    assert len(rows) == 4 + 3 + 4 + 3 + 4 + 2 + 9
     bad = {}
     for name, got, want in rows:
         err = tol.error_for(tol.measure(got, want), gate)
@@ -241,7 +244,7 @@ def test_op_tier_inputs_separate_wrong_variants():
         assert err > 100 * gate, f"{name}: only {err:.1e} from the reference"
 
 
-# ---- through `tandem parity` ----------------------------------------------------------------------
+# ---- through `tandem parity` ---------------------------------------------------------------------
 
 
 def test_parity_cli_runs_the_llama_op_tier(tmp_path, capsys):
@@ -256,5 +259,5 @@ def test_parity_cli_runs_the_llama_op_tier(tmp_path, capsys):
     assert rc == 0, out
     summary = json.loads((tmp_path / "parity_summary.json").read_text())
     tiers = summary["cases"]["mha-t1"]["tiers"]
-    assert list(tiers) == ["op"] and tiers["op"]["compared"] == 18 and tiers["op"]["passed"]
+    assert list(tiers) == ["op"] and tiers["op"]["compared"] == 29 and tiers["op"]["passed"]
     assert "op/gqa_attention[T=1].dk" in out or "more passed" in out

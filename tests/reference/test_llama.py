@@ -86,7 +86,7 @@ def test_config_checks():
                           jnp.zeros((1, 2, 4, 4)))
 
 
-# ---- numpy float64, written from docs/model.md ----------------------------------------------------
+# ---- numpy float64, written from docs/model.md ---------------------------------------------------
 
 
 def np_forward(p, x_BT, cfg):
@@ -205,7 +205,7 @@ def test_rope_scores_depend_only_on_the_distance():
         np.testing.assert_allclose(diag, diag[0], rtol=0, atol=2e-5)
 
 
-# ---- grouped-query attention ----------------------------------------------------------------------
+# ---- grouped-query attention ---------------------------------------------------------------------
 
 
 def test_gqa_with_n_kv_head_equal_to_n_head_is_multi_head_attention():
