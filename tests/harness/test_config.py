@@ -329,6 +329,11 @@ def test_builtin_suite_contents():
         "gpipe", "1f1b", "zb-h1", "interleaved"}
     assert any(c.pipeline.schedule == "zb-h1" and c.optim.grad_clip not in (0, 1)
                for c in smoke.cases)
+    # AdamW off its defaults where a micro-batched trajectory runs (tools/mutants.toml's
+    # clip-always and adamw-eps-inside-sqrt survive the defaults): clipping set above the
+    # gradient norm (inactive), eps large enough to break AdamW's scale invariance
+    assert any(c.pipeline.microbatches > 1 and c.optim.grad_clip > 2.5 and c.optim.eps >= 1e-6
+               for c in smoke.cases)
     gp = load_suite("gpu-pipeline")
     assert all(c.backend == "cuda" and c.dtype == "bf16" and c.seq_len == 1024 for c in gp.cases)
     piped = [c for c in gp.cases if c.pipeline.stages > 1]
