@@ -52,7 +52,7 @@ def _same_params(a: dict, b: dict) -> bool:
     return sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-# ---- the engine's checkpoint ABI ------------------------------------------------------------------
+# ---- the engine's checkpoint ABI -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("split", [1, 3, 5])
@@ -210,7 +210,7 @@ def test_find_nonfinite_names_the_first_tensor(monkeypatch, data):
         m.optimizer_step()
 
 
-# ---- pipelined resume ------------------------------------------------------------------------------
+# ---- pipelined resume ----------------------------------------------------------------------------
 
 from harness import pipeline  # noqa: E402
 
@@ -280,7 +280,7 @@ def test_pipelined_resume_from_a_truncated_stage_file_names_it(tmp_path):
                               checkpoint_dir=ck, resume_step=2)
 
 
-# ---- tandem train ------------------------------------------------------------------------------------
+# ---- tandem train --------------------------------------------------------------------------------
 
 
 def _train(capsys, *argv):
