@@ -3,8 +3,9 @@
     tandem report DIR... --out OUT [--screenshot]
     tandem report --compare BASE NEW --out OUT [--threshold 1.10]
 
-Exit status: 0 written; 1 --compare found a regression; 2 bad input (DataError/ConfigError,
-mapped by harness.cli). What it is not: report logic — that lives in build.py and compare.py.
+Exit status: 0 written; 1 --compare found a regression or --screenshot's browser check failed
+(reports/browser_check.py); 2 bad input (DataError/ConfigError, mapped by harness.cli) or no
+browser. What it is not: report logic — that lives in build.py and compare.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="with --compare: a metric worse by more than X times in its bad "
                         "direction is a regression (default 1.10)")
     p.add_argument("--screenshot", action="store_true",
-                   help="also render OUT/screenshot.png with headless Chromium")
+                   help="also render OUT/screenshot.png with headless Chromium and check the "
+                        "page: no console error, every figure loaded, nothing blank (exit 1)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """Tests of `tandem report`: figures written and referenced, tables, compare verdicts, bad input,
-the CLI, and (where Chromium is installed) a screenshot.
+the CLI, and the report loaded in headless Chromium (skipped without a browser, unless
+TANDEM_REQUIRE_BROWSER=1, as in CI, where a missing browser fails).
 
 What it is: end-to-end tests over synthetic results directories (conftest.py) plus unit tests
 of the derivations. What it is not: a check of how the figures look — that is done by eye.
@@ -7,6 +8,7 @@ of the derivations. What it is not: a check of how the figures look — that is 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +20,9 @@ from harness.cli import main as tandem
 from harness.errors import ConfigError, DataError
 from reports import build_report, compare
 from reports.load import load, summarize, tensor_group
+from reports.browser_check import MIN_INK, BrowserCheckError, check_report
 from reports.screenshot import ScreenshotError, find_browser, screenshot
+from reports.screenshot import main as screenshot_main
 
 EXPECTED_FIGURES = [
     "speedup.png", "throughput.png", "mfu.png", "scaling_stages.png",
@@ -276,14 +280,84 @@ def test_screenshot_without_browser_says_so(report, tmp_path, monkeypatch):
         screenshot(report / "index.html", tmp_path / "s.png")
 
 
+def test_blank_and_drawn_pictures_are_told_apart():
+    from PIL import Image, ImageDraw
+
+    from reports.browser_check import _ink
+
+    white = Image.new("RGB", (300, 200), "white")
+    assert _ink(white) == (0.0, 0.0)
+    drawn = white.copy()
+    ImageDraw.Draw(drawn).rectangle((20, 20, 120, 150), fill=(31, 119, 180))
+    ink, sd = _ink(drawn)
+    assert 0.2 < ink < 0.25 and sd > 20
+
+
+@pytest.fixture
+def browser() -> str:
+    path = find_browser()
+    if path is None:
+        msg = "no chromium/chromium-browser/google-chrome on PATH"
+        if os.environ.get("TANDEM_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{msg}, and TANDEM_REQUIRE_BROWSER=1 says the browser check must run "
+                        "(.ci/run installs Debian's chromium)")
+        pytest.skip(f"{msg} (apt-get install chromium to run this test)")
+    return path
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(find_browser() is None,
-                    reason="no chromium/chromium-browser/google-chrome on PATH "
-                           "(apt-get install chromium to run this test)")
-def test_screenshot_renders_png(report, tmp_path):
-    png = screenshot(report / "index.html", tmp_path / "shot.png", height=2000)
-    data = png.read_bytes()
-    assert data.startswith(PNG_MAGIC) and len(data) > 50_000
+def test_report_passes_its_browser_check(report, browser, tmp_path):
+    """The real report in a real browser: no console error or failed load, every figure loaded
+    at its file's own size and drawn (not blank) in a full-page screenshot."""
+    from PIL import Image
+
+    r = check_report(report / "index.html", tmp_path / "shot.png", browser=browser)
+    assert r.problems == [] and r.console_errors == []
+    assert [Path(f.src).name for f in r.figures] == [
+        n for n in re.findall(r'src="figures/([^"]+)"', (report / "index.html").read_text())]
+    assert sorted(Path(f.src).name for f in r.figures) == sorted(EXPECTED_FIGURES)
+    for f in r.figures:
+        assert f.loaded and f.natural == Image.open(report / f.src).size, f
+        assert f.ink > 5 * MIN_INK, f
+    shot = Image.open(r.png)
+    assert shot.width == 1400 and shot.height > 700 * len(EXPECTED_FIGURES)
+    assert r.page_ink > 5 * MIN_INK
+
+
+@pytest.mark.slow
+def test_browser_check_names_every_fault_in_a_broken_report(report, browser, tmp_path):
+    """A copy of the report with four planted faults: each is named, and the check raises."""
+    from PIL import Image
+
+    bad = tmp_path / "broken"
+    shutil.copytree(report, bad)
+    (bad / "figures" / "mfu.png").unlink()  # a dangling figure reference
+    (bad / "figures" / "bubble.png").write_bytes(PNG_MAGIC + b"truncated")  # undecodable
+    size = Image.open(bad / "figures" / "parity.png").size
+    Image.new("RGB", size, "white").save(bad / "figures" / "parity.png")  # loads, but blank
+    html = (bad / "index.html").read_text()
+    (bad / "index.html").write_text(html.replace(
+        "</main>", "</main><script>drawFigures();</script>"))  # a script error
+    with pytest.raises(BrowserCheckError, match=r"failed its browser check \(5 problem") as e:
+        check_report(bad / "index.html", tmp_path / "shot.png", browser=browser)
+    msg = str(e.value)
+    assert re.search(r"failed to load file://\S+/figures/mfu\.png: net::ERR_FILE_NOT_FOUND", msg)
+    assert "figure 'MFU' (figures/mfu.png) did not load" in msg
+    assert "figure 'Bubble per schedule' (figures/bubble.png) did not load" in msg
+    assert re.search(r"figure 'Parity by tensor group' \(figures/parity\.png\) is blank in "
+                     r"the screenshot \(0\.\d\d% of its pixels", msg)
+    assert re.search(r"uncaught exception: ReferenceError: drawFigures is not defined", msg)
+    assert (tmp_path / "shot.png").exists()  # written all the same, for a look
+
+
+@pytest.mark.slow
+def test_screenshot_command_exits_1_naming_the_broken_figure(report, browser, tmp_path, capsys):
+    bad = tmp_path / "broken"
+    shutil.copytree(report, bad)
+    (bad / "figures" / "losses.png").unlink()
+    assert screenshot_main([str(bad / "index.html"), str(tmp_path / "s.png")]) == 1
+    err = capsys.readouterr().err
+    assert "10/11 figure(s) loaded" in err and "figure 'Loss curves' (figures/losses.png)" in err
 
 
 def test_compare_reports_parity_changes(results, tmp_path):
