@@ -330,8 +330,8 @@ def test_builtin_suite_contents():
     assert any(c.pipeline.schedule == "zb-h1" and c.optim.grad_clip not in (0, 1)
                for c in smoke.cases)
     # AdamW off its defaults where a micro-batched trajectory runs (tools/mutants.toml's
-    # clip-always and adamw-eps-inside-sqrt survive the defaults): clipping set above the
-    # gradient norm (inactive), eps large enough to break AdamW's scale invariance
+    # clip-always needs clipping set above the gradient norm, i.e. inactive), with eps large
+    # enough to break AdamW's scale invariance
     assert any(c.pipeline.microbatches > 1 and c.optim.grad_clip > 2.5 and c.optim.eps >= 1e-6
                for c in smoke.cases)
     gp = load_suite("gpu-pipeline")
