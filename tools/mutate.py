@@ -40,6 +40,7 @@ MUTANTS = Path(__file__).resolve().parent / "mutants.toml"
 MUTANT_KEYS = {"name", "file", "find", "replace", "models"}
 # what the build needs: the engine's sources, with the top-level CMakeLists' flags
 BUILD_TARGETS = ("tandem", "tandem-engine")
+SNAPSHOT = ("engine", "harness", "reference", "suites")  # copied into each scratch directory
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DTD_TESTS=OFF", "-DTD_CUDA=OFF")
 
 
@@ -168,8 +169,10 @@ class Scratch:
     def __init__(self, root: Path, base: Path):
         self.root = root
         self.dir = Path(tempfile.mkdtemp(prefix="tandem-mutate-", dir=base))
-        shutil.copytree(root / "engine", self.dir / "engine",
-                        ignore=shutil.ignore_patterns("build*", "__pycache__"))
+        # the harness and suites too: a run sees one snapshot even while the checkout moves on
+        for sub in SNAPSHOT:
+            shutil.copytree(root / sub, self.dir / sub,
+                            ignore=shutil.ignore_patterns("build*", "__pycache__", "_lib"))
         self.build = self.dir / "build"
         self.originals: dict[str, str] = {}
 
@@ -207,12 +210,12 @@ class Scratch:
         output). Stops at the first failing case unless `full`: the exit code is then the one
         the whole run would end with (3 when that case errored, else 1)."""
         env = dict(os.environ, TANDEM_LIB_DIR=str(self.build), PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join([str(self.root)] +
+                   PYTHONPATH=os.pathsep.join([str(self.dir)] +
                                               [p for p in [os.environ.get("PYTHONPATH")] if p]))
         cmd = [sys.executable, "-m", "harness.cli", "parity", "--suite", suite, "--out",
                str(out), "--worst", "0"]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, cwd=self.dir, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         timed_out = threading.Event()
 
@@ -266,6 +269,8 @@ class Scratch:
             rc = 3 if verdict == "ERROR" else 1
         elif timed_out.is_set():
             rc = None
+        elif rc == 1 and not any(x.startswith("parity: FAIL") for x in lines):
+            rc = -1  # exit 1 without parity's verdict (a traceback): a crash, not a kill
         return rc, time.perf_counter() - t0, first, "\n".join(lines[-12:])
 
     def close(self) -> None:
