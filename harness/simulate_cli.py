@@ -25,6 +25,23 @@ from harness import simulate as sm
 from harness.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_path(path: str) -> Path:
+    """A measured-data path from a suite file or the command line: absolute as given; relative to
+    the working directory first (a user's own records), then to the source checkout beside the
+    harness package (results/ is not in the wheel). Missing everywhere: a DataError naming the
+    places looked in."""
+    p = Path(path)
+    if p.is_absolute():
+        return p
+    tried = [Path.cwd() / p, ROOT / p]
+    for q in tried:
+        if q.exists():
+            return q
+    raise DataError(f"{path}: not found (looked in {', '.join(str(q.parent) for q in tried)}); "
+                    "measured validation data lives in a Tandem checkout's results/ (run from "
+                    "the checkout, or pass an absolute path)")
 VALIDATION_FILE = nm.SUITES / "simulate" / "validation.toml"
 PROJECTION_FILE = nm.SUITES / "simulate" / "projection.toml"
 KINDS = ("measured", "replay", "published")
@@ -95,7 +112,7 @@ def job_from(v: dict, **override) -> sm.Job:
 def _records(path: str):
     import pandas as pd
 
-    p = ROOT / path
+    p = data_path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such records file")
     return pd.read_parquet(p)
@@ -117,7 +134,7 @@ def replay_step_s(v: dict) -> tuple:
     waits least (the others' include waiting), the slowest rank's optimizer median."""
     import pandas as pd
 
-    d = ROOT / v["timelines"]
+    d = data_path(v["timelines"])
     files = sorted(d.glob("timeline_rank*.csv"))
     if not files:
         raise DataError(f"{d}: no timeline_rank*.csv files")

@@ -110,7 +110,10 @@ def _memory_notes(res: Results) -> list[str]:
     asked for, and the baselines measured instead (each its own side in the tables)."""
     out = []
     for source, run in res.runs.items():
-        for case, info in (run.get("cases") or {}).items():
+        cases = run.get("cases")
+        if not isinstance(cases, dict):  # parity's run.json lists case names; bench's maps them
+            continue
+        for case, info in cases.items():
             lines = [f"engine: {a['message']}" for a in info.get("engine_attempts", [])
                      if a.get("status") == "oom"]
             lines += [f"JAX {a['variant']}: {a['message']}" for a in info.get("jax_attempts", [])

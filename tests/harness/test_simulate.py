@@ -293,3 +293,20 @@ def test_scaling_out_renders_in_report(tmp_path, capsys):
     for f in ("simulate_breakdown.png", "simulate_scaling.png"):
         assert (tmp_path / "report" / "figures" / f).is_file(), f
         assert f"figures/{f}" in md
+
+
+def test_measured_data_found_from_an_installed_package(tmp_path, monkeypatch):
+    """Installed from a wheel, the harness sits in site-packages with no results/ beside it: the
+    validation data is found from the working directory (a checkout), and where it is nowhere the
+    error names the places looked in."""
+    repo = Path(cli.ROOT)
+    monkeypatch.setattr(cli, "ROOT", tmp_path / "site-packages")
+    monkeypatch.chdir(repo)
+    rel = "results/gpu/bench-h200/records.parquet"
+    assert cli.data_path(rel) == repo / rel
+    assert cli.measured_step_s(rel, "gpt2-124m") > 0
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"bench-h200/records.parquet: not found \(looked in .*"
+                                        r"site-packages.*\); measured validation data lives"):
+        cli.measured_step_s(rel, "gpt2-124m")
+    assert cli.data_path(str(repo / rel)) == repo / rel

@@ -126,6 +126,27 @@ def test_missing_data_is_said_not_drawn(results, tmp_path):
         assert "no Perfetto traces" in text
 
 
+def test_parity_run_json_listing_its_cases_beside_a_bench_oom(results, tmp_path):
+    """parity's run.json lists its case names, bench's maps each case to its attempts: a report
+    over both builds, and the bench side's out-of-memory note is in it."""
+    import json
+
+    par = tmp_path / "parity"
+    par.mkdir()
+    shutil.copy(results["cpu"] / "parity.parquet", par / "parity.parquet")
+    (par / "run.json").write_text(json.dumps({"cases": ["tiny", "text-bytes"]}))
+    bench = tmp_path / "bench"
+    shutil.copytree(results["gpu"], bench)
+    run = json.loads((bench / "run.json").read_text())
+    run["cases"] = {"gpt2-1.5b": {"jax_attempts": [
+        {"variant": "plain", "status": "oom", "message": "out of memory at B8 (asked 90.1 GiB)"},
+        {"variant": "remat", "status": "ok", "baseline": "jax-remat"}]}}
+    (bench / "run.json").write_text(json.dumps(run))
+    out = tmp_path / "out"
+    build_report([par, bench], out)
+    assert "JAX plain: out of memory at B8 (asked 90.1 GiB)" in (out / "report.md").read_text()
+
+
 def test_rebuild_removes_stale_figures(results, tmp_path):
     out = tmp_path / "out"
     (out / "figures").mkdir(parents=True)
