@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from harness import flops as fl
+from harness.mps import MODES as MPS_MODES
 from harness.bench_jax import _vm_kib, rss_high_water_bytes
 from harness.config import (CaseConfig, SuiteConfig, case_axes, case_id, case_slug, load_suite,
                             microbatch_size)
@@ -434,6 +435,7 @@ class JobResult:
     devices: int | None = None  # distinct GPUs the ranks ran on (0: CPU ranks; None: unknown)
     transport: str | None = None
     stage_bytes: dict[int, int] = dataclasses.field(default_factory=dict)  # rank -> device bytes
+    mps: str = ""  # harness.mps: what the job ran under ("" for CPU ranks)
 
 
 def _timed_bubble(timeline_dir: Path, case: CaseConfig, first_timed: int):
@@ -481,7 +483,8 @@ def jax_memory_fraction(job: JobResult, env: dict) -> tuple[float | None, str]:
 
 
 def run_pipeline_job(case: CaseConfig, weights: Path, x_SBT, y_SBT, order: list[int],
-                     warmup: int, workdir: Path, threads: int, timeout: float) -> JobResult:
+                     warmup: int, workdir: Path, threads: int, timeout: float,
+                     mps: str = "auto") -> JobResult:
     """One mpirun job over the batches `order` (warm-up ones first); drops the first `warmup`
     steps. RankFailure propagates."""
     from harness.pipeline import run_pipeline
@@ -491,7 +494,7 @@ def run_pipeline_job(case: CaseConfig, weights: Path, x_SBT, y_SBT, order: list[
     gpu = _is_cuda(case)
     with RankMemory(marker, case.pipeline.stages, gpu=gpu) as mem:
         res = run_pipeline(case, weights, x_SBT[order], y_SBT[order], workdir, timeout=timeout,
-                           threads=threads)
+                           threads=threads, mps=mps)
     step_s = [float(s) for s in res.step_s[warmup:]]
     bubble, sim, _ = _timed_bubble(res.timeline_dir, case, warmup)
     stage_bytes = {int(r["rank"]): int(r["device_bytes"]) for r in res.ranks}
@@ -506,7 +509,7 @@ def run_pipeline_job(case: CaseConfig, weights: Path, x_SBT, y_SBT, order: list[
         source = f"sum over {len(peaks)} ranks of VmHWM (sampled every {RANK_SAMPLE_S} s)"
     return JobResult(step_s, bubble, sim, int(sum(peaks)), int(max(peaks, default=0)),
                      len(peaks), res.timeline_dir, source, res.devices, res.transport,
-                     stage_bytes)
+                     stage_bytes, res.mps)
 
 
 # ---- records -----------------------------------------------------------------------------------
@@ -567,6 +570,7 @@ class Settings:
     min_block_s: float
     timeout: float
     order: str = "auto"
+    mps: str = "auto"  # harness.mps mode for CUDA ranks sharing a GPU
 
 
 # JAX's share of the GPU when it runs alone (order = separate): all of it but the CUDA context's
@@ -712,7 +716,7 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
         elif engine_available:
             order = list(range(W)) + [timed[i % len(timed)] for i in range(case.steps)]
             job = run_pipeline_job(case, weights, x_SBT, y_SBT, order, W, work / "calibrate",
-                                   threads_per_rank, settings.timeout)
+                                   threads_per_rank, settings.timeout, settings.mps)
             # the fastest step: noise only slows steps down, and a block sized on the fastest
             # one lasts at least min_block_s
             calib = min(job.step_s)
@@ -723,7 +727,8 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
                                "steps_per_block": n_engine,
                                "steps_per_job": W + n_engine,
                                "calibration": "one untimed mpirun job of warmup + steps steps",
-                               "transport": job.transport, "devices": job.devices}
+                               "transport": job.transport, "devices": job.devices,
+                               **({"mps": job.mps} if job.mps else {})}
             ncpu = os.cpu_count() or 1
             if not _is_cuda(case):
                 notes["notes"].append(
@@ -731,11 +736,16 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
                     "so these timings measure the schedule (bubble, ordering), not the speed a "
                     f"{P}-device pipeline would reach")
             elif job.devices is not None and job.devices < P:
+                how = ("under a CUDA MPS daemon, so the ranks' kernels run concurrently as on "
+                       "separate GPUs but share its SMs and bandwidth" if job.mps in
+                       ("private", "external") else
+                       f"time-sliced (no MPS: {job.mps or 'not asked'}), so stages run one "
+                       "after another")
                 notes["notes"].append(
                     f"GPU pipeline: {P} ranks share {job.devices} GPU(s) (transport "
-                    f"{job.transport}); stages run one after another on a shared GPU, so the "
-                    "step measures the cost of pipelining (bubble, transfers, smaller products) "
-                    f"and MFU is against {job.devices} GPU(s), not {P}")
+                    f"{job.transport}), {how}; the step measures the cost of pipelining "
+                    "(bubble, transfers, smaller products) and MFU is against "
+                    f"{job.devices} GPU(s), not {P}")
 
         # ---- JAX: the case's own step, and when it runs out of memory each fallback variant
         # (remat, more micro-batches) that fits, each its own labelled baseline
@@ -854,7 +864,8 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
                     shutil.rmtree(work / f"job{r - 1}", ignore_errors=True)
                 order = list(range(W)) + [timed[i % len(timed)] for i in range(n_engine)]
                 last_job = run_pipeline_job(case, weights, x_SBT, y_SBT, order, W,
-                                            work / f"job{r}", threads_per_rank, settings.timeout)
+                                            work / f"job{r}", threads_per_rank, settings.timeout,
+                                            settings.mps)
                 eng_step_s.append(statistics.median(last_job.step_s))
                 bubbles.append(last_job.bubble)
                 sims.append(last_job.bubble_sim)
@@ -1102,7 +1113,7 @@ def bench_suite(suite_arg: str, out: Path | None = None, *, repeats: int | None 
                 warmup: int | None = None, cases: list[str] | None = None,
                 threads: int | None = None, jax: bool = True, min_block_s: float = MIN_BLOCK_S,
                 timeout: float = PIPELINE_TIMEOUT_S, fresh: bool = False,
-                command: str = "", order: str = "auto") -> int:
+                command: str = "", order: str = "auto", mps: str = "auto") -> int:
     """Run (or resume) a bench into `out`; returns the exit code (0, or 3 when a case failed).
     Bad input raises ConfigError/DataError (exit 2)."""
     from tqdm import tqdm
@@ -1116,7 +1127,9 @@ def bench_suite(suite_arg: str, out: Path | None = None, *, repeats: int | None 
         warmup=_count("--warmup" if warmup is not None else "bench.warmup",
                       suite.bench.warmup if warmup is None else warmup, 0),
         threads=_count("--threads", threads if threads is not None else (os.cpu_count() or 1), 1),
-        jax=jax, min_block_s=float(min_block_s), timeout=float(timeout), order=order)
+        jax=jax, min_block_s=float(min_block_s), timeout=float(timeout), order=order, mps=mps)
+    if mps not in MPS_MODES:
+        raise ConfigError(f"--mps = {mps!r}: expected one of {', '.join(MPS_MODES)}")
     if order not in ORDERS:
         raise ConfigError(f"--order = {order!r}: expected one of {', '.join(ORDERS)}")
     if not (math.isfinite(settings.min_block_s) and settings.min_block_s >= 0):
@@ -1275,6 +1288,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "separate: every engine block, then the engine's memory released and "
                         "every JAX block alone (each side gets the whole GPU); auto (default): "
                         "alternate on CPU, separate on GPU")
+    p.add_argument("--mps", choices=MPS_MODES, default="auto",
+                   help="CUDA MPS for GPU pipeline ranks sharing a GPU: auto (default) starts a "
+                        "private MPS daemon for each job when none is running and runs "
+                        "time-sliced when it cannot; on: fail when it cannot; off: time-sliced")
     p.add_argument("--fresh", action="store_true",
                    help="discard earlier results in DIR instead of resuming")
     p.add_argument("--timeout", type=float, default=PIPELINE_TIMEOUT_S, metavar="S",
@@ -1288,7 +1305,7 @@ def run(args: argparse.Namespace) -> int:
     rc = bench_suite(args.suite, args.out, repeats=args.repeats, warmup=args.warmup,
                    cases=names or None, threads=args.threads, jax=not args.no_jax,
                    min_block_s=args.min_time, timeout=args.timeout, fresh=args.fresh,
-                   command=command, order=args.order)
+                   command=command, order=args.order, mps=args.mps)
     print(f"  wall time {time.perf_counter() - t0:.1f} s")
     return rc
 
@@ -1314,6 +1331,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
         out += ["--timeout", str(args.timeout)]
     if getattr(args, "order", "auto") != "auto":
         out += ["--order", args.order]
+    if getattr(args, "mps", "auto") != "auto":
+        out += ["--mps", args.mps]
     return out
 
 

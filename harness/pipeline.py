@@ -6,7 +6,8 @@ hanging job into RankFailure naming the rank and its message, and reads back los
 final parameters, per-rank timelines and each rank's description (rank<r>.json: backend,
 transport, device, stages, device bytes). Ranks run CPU stages, or CUDA stages when
 case.backend is "cuda" (the engine picks the transport: NCCL, or CUDA IPC between ranks that
-share a GPU). It does not decide what runs when (harness.schedule) nor compare anything
+share a GPU; with mps="auto" or "on", ranks sharing a GPU run under a CUDA MPS daemon, see
+harness.mps). It does not decide what runs when (harness.schedule) nor compare anything
 (harness.parity).
 """
 
@@ -28,6 +29,7 @@ from harness import schedule as sched
 from harness.config import CaseConfig, stage_layers
 from harness.data import write_shard
 from harness import engine as _engine
+from harness import mps as _mps
 from harness.engine import library_dirs
 from harness.errors import DataError, RankFailure
 from harness.init import read_safetensors
@@ -51,6 +53,9 @@ class PipelineResult:
     # (on_nonfinite="skip" at a non-finite loss or norm); None from engines that predate them
     steps: np.ndarray | None = None
     skipped: np.ndarray | None = None
+    # CUDA MPS for the job (harness.mps.job_mps): "private", "external", "off", "off (one GPU
+    # per rank)", "unavailable: why"; "" for CPU ranks
+    mps: str = ""
 
     @property
     def transport(self) -> str | None:
@@ -248,12 +253,14 @@ def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
                  threads: int = 1, save_grads_step: int = 0,
                  extra_env: dict[str, str] | None = None, checkpoint_dir: Path | None = None,
                  checkpoint_every: int = 0, resume_step: int = 0,
-                 on_nonfinite: str = "stop") -> PipelineResult:
+                 on_nonfinite: str = "stop", mps: str | None = None) -> PipelineResult:
     """Train `case` for inputs_SBT.shape[0] steps with its pipeline layout; see module doc.
     With checkpoint_dir, every `checkpoint_every` steps each rank checkpoints its stages there
     (step_<8 digits>/stage<s>.safetensors); resume_step > 0 starts at that step from that
     step's checkpoint (the inputs still hold every step: step s reads inputs_SBT[s]), and the
-    result's rows cover steps [resume_step, S). See write_runfile for on_nonfinite."""
+    result's rows cover steps [resume_step, S). See write_runfile for on_nonfinite. mps:
+    harness.mps mode for CUDA ranks ("auto", "on", "off"; None: $TANDEM_MPS, else "off": parity
+    and training keep the time-sliced default, `tandem bench` asks for "auto")."""
     p = case.pipeline
     workdir = Path(workdir)
     out = workdir / "ranks"
@@ -282,7 +289,14 @@ def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
            str(exe), str(runfile.resolve())]
     env = _mpi_env(threads, case.backend, p.stages)
     env.update(extra_env or {})
-    rc, stdout, stderr, wall = _launch(cmd, env, timeout, case, workdir)
+    mps_used = ""
+    if case.backend == "cuda":
+        mode = mps if mps is not None else os.environ.get("TANDEM_MPS", "off")
+        with _mps.job_mps(mode, p.stages, env=env) as (mps_used, mps_env):
+            env.update(mps_env)
+            rc, stdout, stderr, wall = _launch(cmd, env, timeout, case, workdir)
+    else:
+        rc, stdout, stderr, wall = _launch(cmd, env, timeout, case, workdir)
     if rc != 0:
         raise RankFailure(f"pipelined run of {case.name!r}: {_failure_message(rc, stderr)}")
     table = np.loadtxt(out / "losses.csv", delimiter=",", skiprows=1, ndmin=2)
@@ -298,4 +312,4 @@ def run_pipeline(case: CaseConfig, weights: Path, inputs_SBT: np.ndarray,
     return PipelineResult(losses=table[:, 1], grad_norms=table[:, 2], step_s=table[:, 3],
                           grads=grads, params=params, out_dir=out, timeline_dir=out,
                           wall_s=wall, command=cmd, ranks=read_rank_info(out),
-                          steps=table[:, 0].astype(np.int64), skipped=skipped)
+                          steps=table[:, 0].astype(np.int64), skipped=skipped, mps=mps_used)

@@ -170,3 +170,24 @@ def test_gpu_pipeline_skip_mode_counts(gpu, tmp_path):
                                 tmp_path / "run", timeout=120, on_nonfinite="skip")
     assert res.skipped is not None and res.skipped.any()
     assert all(np.isfinite(v).all() for v in res.params.values())
+
+
+def test_ranks_sharing_a_gpu_under_mps_compute_what_time_sliced_ranks_do(gpu, tmp_path):
+    """harness.mps: the ranks of a 4-stage job on one GPU run under a private MPS daemon (mps on)
+    or time-sliced (mps off); the same kernels in the same order, so the same bits."""
+    from harness import mps
+
+    if mps.visible_gpus() >= 4:
+        pytest.skip("4 GPUs: each rank has its own")
+    if shutil.which(mps.CONTROL) is None:
+        pytest.skip(f"{mps.CONTROL} is not on PATH")
+    case = _case("zb-h1", 4, 8)
+    inp = _inputs(case, tmp_path)
+    runs = {}
+    for mode in ("off", "on"):
+        runs[mode] = pipeline.run_pipeline(case, inp.weights, inp.inputs_SBT, inp.targets_SBT,
+                                           tmp_path / mode, timeout=120, mps=mode)
+    assert runs["off"].mps == "off" and runs["on"].mps == "private"
+    np.testing.assert_array_equal(runs["on"].losses, runs["off"].losses)
+    for name, want in runs["off"].params.items():
+        np.testing.assert_array_equal(runs["on"].params[name], want, err_msg=name)
