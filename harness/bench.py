@@ -31,7 +31,7 @@ from harness import flops as fl
 from harness.mps import MODES as MPS_MODES
 from harness.bench_jax import _vm_kib, rss_high_water_bytes
 from harness.config import (CaseConfig, SuiteConfig, case_axes, case_id, case_slug, load_suite,
-                            microbatch_size)
+                            microbatch_size, require_model_passes)
 from harness.errors import ConfigError, DataError, EngineError, TandemError
 from harness.records import RECORD_COLUMNS, Record, append_parquet, to_frame, write_json
 
@@ -1135,6 +1135,8 @@ def bench_suite(suite_arg: str, out: Path | None = None, *, repeats: int | None 
     if not (math.isfinite(settings.min_block_s) and settings.min_block_s >= 0):
         raise ConfigError(f"--min-time = {min_block_s!r}: must be a number >= 0")
     chosen = select_cases(suite, cases)
+    for c in chosen:  # before anything is written: a case the engine cannot run loses nothing
+        require_model_passes(c, "tandem bench")
     out = Path(out) if out is not None else Path("tandem-results") / f"bench-{suite.name}"
     out.mkdir(parents=True, exist_ok=True)
     run_path, rec_path = out / "run.json", out / "records.parquet"

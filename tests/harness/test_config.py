@@ -459,3 +459,16 @@ def test_llama_ops_suite():
     for name in builtin_suites():  # no other built-in suite holds a llama case yet
         if name != "llama-ops":
             assert all(c.model.family == "gpt2" for c in load_suite(name).cases), name
+
+
+def test_bench_refuses_a_llama_case_before_writing_anything(tmp_path, capsys):
+    """The engine has no Llama model passes yet: `tandem bench` says so and exits 2 without a
+    results directory."""
+    from harness.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--suite", "llama-ops", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "tandem bench: case" in err and "family = 'llama'" in err
+    assert "the engine runs only the op tier for llama so far" in err
+    assert not out.exists()
