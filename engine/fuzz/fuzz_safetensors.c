@@ -3,7 +3,7 @@
  * Each input is a whole safetensors file, loaded through td_load_safetensors_mem into two small
  * models: a one-stage model (every tensor must be present) and stage 1 of 2 (the other stage's
  * tensors are checked, then skipped). A load either succeeds or fails with a message; the
- * sanitizers catch everything else. Seeds: engine/fuzz/corpus/safetensors (make_corpus.py).
+ * sanitizers catch everything else. Seeds: engine/fuzz/corpus/safetensors (tools/make_corpus.py).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -12,7 +12,7 @@
 #include "fuzz_report.h"
 #include "internal.h"
 
-/* The model make_corpus.py writes seeds for: keep the two in step. */
+/* The model tools/make_corpus.py writes seeds for: keep the two in step. */
 static const struct { const char *k; int64_t v; } CONFIG[] = {
     {"n_layer", 2}, {"n_embd", 4}, {"n_head", 2}, {"vocab_size", 5}, {"n_positions", 4},
     {"seq_len", 2}, {"batch_size", 1}, {"threads", 1}};

@@ -1,6 +1,6 @@
 """Writes the seed corpora of the engine's fuzz targets into engine/fuzz/corpus/<target>/.
 
-    python3 engine/fuzz/make_corpus.py
+    python3 tools/make_corpus.py
 
 Valid files come from the project's own writers (the engine's safetensors writer through the
 binding, harness.data.write_shard, harness.schedule.to_csv, harness.pipeline.write_runfile); a
@@ -16,8 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+FUZZ = REPO / "engine" / "fuzz"
+sys.path.insert(0, str(REPO))
 
 from harness import schedule  # noqa: E402
 from harness.config import load_suite  # noqa: E402
@@ -31,7 +32,7 @@ FUZZ_MODEL = dict(n_layer=2, n_embd=4, n_head=2, vocab_size=5, n_positions=4, se
 
 
 def _out(target: str) -> Path:
-    d = HERE / "corpus" / target
+    d = FUZZ / "corpus" / target
     d.mkdir(parents=True, exist_ok=True)
     for old in d.iterdir():
         old.unlink()
@@ -122,5 +123,5 @@ if __name__ == "__main__":
     tokens()
     schedules()
     runfiles()
-    for t in sorted((HERE / "corpus").iterdir()):
-        print(f"{t.relative_to(HERE)}: {len(list(t.iterdir()))} files")
+    for t in sorted((FUZZ / "corpus").iterdir()):
+        print(f"{t.relative_to(FUZZ)}: {len(list(t.iterdir()))} files")
