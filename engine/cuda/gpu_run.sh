@@ -16,7 +16,8 @@
 #   sanitize  compute-sanitizer memcheck over a few bf16 / fp32 training steps -> sanitize.txt
 #   ncu       Nsight Compute on the non-GEMM kernels of one 1.5B-shaped layer's step -> ncu.txt
 #   flash     engine/cuda/flash_bench.cu: the attention kernels alone -> flash_bench.txt
-#   gtests    pytest tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py -> gtests.txt
+#   gtests    pytest tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py
+#             tests/engine/test_cuda_state.py -> gtests.txt
 #   pparity   tandem parity --suite smoke --backend cuda, pipelined layouts included -> pparity.tgz
 #   pipebench tandem bench --suite gpu-pipeline ($PIPEBENCH_CASES, default the 350M control and
 #             4-stage ZB-H1 at M=16 with JAX; $PIPEBENCH_NOJAX cases engine-only) -> pipebench.tgz
@@ -84,7 +85,8 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
             -o build/flash_bench &&
             timeout 120 build/flash_bench 20 2>&1 | tee "$OUT/flash_bench.txt" || rc=1 ;;
     gtests)
-        timeout 240 python3 -m pytest -q -x tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py -k "${GTESTS_K:-not nothing}" \
+        timeout 240 python3 -m pytest -q -x tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py \
+            tests/engine/test_cuda_state.py -k "${GTESTS_K:-not nothing}" \
             2>&1 | tail -15 | tee "$OUT/gtests.txt" || rc=1 ;;
     pparity)
         timeout 300 python3 -m harness.cli parity --suite smoke --backend cuda --out "$OUT/pparity" 2>&1 | tail -30 || rc=1
