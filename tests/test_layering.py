@@ -125,7 +125,9 @@ C_LAYER = {
     "kernels.c": 2,   # every op's maths, on the GEMM
     "llama_ops.c": 2,  # the Llama family's own ops (RMSNorm, RoPE, SwiGLU, GQA attention)
     "optim.c": 3,     # AdamW over the model's flat buffers
-    "io.c": 3,        # safetensors and token shards
+    "safetensors.c": 3,  # safetensors weights: the header's JSON, load, the writer
+    "checkpoint.c": 3,  # training checkpoints (safetensors files with AdamW's state)
+    "shards.c": 3,    # token shards
     "cuda_stub.c": 3,  # the CUDA backend's table in a CPU-only build
     "model.c": 4,     # stages, parameter table, passes
     "ops_abi.c": 5,   # the op-level ABI (parity of single kernels)
@@ -140,7 +142,10 @@ C_INCLUDES = {  # the local headers each file may include
     "llama_ops.h": {"internal.h"},        # the Llama ops (their GEMMs are td_gemm's)
     "llama_ops.c": {"llama_ops.h"},
     "optim.c": {"internal.h"},
-    "io.c": {"internal.h"},
+    "safetensors.h": {"internal.h"},      # what safetensors.c shares with checkpoint.c
+    "safetensors.c": {"internal.h", "safetensors.h"},
+    "checkpoint.c": {"internal.h", "safetensors.h"},
+    "shards.c": {"internal.h"},
     "cuda_stub.c": {"internal.h"},
     "model.c": {"internal.h", "kernels.h", "llama_ops.h"},
     "ops_abi.c": {"internal.h", "kernels.h", "llama_ops.h"},
@@ -159,10 +164,10 @@ C_EXCEPTIONS = {
         "the plain reference GEMM is defined in kernels.c beside the other reference kernels; the "
         "fast GEMM falls back to it for the float64 build and tiny shapes (a cycle gemm.c <-> "
         "kernels.c until the reference moves into gemm.c)"),
-    ("io.c", "model.c"): (
+    ("safetensors.c", "model.c"): (
         {"td_find_param", "td_full_model_has"},
-        "the parameter table's lookups live in model.c; safetensors loading and saving needs them "
-        "(io reaches up into the model until the table gets a file of its own)"),
+        "the parameter table's lookups live in model.c; safetensors loading needs them (the "
+        "file layer reaches up into the model until the table gets a file of its own)"),
 }
 C_PUBLIC = {"tandem.h"}  # engine/include: the only header outside engine/src a source may name
 RUNTIME_FORBIDDEN = {"internal.h", "kernels.h"}  # the runtime speaks the public ABI only
@@ -312,7 +317,7 @@ _C_TREE = {
     "engine/src/model.c": '#include "internal.h"\n#include "kernels.h"\n'
                           'int td_find_param(void) { return td_fail(); }\n'
                           'int td_forward_slot(void) { td_linear_forward(); return 0; }\n',
-    "engine/src/io.c": '#include "internal.h"\nint td_load(void) {\n'
+    "engine/src/safetensors.c": '#include "internal.h"\nint td_load(void) {\n'
                        '    /* td_forward_slot() in a comment is no call */\n'
                        '    return td_find_param() + td_fail();\n}\n',
     "engine/src/optim.c": '#include "internal.h"\nvoid td_adamw(void) {}\n',
@@ -322,13 +327,14 @@ _C_TREE = {
                         '    td_adamw();\n    return td_forward_slot() + td_load();\n}\n',
     "engine/runtime/runtime.c": '#include "runtime.h"\n',
 }
-_C_LAYER = {"gemm.c": 1, "kernels.c": 2, "optim.c": 3, "io.c": 3, "model.c": 4, "api.c": 5}
+_C_LAYER = {"gemm.c": 1, "kernels.c": 2, "optim.c": 3, "safetensors.c": 3, "model.c": 4, "api.c": 5}
 _C_INCLUDES = {"internal.h": {"tandem.h"}, "kernels.h": {"internal.h"}, "gemm.c": {"kernels.h"},
-               "kernels.c": {"kernels.h"}, "optim.c": {"internal.h"}, "io.c": {"internal.h"},
+               "kernels.c": {"kernels.h"}, "optim.c": {"internal.h"},
+               "safetensors.c": {"internal.h"},
                "model.c": {"internal.h", "kernels.h"}, "api.c": {"internal.h", "kernels.h"}}
 _C_BASE = {"td_fail": ("api.c", "base")}
 _C_EXC = {("gemm.c", "kernels.c"): ({"td_gemm_reference"}, "cycle"),
-          ("io.c", "model.c"): ({"td_find_param"}, "table")}
+          ("safetensors.c", "model.c"): ({"td_find_param"}, "table")}
 
 
 def _c_check(tmp_path, extra: dict[str, str]):
@@ -345,17 +351,17 @@ def test_c_checker_passes_a_clean_tree(tmp_path):
     ({"engine/src/optim.c": '#include "internal.h"\n#include "kernels.h"\n'
                             'void td_adamw(void) {}\n'},
      "engine/src/optim.c:2: optim.c -> kernels.h"),
-    ({"engine/src/io.c": '#include "internal.h"\n'
+    ({"engine/src/safetensors.c": '#include "internal.h"\n'
                          'int td_load(void) { return td_forward_slot(); }\n'},
-     "engine/src/io.c:2: io.c -> model.c (calls td_forward_slot"),
+     "engine/src/safetensors.c:2: safetensors.c -> model.c (calls td_forward_slot"),
     ({"engine/src/optim.c": '#include "internal.h"\nvoid td_adamw(void) { td_find_param(); }\n'},
      "engine/src/optim.c:2: optim.c -> model.c"),
     ({"engine/src/kernels.c": '#include "kernels.h"\n#include "gemm_pack.h"\n'
                               'void td_gemm_reference(void) {}\n'},
      "engine/src/kernels.c:2: kernels.c -> gemm_pack.h"),
     ({"engine/src/ckpt.c": '#include "internal.h"\n'}, "engine/src/ckpt.c:1: not in the declared"),
-    ({"engine/src/io.c": '#include "internal.h"\n#include "model.c"\n'},
-     "engine/src/io.c:2: includes a source file"),
+    ({"engine/src/safetensors.c": '#include "internal.h"\n#include "model.c"\n'},
+     "engine/src/safetensors.c:2: includes a source file"),
     ({"engine/runtime/runtime.c": '#include "runtime.h"\n#include "internal.h"\n'},
      "engine/runtime/runtime.c:2: runtime -> internal.h"),
 ])

@@ -1,4 +1,4 @@
-/* fuzz_safetensors.c — libFuzzer target for the safetensors reader (io.c).
+/* fuzz_safetensors.c — libFuzzer target for the safetensors reader (safetensors.c).
  *
  * Each input is a whole safetensors file, loaded through td_load_safetensors_mem into two small
  * models: a one-stage model (every tensor must be present) and stage 1 of 2 (the other stage's

@@ -1,4 +1,4 @@
-/* fuzz_tokens.c — libFuzzer target for the token-shard reader (io.c, td_tokens_read).
+/* fuzz_tokens.c — libFuzzer target for the token-shard reader (shards.c, td_tokens_read).
  *
  * Each input is a whole shard (64-byte header: magic "TDNT", version, bytes per token, count;
  * then the ids), parsed by td_tokens_parse with vocab_size 50257 and with no vocabulary bound.

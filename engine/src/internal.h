@@ -227,7 +227,7 @@ int64_t td_grad_norm_elems(const td_model *m);
 double td_grad_sq_sum_local(const td_model *m);
 void td_adamw(td_model *m, double grad_norm);
 
-/* io.c */
+/* safetensors.c, shards.c, checkpoint.c */
 td_status td_load_safetensors(td_model *m, const char *path);
 /* The same parsers over bytes in memory (path names the source in messages); the path versions
  * read the file and call these. The fuzz targets (engine/fuzz) drive them directly. */
