@@ -299,7 +299,7 @@ def test_measured_data_found_from_an_installed_package(tmp_path, monkeypatch):
     """Installed from a wheel, the harness sits in site-packages with no results/ beside it: the
     validation data is found from the working directory (a checkout), and where it is nowhere the
     error names the places looked in."""
-    repo = Path(cli.ROOT)
+    repo = Path(__file__).resolve().parents[2]  # the checkout these tests run from
     monkeypatch.setattr(cli, "ROOT", tmp_path / "site-packages")
     monkeypatch.chdir(repo)
     rel = "results/gpu/bench-h200/records.parquet"
