@@ -240,14 +240,18 @@ class Model:
 
     Configuration keys are those of td_model_set_int/float (n_layer, n_embd, n_head,
     vocab_size, n_positions, seq_len, batch_size, threads, stage, stages, layer_begin,
-    layer_end, slots, split_backward; lr, beta1, beta2, eps, weight_decay, grad_clip).
+    layer_end, slots, split_backward; lr, beta1, beta2, eps, weight_decay, grad_clip), and the
+    model family: family "gpt2" (default) or "llama" with n_kv_head, ffn_dim, rope_theta and
+    norm_eps (a Llama model runs on one CPU stage).
     variant="f64" loads the float64-kernel build used by the finite-difference tests.
     """
 
     _INT_KEYS = {"n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "seq_len",
                  "batch_size", "threads", "stage", "stages", "layer_begin", "layer_end", "slots",
-                 "split_backward", "backend", "bf16", "profile"}
+                 "split_backward", "backend", "bf16", "profile", "family", "n_kv_head",
+                 "ffn_dim"}
     _BACKENDS = {"cpu": 0, "cuda": 1}
+    _FAMILIES = {"gpt2": 0, "llama": 1}
 
     def __init__(self, variant: str = "fp32", **config):
         self._lib = load_library(variant)
@@ -264,6 +268,11 @@ class Model:
                         raise EngineError(f"backend={value!r}: unknown (allowed: cpu, cuda)",
                                           "TD_ERR_CONFIG")
                     value = self._BACKENDS[value]
+                if key == "family" and isinstance(value, str):
+                    if value not in self._FAMILIES:
+                        raise EngineError(f"family={value!r}: unknown (allowed: gpt2, llama)",
+                                          "TD_ERR_CONFIG")
+                    value = self._FAMILIES[value]
                 if key == "dtype":  # "fp32" | "bf16"
                     if value not in ("fp32", "bf16"):
                         raise EngineError(f"dtype={value!r}: unknown (allowed: fp32, bf16)",

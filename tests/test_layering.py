@@ -130,6 +130,7 @@ C_LAYER = {
     "shards.c": 3,    # token shards
     "cuda_stub.c": 3,  # the CUDA backend's table in a CPU-only build
     "model.c": 4,     # stages, parameter table, passes
+    "llama_model.c": 4,  # the Llama family's table, buffers and passes (model.c hands over)
     "ops_abi.c": 5,   # the op-level ABI (parity of single kernels)
     "api.c": 5,       # the ABI: handles, setters, errors
 }
@@ -148,6 +149,7 @@ C_INCLUDES = {  # the local headers each file may include
     "shards.c": {"internal.h"},
     "cuda_stub.c": {"internal.h"},
     "model.c": {"internal.h", "kernels.h", "llama_ops.h"},
+    "llama_model.c": {"internal.h", "kernels.h", "llama_ops.h"},
     "ops_abi.c": {"internal.h", "kernels.h", "llama_ops.h"},
     "api.c": {"internal.h", "kernels.h"},
 }

@@ -59,10 +59,13 @@ const char *td_model_last_error(const td_model *model);
  * (1 keeps per-slot gradients of activations so a backward can run as B then W; default 0),
  * backend (0 cpu, 1 cuda: on the current CUDA device), bf16 (1: bf16 compute, cuda only),
  * profile (1: time each CPU phase in wall seconds, 2: in the calling thread's CPU seconds; read
- * with td_model_profile; may change after build).
+ * with td_model_profile; may change after build), family (0 gpt2, default; 1 llama: the
+ * public Llama names and maths of docs/model.md, on one CPU stage without split_backward so
+ * far), and Llama's n_kv_head (divides n_head; 0 = n_head) and ffn_dim (the MLP width, > 0).
  * Read-only integer keys (td_model_get_int): step, num_elements, io_bytes, device (the CUDA
  * device ordinal, -1 on the CPU), device_bytes (device memory the model allocated).
- * Float keys: lr, beta1, beta2, eps, weight_decay, grad_clip (0 = off).
+ * Float keys: lr, beta1, beta2, eps, weight_decay, grad_clip (0 = off); llama's rope_theta
+ * (default 10000) and norm_eps (RMSNorm's epsilon, default 1e-5), build-time only.
  * Optimizer keys may also be set after build. Unknown keys are TD_ERR_CONFIG. */
 td_status td_model_set_int(td_model *model, const char *key, int64_t value);
 td_status td_model_set_float(td_model *model, const char *key, double value);

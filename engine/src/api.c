@@ -128,10 +128,13 @@ static const key_entry INT_KEYS[] = {
     IKEY(seq_len), IKEY(batch_size), {"threads", offsetof(td_model, threads), 1}, IKEY(stage),
     IKEY(stages), IKEY(layer_begin), IKEY(layer_end), IKEY(slots), IKEY(split_backward),
     IKEY(backend), IKEY(bf16), {"profile", offsetof(td_model, profile), 1},
+    IKEY(family), IKEY(n_kv_head), IKEY(ffn_dim),
 };
 #define FKEY(k) {#k, offsetof(td_model, k), 1}
 static const key_entry FLOAT_KEYS[] = {FKEY(lr), FKEY(beta1), FKEY(beta2), FKEY(eps),
-                                       FKEY(weight_decay), FKEY(grad_clip)};
+                                       FKEY(weight_decay), FKEY(grad_clip),
+                                       {"rope_theta", offsetof(td_model, rope_theta), 0},
+                                       {"norm_eps", offsetof(td_model, norm_eps), 0}};
 #define NKEYS(a) (sizeof(a) / sizeof((a)[0]))
 
 static const key_entry *find_key(const key_entry *keys, size_t n, const char *key) {
@@ -156,6 +159,7 @@ td_status td_model_create(td_model **out) {
     m->slots = 1;
     m->lr = 1e-3, m->beta1 = 0.9, m->beta2 = 0.95, m->eps = 1e-8;
     m->weight_decay = 0.1, m->grad_clip = 1.0;
+    m->rope_theta = 10000.0, m->norm_eps = 1e-5; /* Llama's defaults (docs/model.md) */
     *out = m;
     return TD_OK;
 }
@@ -214,13 +218,38 @@ td_status td_model_set_float(td_model *m, const char *key, double value) {
         list_keys(ikeys, sizeof ikeys, INT_KEYS, NKEYS(INT_KEYS));
         return td_fail(m, TD_ERR_CONFIG, "td_model_set_float: unknown key '%s' (float keys: %s; integer keys: %s)", key, keys, ikeys);
     }
+    if (m->built && !k->after_build)
+        return td_fail(m, TD_ERR_STATE, "td_model_set_float: '%s' cannot change after td_model_build (value %g). HINT: create a new model", key, value);
     int ok = isfinite(value);
     if (!strcmp(key, "beta1") || !strcmp(key, "beta2")) ok = ok && value >= 0 && value < 1;
-    else if (!strcmp(key, "eps")) ok = ok && value > 0;
+    else if (!strcmp(key, "eps") || !strcmp(key, "rope_theta") || !strcmp(key, "norm_eps")) ok = ok && value > 0;
     else ok = ok && value >= 0;
     if (!ok)
-        return td_fail(m, TD_ERR_CONFIG, "td_model_set_float: %s=%g is out of range. HINT: lr, weight_decay, grad_clip >= 0; 0 <= beta < 1; eps > 0", key, value);
+        return td_fail(m, TD_ERR_CONFIG, "td_model_set_float: %s=%g is out of range. HINT: lr, weight_decay, grad_clip >= 0; 0 <= beta < 1; eps, rope_theta, norm_eps > 0", key, value);
     *(double *)((char *)m + k->offset) = value;
+    return TD_OK;
+}
+
+/* The family's own keys: family = 0 (GPT-2) takes none of Llama's; family = 1 (Llama) runs on
+ * one CPU stage without a split backward, so far (llama_model.c). */
+static td_status check_family(td_model *m) {
+    static const char *fn = "td_model_build";
+    if (m->family < 0 || m->family > 1)
+        return td_fail(m, TD_ERR_CONFIG, "%s: family=%lld (0 = gpt2, 1 = llama)", fn, (long long)m->family);
+    if (m->family == 0) {
+        if (m->n_kv_head || m->ffn_dim)
+            return td_fail(m, TD_ERR_CONFIG, "%s: n_kv_head=%lld, ffn_dim=%lld are Llama keys, but family=0 (gpt2). HINT: set family=1", fn, (long long)m->n_kv_head, (long long)m->ffn_dim);
+        return TD_OK;
+    }
+    if (m->n_kv_head == 0) m->n_kv_head = m->n_head; /* multi-head attention */
+    if (m->n_kv_head < 0 || m->n_head % m->n_kv_head)
+        return td_fail(m, TD_ERR_CONFIG, "%s: n_kv_head=%lld does not divide n_head=%lld", fn, (long long)m->n_kv_head, (long long)m->n_head);
+    if ((m->n_embd / m->n_head) % 2)
+        return td_fail(m, TD_ERR_CONFIG, "%s: head size n_embd/n_head=%lld is odd; RoPE turns pairs of channels", fn, (long long)(m->n_embd / m->n_head));
+    if (m->ffn_dim <= 0 || m->ffn_dim > (1 << 22))
+        return td_fail(m, TD_ERR_CONFIG, "%s: ffn_dim=%lld must be in [1, %d] for family=1 (llama). HINT: the MLP width F; the harness derives it from multiple_of", fn, (long long)m->ffn_dim, 1 << 22);
+    if (m->stages != 1 || m->split_backward || m->backend != 0)
+        return td_fail(m, TD_ERR_CONFIG, "%s: family=1 (llama) runs on one CPU stage so far (got stages=%lld, split_backward=%lld, backend=%lld). HINT: stages=1, split_backward=0, backend=0", fn, (long long)m->stages, (long long)m->split_backward, (long long)m->backend);
     return TD_OK;
 }
 
@@ -275,6 +304,8 @@ td_status td_model_build(td_model *m) {
         return td_fail(m, TD_ERR_CONFIG, "td_model_build: backend=%lld (0 = cpu, 1 = cuda)", (long long)m->backend);
     if (m->bf16 && m->backend != 1)
         return td_fail(m, TD_ERR_CONFIG, "td_model_build: bf16=1 needs backend=1 (cuda); the CPU engine computes in fp32");
+    const td_status family_st = check_family(m);
+    if (family_st) return family_st;
     if (m->backend == 1) {
         m->ops = td_cuda_ops();
         if (!m->ops)

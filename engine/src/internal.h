@@ -46,12 +46,25 @@ typedef struct {
     td_real *fcprojw, *fcprojb; /* (4C, C), (C) */
 } td_layer_ptrs;
 
-/* Pointers of a stage into a flat buffer: embeddings (first stage), layers, head (last). */
+/* Pointers of one Llama layer (family = 1, llama_model.c) into a flat buffer. Linear weights
+ * are (out, in), the public Llama layout; KV = n_kv_head * HS, F = ffn_dim. */
+typedef struct {
+    td_real *attn_norm;           /* (C) input_layernorm */
+    td_real *wq, *wk, *wv, *wo;   /* (C, C), (KV, C), (KV, C), (C, C) */
+    td_real *mlp_norm;            /* (C) post_attention_layernorm */
+    td_real *wgate, *wup, *wdown; /* (F, C), (F, C), (C, F) */
+} td_llama_layer_ptrs;
+
+/* Pointers of a stage into a flat buffer: embeddings (first stage), layers, head (last).
+ * A Llama model (one stage) uses wte for model.embed_tokens, lnfw for model.norm, llayers and
+ * its own lm_head; wpe, lnfb and layers stay NULL. */
 typedef struct {
     td_real *wte;   /* (V, C) — first and last stage both hold it (tied) */
     td_real *wpe;   /* (n_positions, C) — first stage */
     td_layer_ptrs *layers; /* nl entries */
     td_real *lnfw, *lnfb; /* (C) — last stage */
+    td_llama_layer_ptrs *llayers; /* nl entries (llama) */
+    td_real *lm_head;             /* (V, C) untied output head (llama) */
 } td_stage_ptrs;
 
 /* Forward activations of one layer for one micro-batch, sized for (batch_size, seq_len). */
@@ -69,6 +82,19 @@ typedef struct {
     td_real *res3;       /* (B, T, C) layer output */
 } td_layer_acts;
 
+/* Forward activations of one Llama layer for one micro-batch (what its backward reads). */
+typedef struct {
+    td_real *ln1, *ln1_rstd;  /* (B, T, C), (B, T) input RMSNorm */
+    td_real *q;               /* (B, T, NH, HS) after RoPE */
+    td_real *k, *v;           /* (B, T, NKV, HS), k after RoPE */
+    td_real *att;             /* (B, NH, T, T) softmax probabilities */
+    td_real *atty;            /* (B, T, C) attention output before o_proj */
+    td_real *res2;            /* (B, T, C) residual after attention */
+    td_real *ln2, *ln2_rstd;  /* (B, T, C), (B, T) post-attention RMSNorm */
+    td_real *gate, *up, *h;   /* (B, T, F) projections and silu(gate) * up */
+    td_real *res3;            /* (B, T, C) layer output */
+} td_llama_layer_acts;
+
 /* Everything one micro-batch leaves behind for its backward. */
 typedef struct {
     int32_t B, T;        /* shape of the micro-batch in the slot; B = 0 means empty */
@@ -77,6 +103,7 @@ typedef struct {
     int32_t *targets;    /* (B, T) last stage */
     td_real *input;      /* (B, T, C) the residual stream entering the stage */
     td_layer_acts *layers; /* nl entries */
+    td_llama_layer_acts *llayers; /* nl entries (llama; layers then unused) */
     td_real *lnf;        /* (B, T, C) last stage */
     td_real *lnf_mean, *lnf_rstd; /* (B, T) */
     td_real *probs;      /* (B, T, V) logits, then softmax probabilities in place */
@@ -103,6 +130,12 @@ typedef struct {
     td_real *datty;    /* (B, T, C) */
     td_real *datt;     /* (B, NH, T, T) */
     td_real *dfch_gelu;/* (B, T, 4C) */
+    /* llama: gradients of a norm's output, of q, k, v (after RoPE, then before it, in place) and
+     * of the MLP's hidden, gate and up activations */
+    td_real *dln;      /* (B, T, C) */
+    td_real *dq;       /* (B, T, NH, HS) */
+    td_real *dk, *dv;  /* (B, T, NKV, HS) */
+    td_real *dh, *dgate, *dup; /* (B, T, F) */
 } td_scratch;
 
 /* A device backend: where a model stage's tensors live and its passes run (NULL: the CPU code
@@ -157,6 +190,10 @@ struct td_model {
     int64_t backend; /* 0 cpu, 1 cuda */
     int64_t bf16;    /* 1: bf16 compute with fp32 master weights (cuda only) */
     int64_t profile; /* time every CPU phase (td_model_profile): 1 wall, 2 thread CPU; 0 off */
+    /* model family: 0 GPT-2 (model.c), 1 Llama (llama_model.c: one CPU stage), and Llama's
+     * shape keys (n_kv_head 0 = n_head; ffn_dim F > 0 required for llama) */
+    int64_t family, n_kv_head, ffn_dim;
+    double rope_theta, norm_eps; /* build-time: RoPE's theta, RMSNorm's epsilon */
     const td_backend_ops *ops; /* NULL on the CPU */
     void *device;              /* the backend's own state */
     double lr, beta1, beta2, eps, weight_decay, grad_clip;
@@ -197,6 +234,8 @@ td_status td_fail_global(td_status status, const char *fmt, ...)
 /* model.c */
 td_status td_model_layout(td_model *m); /* parameter table + allocation */
 td_param *td_find_param(td_model *m, const char *name);
+/* Appends a row to the parameter table (decayed when ndim >= 2) at the end of the flat buffer. */
+void td_add_param(td_model *m, const char *name, int32_t ndim, const int64_t *shape);
 void td_release(td_model *m);
 td_status td_forward_slot(td_model *m, int32_t slot, float *logits_out, double *out_loss,
                           int with_targets);
@@ -204,6 +243,15 @@ const td_real *td_input_grad(const td_model *m, int32_t slot);
 int td_full_model_has(const td_model *m, const char *name);
 td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,
                            const td_real *dout_BTC);
+
+/* llama_model.c: the Llama family's table, pointers, buffers and passes (one stage; model.c
+ * dispatches to these when family = 1) */
+void td_llama_table(td_model *m);
+void td_llama_bind(td_model *m, td_stage_ptrs *s, td_real *base);
+size_t td_llama_layout_buffers(td_model *m, td_real *base);
+td_status td_llama_forward_slot(td_model *m, int32_t slot, float *logits_out, double *out_loss,
+                                int with_targets);
+void td_llama_backward_slot(td_model *m, int32_t slot, double grad_scale);
 
 /* Per-phase profile: td_prof_now(m) before a phase, td_prof_add after (model.c's passes,
  * optim.c's AdamW; td_model_profile in model.c reads the sums). Inline here so that every layer

@@ -11,6 +11,24 @@
 #include <math.h>
 #include <string.h>
 
+/* ---- token embedding ------------------------------------------------------------------------- */
+
+void td_embedding_forward(td_real *out, const int32_t *tokens, const td_real *table, int N,
+                          int C) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++)
+        memcpy(out + (int64_t)i * C, table + (int64_t)tokens[i] * C, sizeof(td_real) * C);
+}
+
+void td_embedding_backward(td_real *dtable, const td_real *dout, const int32_t *tokens, int N,
+                           int C) {
+    for (int i = 0; i < N; i++) {
+        const td_real *d = dout + (int64_t)i * C;
+        td_real *de = dtable + (int64_t)tokens[i] * C;
+        for (int c = 0; c < C; c++) de[c] += d[c];
+    }
+}
+
 /* ---- RMSNorm --------------------------------------------------------------------------------- */
 
 void td_rmsnorm_forward(td_real *out, td_real *rstd, const td_real *inp, const td_real *w, int N,

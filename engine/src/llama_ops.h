@@ -1,5 +1,6 @@
-/* llama_ops.h — the Llama family's own ops on the CPU, forward and backward: RMSNorm, rotary
- * position embeddings (half-split convention), SwiGLU and causal grouped-query attention.
+/* llama_ops.h — the Llama family's own ops on the CPU, forward and backward: the token lookup,
+ * RMSNorm, rotary position embeddings (half-split convention), SwiGLU and causal grouped-query
+ * attention.
  *
  * Readable reference kernels in the manner of kernels.h: plain loops, OpenMP over independent
  * rows, a fixed reduction order, outputs first, then inputs, then sizes. Activation gradients are
@@ -13,6 +14,13 @@
 #include <stdint.h>
 
 #include "internal.h"
+
+/* out(N, C) = table[tokens[i]]: the token embedding, a lookup (positions enter through RoPE). */
+void td_embedding_forward(td_real *out, const int32_t *tokens, const td_real *table, int N,
+                          int C);
+/* dtable[tokens[i]] += dout[i]; serial over rows so repeated tokens add in row order. */
+void td_embedding_backward(td_real *dtable, const td_real *dout, const int32_t *tokens, int N,
+                           int C);
 
 /* out(N, C) = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps); rstd (N) kept for the
  * backward. */

@@ -5,7 +5,9 @@
  * With one stage this is the whole model. Memory is laid out once in td_model_layout; the passes
  * below allocate nothing. The backward runs as two halves that a schedule may separate: the
  * input-gradient half (B) keeps the gradient of every matmul and LayerNorm output in a grad
- * store, the weight-gradient half (W) turns those into parameter gradients.
+ * store, the weight-gradient half (W) turns those into parameter gradients. A Llama model
+ * (family = 1) keeps its table, buffers and passes in llama_model.c: td_model_layout and the
+ * slot passes below hand over to it.
  */
 #include <math.h>
 #include <stdio.h>
@@ -38,7 +40,7 @@ static void layer_shape(int j, int64_t C, int32_t *ndim, int64_t shape[4]) {
     }
 }
 
-static void add_param(td_model *m, const char *name, int32_t ndim, const int64_t *shape) {
+void td_add_param(td_model *m, const char *name, int32_t ndim, const int64_t *shape) {
     td_param *p = &m->params[m->nparams++];
     snprintf(p->name, sizeof p->name, "%s", name);
     p->ndim = ndim;
@@ -80,6 +82,8 @@ static void bind_ptrs(td_model *m, td_stage_ptrs *s, td_real *base) {
 
 /* Does `name` belong to the full model's table (any stage)? */
 int td_full_model_has(const td_model *m, const char *name) {
+    if (m->family == 1) /* a Llama model is one stage: its table is the whole model's */
+        return td_find_param((td_model *)m, name) != NULL;
     if (!strcmp(name, "wte.weight") || !strcmp(name, "wpe.weight") ||
         !strcmp(name, "ln_f.weight") || !strcmp(name, "ln_f.bias"))
         return 1;
@@ -180,6 +184,7 @@ void td_release(td_model *m) {
     if (m->slot) {
         for (int64_t s = 0; s < m->slots; s++) {
             free(m->slot[s].layers);
+            free(m->slot[s].llayers);
             free(m->slot[s].tokens);
         }
         free(m->slot);
@@ -190,6 +195,9 @@ void td_release(td_model *m) {
     }
     free(m->P.layers);
     free(m->G.layers);
+    free(m->P.llayers);
+    free(m->G.llayers);
+    m->P.llayers = m->G.llayers = NULL;
     m->params = NULL;
     m->param_mem = m->grad_mem = m->m_mem = m->v_mem = NULL;
     m->slot = NULL;
@@ -215,11 +223,16 @@ td_status td_model_layout(td_model *m) {
     m->gstore = calloc((size_t)nstores, sizeof(td_grad_store));
     m->P.layers = calloc((size_t)(m->nl ? m->nl : 1), sizeof(td_layer_ptrs));
     m->G.layers = calloc((size_t)(m->nl ? m->nl : 1), sizeof(td_layer_ptrs));
-    if (!m->params || !m->slot || !m->gstore || !m->P.layers || !m->G.layers) goto oom;
+    m->P.llayers = calloc((size_t)(m->nl ? m->nl : 1), sizeof(td_llama_layer_ptrs));
+    m->G.llayers = calloc((size_t)(m->nl ? m->nl : 1), sizeof(td_llama_layer_ptrs));
+    if (!m->params || !m->slot || !m->gstore || !m->P.layers || !m->G.layers || !m->P.llayers ||
+        !m->G.llayers)
+        goto oom;
     for (int64_t s = 0; s < m->slots; s++) {
         m->slot[s].layers = calloc((size_t)(m->nl ? m->nl : 1), sizeof(td_layer_acts));
+        m->slot[s].llayers = calloc((size_t)(m->nl ? m->nl : 1), sizeof(td_llama_layer_acts));
         m->slot[s].tokens = calloc((size_t)(2 * m->batch_size * m->seq_len), sizeof(int32_t));
-        if (!m->slot[s].layers || !m->slot[s].tokens) goto oom;
+        if (!m->slot[s].layers || !m->slot[s].llayers || !m->slot[s].tokens) goto oom;
         m->slot[s].targets = m->slot[s].tokens + m->batch_size * m->seq_len;
     }
     for (int64_t s = 0; s < nstores; s++) {
@@ -231,27 +244,29 @@ td_status td_model_layout(td_model *m) {
     int32_t ndim;
     m->nparams = 0;
     m->total = 0;
-    if (m->has_embed) {
+    if (m->family == 1) {
+        td_llama_table(m);
+    } else if (m->has_embed) {
         shape[0] = m->vocab_size, shape[1] = C;
-        add_param(m, "wte.weight", 2, shape);
+        td_add_param(m, "wte.weight", 2, shape);
         shape[0] = m->n_positions;
-        add_param(m, "wpe.weight", 2, shape);
+        td_add_param(m, "wpe.weight", 2, shape);
     }
-    for (int l = 0; l < m->nl; l++) {
+    for (int l = 0; l < m->nl && m->family != 1; l++) {
         char name[TD_MAX_NAME];
         for (int j = 0; j < 12; j++) {
             layer_shape(j, C, &ndim, shape);
             snprintf(name, sizeof name, "h.%d.%s", (int)(m->layer_begin + l), LAYER_SUFFIX[j]);
-            add_param(m, name, ndim, shape);
+            td_add_param(m, name, ndim, shape);
         }
     }
-    if (m->has_head) {
+    if (m->has_head && m->family != 1) {
         shape[0] = C;
-        add_param(m, "ln_f.weight", 1, shape);
-        add_param(m, "ln_f.bias", 1, shape);
+        td_add_param(m, "ln_f.weight", 1, shape);
+        td_add_param(m, "ln_f.bias", 1, shape);
         if (!m->has_embed) { /* the last stage's own copy of the tied embedding */
             shape[0] = m->vocab_size, shape[1] = C;
-            add_param(m, "wte.weight", 2, shape);
+            td_add_param(m, "wte.weight", 2, shape);
         }
     }
 
@@ -266,14 +281,20 @@ td_status td_model_layout(td_model *m) {
                        "td_model_build: cannot allocate 4 x %zu bytes for %zu parameters. HINT: "
                        "a smaller model or more memory",
                        bytes, m->total);
-    bind_ptrs(m, &m->P, m->param_mem);
-    bind_ptrs(m, &m->G, m->grad_mem);
+    if (m->family == 1) {
+        td_llama_bind(m, &m->P, m->param_mem);
+        td_llama_bind(m, &m->G, m->grad_mem);
+    } else {
+        bind_ptrs(m, &m->P, m->param_mem);
+        bind_ptrs(m, &m->G, m->grad_mem);
+    }
     m->host_bytes = 4 * bytes + (size_t)m->slots * 2 * (size_t)(m->batch_size * m->seq_len) *
                                     sizeof(int32_t);
 
     if (m->backend == 1) return TD_OK; /* a device backend keeps its own activations; the
                                           * slots' tokens and targets above stay for staging */
-    size_t n = layout_buffers(m, NULL);
+    size_t (*lay)(td_model *, td_real *) = m->family == 1 ? td_llama_layout_buffers : layout_buffers;
+    size_t n = lay(m, NULL);
     td_real *acts = (n && checked_mul(n, sizeof(td_real), &bytes)) ? calloc(n, sizeof(td_real)) : NULL;
     if (!acts)
         return td_fail(m, TD_ERR_NOMEM,
@@ -281,7 +302,7 @@ td_status td_model_layout(td_model *m) {
                        "seq_len=%lld, slots=%lld). HINT: fewer micro-batches in flight, a smaller "
                        "batch_size or seq_len",
                        n, (long long)m->batch_size, (long long)m->seq_len, (long long)m->slots);
-    layout_buffers(m, acts); /* slot[0].input == acts: freed through acts_mem_of */
+    lay(m, acts); /* slot[0].input == acts: freed through acts_mem_of */
     m->host_bytes += n * sizeof(td_real);
     return TD_OK;
 oom:
@@ -336,6 +357,7 @@ static td_real *residual_in(td_slot *s, int l) { return l == 0 ? s->input : s->l
  * (fp32 copy) when given, and the mean loss when the stage has the head and targets are set. */
 td_status td_forward_slot(td_model *m, int32_t slot, float *logits_out, double *out_loss,
                           int with_targets) {
+    if (m->family == 1) return td_llama_forward_slot(m, slot, logits_out, out_loss, with_targets);
     td_slot *s = &m->slot[slot];
     const int B = s->B, T = s->T, C = (int)m->n_embd, NH = (int)m->n_head, V = (int)m->vocab_size;
     const int BT = B * T;
@@ -438,6 +460,10 @@ static void backward_weight(td_model *m, td_slot *s, td_grad_store *g) {
 
 td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,
                            const td_real *dout_BTC) {
+    if (m->family == 1) { /* one stage, no split backward (td_model_build refuses both) */
+        td_llama_backward_slot(m, slot, grad_scale);
+        return TD_OK;
+    }
     td_slot *s = &m->slot[slot];
     td_grad_store *g = &m->gstore[m->split_backward ? slot : 0];
     if (part == TD_BWD_FULL || part == TD_BWD_INPUT) backward_input(m, s, g, grad_scale, dout_BTC);

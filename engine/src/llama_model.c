@@ -1,0 +1,230 @@
+/* llama_model.c — the Llama family's whole model on one CPU stage: its parameter table (the
+ * public Llama names of reference/llama.py, in its order), activation buffers, forward (logits,
+ * loss) and backward (every parameter's gradient). model.c hands over to these when
+ * family = 1; AdamW (optim.c) runs on the flat buffers as for GPT-2.
+ *
+ * Not here: pipelines, a split (B / W) backward, the CUDA backend (td_model_build refuses
+ * them for llama). The ops are llama_ops.c's kernels; every projection is one td_gemm with the
+ * (out, in) weight transposed. The maths is docs/model.md's "Llama family".
+ */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+#include "kernels.h"
+#include "llama_ops.h"
+
+/* ---- parameter table ------------------------------------------------------------------------- */
+
+/* A layer's tensors, in reference.llama.LAYER_KEYS order. */
+static const char *const LAYER_KEY[9] = {
+    "input_layernorm.weight",  "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",    "mlp.up_proj.weight",      "mlp.down_proj.weight",
+};
+
+void td_llama_table(td_model *m) {
+    const int64_t C = m->n_embd, V = m->vocab_size, F = m->ffn_dim;
+    const int64_t KV = m->n_kv_head * (C / m->n_head);
+    /* (out, in) per LAYER_KEY; a zero second dimension marks a vector */
+    const int64_t shapes[9][2] = {{C, 0}, {C, C}, {KV, C}, {KV, C}, {C, C},
+                                  {C, 0}, {F, C}, {F, C},  {C, F}};
+    int64_t shape[4] = {V, C, 1, 1};
+    td_add_param(m, "model.embed_tokens.weight", 2, shape);
+    for (int l = 0; l < m->nl; l++) {
+        for (int j = 0; j < 9; j++) {
+            char name[TD_MAX_NAME];
+            snprintf(name, sizeof name, "model.layers.%d.%s", (int)(m->layer_begin + l),
+                     LAYER_KEY[j]);
+            shape[0] = shapes[j][0], shape[1] = shapes[j][1];
+            td_add_param(m, name, shapes[j][1] ? 2 : 1, shape);
+        }
+    }
+    shape[0] = C;
+    td_add_param(m, "model.norm.weight", 1, shape);
+    shape[0] = V, shape[1] = C;
+    td_add_param(m, "lm_head.weight", 2, shape);
+}
+
+void td_llama_bind(td_model *m, td_stage_ptrs *s, td_real *base) {
+    s->wte = base + td_find_param(m, "model.embed_tokens.weight")->offset;
+    s->lnfw = base + td_find_param(m, "model.norm.weight")->offset;
+    s->lm_head = base + td_find_param(m, "lm_head.weight")->offset;
+    s->wpe = s->lnfb = NULL;
+    for (int l = 0; l < m->nl; l++) {
+        td_llama_layer_ptrs *L = &s->llayers[l];
+        td_real **dst[9] = {&L->attn_norm, &L->wq,    &L->wk,  &L->wv,   &L->wo,
+                            &L->mlp_norm,  &L->wgate, &L->wup, &L->wdown};
+        for (int j = 0; j < 9; j++) {
+            char name[TD_MAX_NAME];
+            snprintf(name, sizeof name, "model.layers.%d.%s", (int)(m->layer_begin + l),
+                     LAYER_KEY[j]);
+            *dst[j] = base + td_find_param(m, name)->offset;
+        }
+    }
+}
+
+/* ---- activation buffers ---------------------------------------------------------------------- */
+
+/* Bump allocation over one block; base NULL only counts (model.c calls this twice). */
+static td_real *take(td_real *base, size_t *used, size_t n) {
+    td_real *p = base ? base + *used : NULL;
+    *used += n;
+    return p;
+}
+
+size_t td_llama_layout_buffers(td_model *m, td_real *base) {
+    const size_t B = (size_t)m->batch_size, T = (size_t)m->seq_len, C = (size_t)m->n_embd;
+    const size_t V = (size_t)m->vocab_size, NH = (size_t)m->n_head, F = (size_t)m->ffn_dim;
+    const size_t BT = B * T, BTC = BT * C, BTKV = BT * (size_t)m->n_kv_head * (C / NH);
+    size_t u = 0;
+    for (int64_t s = 0; s < m->slots; s++) {
+        td_slot *sl = &m->slot[s];
+        sl->input = take(base, &u, BTC); /* slot 0's first: the block model.c frees */
+        for (int l = 0; l < m->nl; l++) {
+            td_llama_layer_acts *A = &sl->llayers[l];
+            A->ln1 = take(base, &u, BTC);
+            A->ln1_rstd = take(base, &u, BT);
+            A->q = take(base, &u, BTC);
+            A->k = take(base, &u, BTKV);
+            A->v = take(base, &u, BTKV);
+            A->att = take(base, &u, B * NH * T * T);
+            A->atty = take(base, &u, BTC);
+            A->res2 = take(base, &u, BTC);
+            A->ln2 = take(base, &u, BTC);
+            A->ln2_rstd = take(base, &u, BT);
+            A->gate = take(base, &u, BT * F);
+            A->up = take(base, &u, BT * F);
+            A->h = take(base, &u, BT * F);
+            A->res3 = take(base, &u, BTC);
+        }
+        sl->lnf = take(base, &u, BTC);
+        sl->lnf_rstd = take(base, &u, BT);
+        sl->probs = take(base, &u, BT * V);
+        sl->losses = take(base, &u, BT);
+    }
+    td_grad_store *g = &m->gstore[0]; /* no split backward: one store */
+    g->g_logits = take(base, &u, BT * V);
+    g->g_lnf = take(base, &u, BTC);
+    g->g_embed = take(base, &u, BTC);
+    td_scratch *k = &m->scratch;
+    k->dres = take(base, &u, BTC);
+    k->dtmp = take(base, &u, BTC);
+    k->datty = take(base, &u, BTC);
+    k->datt = take(base, &u, B * NH * T * T);
+    k->dln = take(base, &u, BTC);
+    k->dq = take(base, &u, BTC);
+    k->dk = take(base, &u, BTKV);
+    k->dv = take(base, &u, BTKV);
+    k->dh = take(base, &u, BT * F);
+    k->dgate = take(base, &u, BT * F);
+    k->dup = take(base, &u, BT * F);
+    return u;
+}
+
+/* ---- forward --------------------------------------------------------------------------------- */
+
+/* The residual stream entering layer l (l == nl: leaving the last layer). */
+static td_real *residual_in(td_slot *s, int l) {
+    return l == 0 ? s->input : s->llayers[l - 1].res3;
+}
+
+/* y(N, O) = x(N, I) @ W^T for W stored (O, I), overwriting y. */
+static void proj(td_real *y, const td_real *x, const td_real *W, int N, int O, int I) {
+    td_gemm(y, x, W, N, O, I, 0, 1, 0);
+}
+
+td_status td_llama_forward_slot(td_model *m, int32_t slot, float *logits_out, double *out_loss,
+                                int with_targets) {
+    td_slot *s = &m->slot[slot];
+    const int B = s->B, T = s->T, C = (int)m->n_embd, V = (int)m->vocab_size;
+    const int NH = (int)m->n_head, NKV = (int)m->n_kv_head, HS = C / NH, KV = NKV * HS;
+    const int F = (int)m->ffn_dim, BT = B * T;
+    const double theta = m->rope_theta, eps = m->norm_eps;
+    td_embedding_forward(s->input, s->tokens, m->P.wte, BT, C);
+    for (int l = 0; l < m->nl; l++) {
+        td_llama_layer_acts *A = &s->llayers[l];
+        const td_llama_layer_ptrs *W = &m->P.llayers[l];
+        const td_real *x = residual_in(s, l);
+        /* attention block: res2 = x + o_proj(GQA(RoPE(q), RoPE(k), v)) of RMS(x) */
+        td_rmsnorm_forward(A->ln1, A->ln1_rstd, x, W->attn_norm, BT, C, eps);
+        proj(A->q, A->ln1, W->wq, BT, C, C);
+        proj(A->k, A->ln1, W->wk, BT, KV, C);
+        proj(A->v, A->ln1, W->wv, BT, KV, C);
+        td_rope_forward(A->q, A->q, B, T, NH, HS, theta); /* in place: the backward needs only */
+        td_rope_forward(A->k, A->k, B, T, NKV, HS, theta); /* the rotated q and k */
+        td_gqa_attention_forward(A->atty, A->att, A->q, A->k, A->v, B, T, NH, NKV, HS);
+        proj(A->res2, A->atty, W->wo, BT, C, C);
+        td_residual_forward(A->res2, x, A->res2, (int64_t)BT * C);
+        /* MLP block: res3 = res2 + down(silu(gate(a)) * up(a)), a = RMS(res2) */
+        td_rmsnorm_forward(A->ln2, A->ln2_rstd, A->res2, W->mlp_norm, BT, C, eps);
+        proj(A->gate, A->ln2, W->wgate, BT, F, C);
+        proj(A->up, A->ln2, W->wup, BT, F, C);
+        td_swiglu_forward(A->h, A->gate, A->up, (int64_t)BT * F);
+        proj(A->res3, A->h, W->wdown, BT, C, F);
+        td_residual_forward(A->res3, A->res2, A->res3, (int64_t)BT * C);
+    }
+    td_rmsnorm_forward(s->lnf, s->lnf_rstd, residual_in(s, m->nl), m->P.lnfw, BT, C, eps);
+    proj(s->probs, s->lnf, m->P.lm_head, BT, V, C); /* logits, softmax'd in place below */
+    if (logits_out)
+        for (int64_t i = 0; i < (int64_t)BT * V; i++) logits_out[i] = (float)s->probs[i];
+    if (!with_targets) return TD_OK;
+    td_softmax_crossentropy_forward(s->probs, s->losses, s->targets, BT, V);
+    double sum = 0.0;
+    for (int i = 0; i < BT; i++) sum += s->losses[i];
+    if (out_loss) *out_loss = sum / BT;
+    return TD_OK;
+}
+
+/* ---- backward -------------------------------------------------------------------------------- */
+
+/* Through y = x @ W^T (W stored (O, I)): dx (=, or += with acc) = dy @ W; dW += dy^T @ x. */
+static void proj_backward(td_real *dx, td_real *dW, const td_real *dy, const td_real *x,
+                          const td_real *W, int N, int O, int I, int acc) {
+    td_gemm(dx, dy, W, N, I, O, 0, 0, acc);
+    td_gemm(dW, dy, x, O, I, N, 1, 0, 1);
+}
+
+void td_llama_backward_slot(td_model *m, int32_t slot, double grad_scale) {
+    td_slot *s = &m->slot[slot];
+    td_grad_store *g = &m->gstore[0];
+    td_scratch *k = &m->scratch;
+    const int B = s->B, T = s->T, C = (int)m->n_embd, V = (int)m->vocab_size;
+    const int NH = (int)m->n_head, NKV = (int)m->n_kv_head, HS = C / NH, KV = NKV * HS;
+    const int F = (int)m->ffn_dim, BT = B * T;
+    const double theta = m->rope_theta;
+    td_real *dres = k->dres; /* the gradient of the residual stream, running down the layers */
+    /* head: loss = mean over BT rows, so each row's d(loss) is grad_scale / BT */
+    td_softmax_crossentropy_backward(g->g_logits, s->probs, s->targets, grad_scale / BT, BT, V);
+    proj_backward(g->g_lnf, m->G.lm_head, g->g_logits, s->lnf, m->P.lm_head, BT, V, C, 0);
+    const td_real *top = residual_in(s, m->nl);
+    td_rmsnorm_backward_input(dres, g->g_lnf, top, m->P.lnfw, s->lnf_rstd, BT, C, 0);
+    td_rmsnorm_backward_weight(m->G.lnfw, g->g_lnf, top, s->lnf_rstd, BT, C);
+    for (int l = m->nl - 1; l >= 0; l--) {
+        const td_llama_layer_acts *A = &s->llayers[l];
+        const td_llama_layer_ptrs *W = &m->P.llayers[l];
+        td_llama_layer_ptrs *D = &m->G.llayers[l];
+        const td_real *x = residual_in(s, l);
+        /* MLP block; dres holds d res3 */
+        proj_backward(k->dh, D->wdown, dres, A->h, W->wdown, BT, C, F, 0);
+        td_swiglu_backward(k->dgate, k->dup, k->dh, A->gate, A->up, (int64_t)BT * F);
+        proj_backward(k->dln, D->wgate, k->dgate, A->ln2, W->wgate, BT, F, C, 0);
+        proj_backward(k->dln, D->wup, k->dup, A->ln2, W->wup, BT, F, C, 1);
+        td_rmsnorm_backward_weight(D->mlp_norm, k->dln, A->res2, A->ln2_rstd, BT, C);
+        td_rmsnorm_backward_input(dres, k->dln, A->res2, W->mlp_norm, A->ln2_rstd, BT, C, 1);
+        /* attention block; dres now holds d res2 */
+        proj_backward(k->datty, D->wo, dres, A->atty, W->wo, BT, C, C, 0);
+        td_gqa_attention_backward(k->dq, k->dk, k->dv, k->datt, k->datty, A->q, A->k, A->v,
+                                  A->att, B, T, NH, NKV, HS);
+        td_rope_backward(k->dq, k->dq, B, T, NH, HS, theta); /* to the projections' outputs */
+        td_rope_backward(k->dk, k->dk, B, T, NKV, HS, theta);
+        proj_backward(k->dln, D->wq, k->dq, A->ln1, W->wq, BT, C, C, 0);
+        proj_backward(k->dln, D->wk, k->dk, A->ln1, W->wk, BT, KV, C, 1);
+        proj_backward(k->dln, D->wv, k->dv, A->ln1, W->wv, BT, KV, C, 1);
+        td_rmsnorm_backward_weight(D->attn_norm, k->dln, x, A->ln1_rstd, BT, C);
+        td_rmsnorm_backward_input(dres, k->dln, x, W->attn_norm, A->ln1_rstd, BT, C, 1);
+    }
+    memcpy(g->g_embed, dres, sizeof(td_real) * (size_t)BT * C);
+    td_embedding_backward(m->G.wte, dres, s->tokens, BT, C);
+}
