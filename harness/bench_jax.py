@@ -1,7 +1,8 @@
 """The JAX side of `tandem bench`: a worker process (`python -m harness.bench_jax`) per case,
 started with the devices the case needs (XLA_FLAGS host device count, set before JAX starts) and
 driven over stdin/stdout one JSON line at a time, so engine and JAX blocks alternate while each
-side stays warm. Not here: the engine, statistics and records (harness/bench.py).
+side stays warm. Not here: the engine, statistics and records (harness/bench.py and its parts
+bench_sides.py, which drives this worker, bench_case.py, bench_records.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-# Protocol (requests from bench.py -> replies from this worker):
+# Protocol (requests from bench_sides.JaxWorker -> replies from this worker):
 #   {"op": "setup", "case": {...}, "data": PATH.npz, "weights": PATH.safetensors, "warmup": W,
 #    "steps": K, "min_block_s": S, "max_steps": N, "variant": "plain" | "remat" | "accum"}
 #       -> {"ok": true, "baseline": ..., "baseline_note": ..., "compile_s", "first_call_s",

@@ -408,7 +408,9 @@ def test_engine_out_of_memory_retries_with_more_micro_batches(tmp_path, monkeypa
                                   "parameters. HINT: a smaller model", "TD_ERR_NOMEM")
             super().__init__(case, threads, microbatches)
 
-    monkeypatch.setattr(bench, "InProcessEngine", Tight)
+    from harness import bench_case
+
+    monkeypatch.setattr(bench_case, "InProcessEngine", Tight)  # run_case's lookup
     out = tmp_path / "out"
     assert main(["bench", "--suite", _one_case_suite(tmp_path), "--out", str(out),
                  "--case", "one", "--repeats", "1", "--no-jax", *FAST]) == 0
