@@ -2,7 +2,8 @@
  *
  * The executor (runtime.c) only calls these function pointers. comm_mpi.c implements them over
  * MPI for CPU ranks (host buffers); comm_cuda.cu upgrades an MPI comm to a GPU transport (device
- * buffers): NCCL point-to-point with one GPU per rank, or CUDA IPC copies when ranks share a GPU.
+ * buffers): NCCL point-to-point with one GPU per rank (comm_nccl.cu), or CUDA IPC copies when
+ * ranks share a GPU.
  * Transfers are ordered on CUDA streams: a send starts after the work queued so far on `stream`,
  * and a wait makes the work queued after it on `stream` wait for the message (the host blocks only
  * where a transport must). CPU ranks pass stream = NULL and everything is host-ordered.

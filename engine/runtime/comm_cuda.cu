@@ -13,160 +13,19 @@
  *             sender copies into it on its own stream (device to device), records an interprocess
  *             event and answers "done" with the event's handle; the receiver's stream waits on that
  *             event. The host waits only for the small MPI messages, never for the copy.
+ * This file: device memory, time marks, the CUDA IPC transport and start-up; the NCCL transport
+ * is comm_nccl.cu, the state both share comm_cuda.cuh.
  * Collectives on host doubles, the clock and abort stay MPI's (comm_mpi.c). Time marks are CUDA
  * events resolved against one reference event per step. Nothing here exits; errors name the call.
  */
 #include <cuda_runtime.h>
-#include <dlfcn.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-extern "C" {
-#include "comm.h"
-}
-
-#ifdef TD_WITH_NCCL
-#include <nccl.h>
-#endif
-
-#define CTRL_TAG 32000 /* NCCL transport: "tag, size" announcements */
-
-/* ---- state ----------------------------------------------------------------------------------- */
-
-typedef struct {
-    void *base;
-    size_t size;
-    cudaIpcMemHandle_t handle;
-} dev_block;
-
-typedef struct {
-    int peer, tag;
-    cudaEvent_t ev;
-    cudaIpcEventHandle_t handle;
-} keyed_event;
-
-typedef struct {
-    int peer;
-    cudaIpcMemHandle_t handle;
-    void *ptr;
-} opened_mem;
-
-typedef struct {
-    int64_t bytes, offset;
-    cudaIpcMemHandle_t mem;
-} ready_msg;
-
-typedef struct {
-    cudaIpcEventHandle_t ev;
-} done_msg;
-
-typedef struct {
-    int64_t tag, bytes;
-} ctrl_msg;
-
-#ifdef TD_WITH_NCCL
-typedef struct {
-    ncclResult_t (*GetUniqueId)(ncclUniqueId *);
-    ncclResult_t (*CommInitRank)(ncclComm_t *, int, ncclUniqueId, int);
-    ncclResult_t (*Send)(const void *, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t);
-    ncclResult_t (*Recv)(void *, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t);
-    ncclResult_t (*CommDestroy)(ncclComm_t);
-    const char *(*GetErrorString)(ncclResult_t);
-    ncclResult_t (*GetVersion)(int *);
-} nccl_fns;
-#endif
-
-struct td_request;
-
-/* one directed link to or from a peer (NCCL transport) */
-typedef struct {
-    int peer, out; /* out: this rank sends on it */
-#ifdef TD_WITH_NCCL
-    ncclComm_t comm;
-#endif
-    cudaStream_t stream;
-    cudaEvent_t ev_in; /* the compute stream's position, for the link stream to wait on */
-    /* receiving side: announcements not yet issued (FIFO) and posted receives */
-    ctrl_msg *queue;
-    int qn, qcap;
-    struct td_request **posted;
-    int pn, pcap;
-} link_t;
-
-typedef struct {
-    int nccl; /* 1: NCCL transport, 0: CUDA IPC */
-    void *mpi_impl; /* comm_mpi.c's state, given back at finalize */
-    td_status (*mpi_mark)(td_comm *, void *, int *);
-    dev_block *blocks;
-    int nblocks, cap_blocks;
-    keyed_event *send_ev, *recv_ev;
-    int nsend_ev, cap_send_ev, nrecv_ev, cap_recv_ev;
-    opened_mem *mems;
-    int nmems, cap_mems;
-    /* time marks */
-    cudaEvent_t *marks;
-    int nmarks, cap_marks;
-    cudaEvent_t ref;
-    cudaStream_t clock_stream;
-    link_t links[4]; /* to and from the previous and the next rank */
-    int nlinks;
-    void *nccl_lib;
-#ifdef TD_WITH_NCCL
-    nccl_fns f;
-#endif
-} cuda_impl;
-
-struct td_request {
-    int kind; /* 0 ipc send, 1 ipc recv, 2 nccl send, 3 nccl recv */
-    int peer, tag;
-    MPI_Request mreq[2];
-    ready_msg ready;
-    done_msg done;
-    void *buf;
-    int64_t bytes;
-    int issued;
-    cudaEvent_t ev;
-};
-
-#define IMPL(c) ((cuda_impl *)(c)->impl)
-
-static td_status cuda_err(td_comm *c, const char *what, cudaError_t e) {
-    cudaGetLastError();
-    snprintf(c->err, sizeof c->err, "%s failed: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
-    return e == cudaErrorMemoryAllocation ? TD_ERR_NOMEM : TD_ERR_COMM;
-}
-#define CK(call)                                                                                  \
-    do {                                                                                          \
-        cudaError_t e_ = (call);                                                                  \
-        if (e_ != cudaSuccess) return cuda_err(c, #call, e_);                                     \
-    } while (0)
-
-static td_status mpi_err(td_comm *c, int rc, const char *what) {
-    char msg[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    MPI_Error_string(rc, msg, &len);
-    snprintf(c->err, sizeof c->err, "%s failed: %s", what, msg);
-    return TD_ERR_COMM;
-}
-#define MPI_CK(call)                                                                              \
-    do {                                                                                          \
-        int rc_ = (call);                                                                         \
-        if (rc_ != MPI_SUCCESS) return mpi_err(c, rc_, #call);                                    \
-    } while (0)
-
-/* grow *arr (elements of size `es`) to hold one more than *n */
-static int grow(void **arr, int *cap, int n, size_t es) {
-    if (n < *cap) return 1;
-    int nc = *cap ? 2 * *cap : 16;
-    void *p = realloc(*arr, es * (size_t)nc);
-    if (!p) return 0;
-    *arr = p, *cap = nc;
-    return 1;
-}
-#define GROW(arr, cap, n) grow((void **)&(arr), &(cap), (n), sizeof(*(arr)))
+#include "comm_cuda.cuh"
 
 /* ---- memory ---------------------------------------------------------------------------------- */
 
@@ -371,199 +230,6 @@ static td_status ipc_wait(td_comm *c, td_request *r, void *stream) {
     return st;
 }
 
-/* ---- NCCL transport --------------------------------------------------------------------------- */
-
-#ifdef TD_WITH_NCCL
-static link_t *find_link(cuda_impl *im, int peer, int out) {
-    for (int i = 0; i < im->nlinks; i++)
-        if (im->links[i].peer == peer && im->links[i].out == out) return &im->links[i];
-    return NULL;
-}
-
-static td_status nccl_err(td_comm *c, const char *what, ncclResult_t r) {
-    snprintf(c->err, sizeof c->err, "%s failed: %s", what, IMPL(c)->f.GetErrorString(r));
-    return TD_ERR_COMM;
-}
-#define NCCL_CK(call)                                                                             \
-    do {                                                                                          \
-        ncclResult_t r_ = (call);                                                                 \
-        if (r_ != ncclSuccess) return nccl_err(c, #call, r_);                                     \
-    } while (0)
-
-static td_status nccl_isend(td_comm *c, const void *buf, int64_t bytes, int peer, int tag,
-                            void *stream, td_request **out) {
-    cuda_impl *im = IMPL(c);
-    link_t *L = find_link(im, peer, 1);
-    if (!L) return snprintf(c->err, sizeof c->err, "no NCCL link from rank %d to rank %d (only neighbouring ranks exchange)", c->rank, peer), TD_ERR_INTERNAL;
-    ctrl_msg msg = {tag, bytes};
-    MPI_CK(MPI_Send(&msg, (int)sizeof msg, MPI_BYTE, peer, CTRL_TAG, MPI_COMM_WORLD));
-    CK(cudaEventRecord(L->ev_in, (cudaStream_t)stream));
-    CK(cudaStreamWaitEvent(L->stream, L->ev_in, 0));
-    NCCL_CK(im->f.Send(buf, (size_t)bytes, ncclInt8, 1, L->comm, L->stream));
-    td_request *r = (td_request *)calloc(1, sizeof *r);
-    if (!r) return snprintf(c->err, sizeof c->err, "out of memory"), TD_ERR_NOMEM;
-    r->kind = 2, r->peer = peer, r->tag = tag, r->issued = 1;
-    CK(cudaEventCreateWithFlags(&r->ev, cudaEventDisableTiming));
-    CK(cudaEventRecord(r->ev, L->stream));
-    *out = r;
-    return TD_OK;
-}
-
-/* Issues ncclRecv for the announced messages, in their order, as far as receives are posted. */
-static td_status nccl_issue(td_comm *c, link_t *L) {
-    cuda_impl *im = IMPL(c);
-    while (L->qn > 0) {
-        td_request *r = NULL;
-        int k = 0;
-        for (; k < L->pn; k++)
-            if (L->posted[k]->tag == L->queue[0].tag) { r = L->posted[k]; break; }
-        if (!r) return TD_OK; /* posted later in this rank's step */
-        if (r->bytes != L->queue[0].bytes)
-            return snprintf(c->err, sizeof c->err, "message tag %d from rank %d: %lld bytes announced, %lld expected", r->tag, L->peer, (long long)L->queue[0].bytes, (long long)r->bytes), TD_ERR_COMM;
-        NCCL_CK(im->f.Recv(r->buf, (size_t)r->bytes, ncclInt8, 0, L->comm, L->stream));
-        CK(cudaEventCreateWithFlags(&r->ev, cudaEventDisableTiming));
-        CK(cudaEventRecord(r->ev, L->stream));
-        r->issued = 1;
-        L->posted[k] = L->posted[--L->pn];
-        memmove(L->queue, L->queue + 1, sizeof(ctrl_msg) * (size_t)(--L->qn));
-    }
-    return TD_OK;
-}
-
-static td_status nccl_pull(td_comm *c, link_t *L, int block) {
-    for (;;) {
-        int flag = 1;
-        if (!block) MPI_CK(MPI_Iprobe(L->peer, CTRL_TAG, MPI_COMM_WORLD, &flag, MPI_STATUS_IGNORE));
-        if (!flag) return TD_OK;
-        if (!GROW(L->queue, L->qcap, L->qn)) return snprintf(c->err, sizeof c->err, "out of memory"), TD_ERR_NOMEM;
-        MPI_CK(MPI_Recv(&L->queue[L->qn], (int)sizeof(ctrl_msg), MPI_BYTE, L->peer, CTRL_TAG, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
-        L->qn++;
-        if (block) return TD_OK;
-    }
-}
-
-static td_status nccl_irecv(td_comm *c, void *buf, int64_t bytes, int peer, int tag, void *stream,
-                            td_request **out) {
-    cuda_impl *im = IMPL(c);
-    (void)stream;
-    link_t *L = find_link(im, peer, 0);
-    if (!L) return snprintf(c->err, sizeof c->err, "no NCCL link from rank %d to rank %d (only neighbouring ranks exchange)", peer, c->rank), TD_ERR_INTERNAL;
-    td_request *r = (td_request *)calloc(1, sizeof *r);
-    if (!r || !GROW(L->posted, L->pcap, L->pn)) return free(r), snprintf(c->err, sizeof c->err, "out of memory"), TD_ERR_NOMEM;
-    r->kind = 3, r->peer = peer, r->tag = tag, r->buf = buf, r->bytes = bytes;
-    L->posted[L->pn++] = r;
-    *out = r;
-    td_status st = nccl_pull(c, L, 0);
-    return st ? st : nccl_issue(c, L);
-}
-
-static td_status nccl_wait(td_comm *c, td_request *r, void *stream) {
-    cuda_impl *im = IMPL(c);
-    if (r->kind == 3) {
-        link_t *L = find_link(im, r->peer, 0);
-        td_status st = TD_OK;
-        while (!st && !r->issued) {
-            if (L->qn > 0) /* an earlier announced message has no posted receive: a bad schedule */
-                return snprintf(c->err, sizeof c->err, "rank %d announced message tag %lld before tag %d and this rank has no receive for it", r->peer, (long long)L->queue[0].tag, r->tag), TD_ERR_COMM;
-            st = nccl_pull(c, L, 1);
-            if (!st) st = nccl_issue(c, L);
-        }
-        if (st) return st;
-    }
-    cudaError_t e = cudaStreamWaitEvent((cudaStream_t)stream, r->ev, 0);
-    cudaEventDestroy(r->ev);
-    free(r);
-    return e == cudaSuccess ? TD_OK : cuda_err(c, "cudaStreamWaitEvent (NCCL message)", e);
-}
-
-/* libnccl: the library found at build time, the nvidia-nccl wheel beside the installed engine
- * (site-packages/harness/_lib -> site-packages/nvidia/nccl/lib), then the loader's search path. */
-static td_status nccl_load(td_comm *c) {
-    cuda_impl *im = IMPL(c);
-    char cand[4][1200];
-    int n = 0;
-#ifdef TD_NCCL_LIBRARY
-    snprintf(cand[n++], sizeof cand[0], "%s", TD_NCCL_LIBRARY);
-#endif
-    char exe[1024];
-    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (len > 0) {
-        exe[len] = 0;
-        char *slash = strrchr(exe, '/');
-        if (slash) *slash = 0;
-        snprintf(cand[n++], sizeof cand[0], "%s/../../nvidia/nccl/lib/libnccl.so.2", exe);
-    }
-    snprintf(cand[n++], sizeof cand[0], "libnccl.so.2");
-    snprintf(cand[n++], sizeof cand[0], "libnccl.so");
-    char tried[1024] = "";
-    for (int i = 0; i < n && !im->nccl_lib; i++) {
-        im->nccl_lib = dlopen(cand[i], RTLD_NOW | RTLD_LOCAL);
-        if (!im->nccl_lib) {
-            size_t l = strlen(tried);
-            snprintf(tried + l, sizeof tried - l, "%s%s", l ? ", " : "", cand[i]);
-        }
-    }
-    if (!im->nccl_lib)
-        return snprintf(c->err, sizeof c->err, "NCCL not found (tried %s). HINT: pip install nvidia-nccl-cu13, or put libnccl.so.2 on LD_LIBRARY_PATH", tried), TD_ERR_CONFIG;
-#define SYM(field, name)                                                                          \
-    if (!(*(void **)&im->f.field = dlsym(im->nccl_lib, name)))                                    \
-        return snprintf(c->err, sizeof c->err, "libnccl lacks %s", name), TD_ERR_CONFIG;
-    SYM(GetUniqueId, "ncclGetUniqueId");
-    SYM(CommInitRank, "ncclCommInitRank");
-    SYM(Send, "ncclSend");
-    SYM(Recv, "ncclRecv");
-    SYM(CommDestroy, "ncclCommDestroy");
-    SYM(GetErrorString, "ncclGetErrorString");
-    SYM(GetVersion, "ncclGetVersion");
-#undef SYM
-    return TD_OK;
-}
-
-/* One two-rank communicator per directed link between neighbouring ranks, made in one global
- * order (every rank walks the same list, so the earliest unfinished link always has both ends
- * ready), then one byte through each so that no connection is set up mid-step. */
-static td_status nccl_links(td_comm *c) {
-    cuda_impl *im = IMPL(c);
-    const int P = c->size;
-    int pairs[8][2], np = 0;
-    for (int r = 0; r < P && P > 1; r++) {
-        const int q = (r + 1) % P;
-        const int cand[2][2] = {{r, q}, {q, r}};
-        for (int k = 0; k < 2; k++) {
-            int dup = 0;
-            for (int j = 0; j < np; j++) dup |= pairs[j][0] == cand[k][0] && pairs[j][1] == cand[k][1];
-            if (dup) continue;
-            if (cand[k][0] != c->rank && cand[k][1] != c->rank) continue;
-            pairs[np][0] = cand[k][0], pairs[np][1] = cand[k][1], np++;
-        }
-    }
-    /* the global order is (r -> r+1, r+1 -> r) for r ascending; each rank's pairs follow it */
-    char *dummy = NULL;
-    CK(cudaMalloc((void **)&dummy, 1));
-    for (int j = 0; j < np; j++) {
-        const int a = pairs[j][0], b = pairs[j][1], out = a == c->rank;
-        link_t *L = &im->links[im->nlinks++];
-        memset(L, 0, sizeof *L);
-        L->peer = out ? b : a, L->out = out;
-        ncclUniqueId id;
-        if (out) {
-            NCCL_CK(im->f.GetUniqueId(&id));
-            MPI_CK(MPI_Send(&id, (int)sizeof id, MPI_BYTE, b, CTRL_TAG + 1, MPI_COMM_WORLD));
-        } else {
-            MPI_CK(MPI_Recv(&id, (int)sizeof id, MPI_BYTE, a, CTRL_TAG + 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
-        }
-        NCCL_CK(im->f.CommInitRank(&L->comm, 2, id, out ? 0 : 1));
-        CK(cudaStreamCreateWithFlags(&L->stream, cudaStreamNonBlocking));
-        CK(cudaEventCreateWithFlags(&L->ev_in, cudaEventDisableTiming));
-        if (out) NCCL_CK(im->f.Send(dummy, 1, ncclInt8, 1, L->comm, L->stream));
-        else NCCL_CK(im->f.Recv(dummy, 1, ncclInt8, 0, L->comm, L->stream));
-        CK(cudaStreamSynchronize(L->stream));
-    }
-    cudaFree(dummy);
-    return TD_OK;
-}
-#endif /* TD_WITH_NCCL */
-
 /* ---- start-up --------------------------------------------------------------------------------- */
 
 extern "C" td_status td_comm_cuda_init(td_comm *c) {
@@ -626,7 +292,7 @@ extern "C" td_status td_comm_cuda_init(td_comm *c) {
     /* every rank must load NCCL for any to use it */
     char why[512] = "";
     int ok = 1;
-    if (use_nccl && nccl_load(c) != TD_OK) ok = 0, snprintf(why, sizeof why, "%s", c->err);
+    if (use_nccl && td_nccl_load(c) != TD_OK) ok = 0, snprintf(why, sizeof why, "%s", c->err);
     if (use_nccl) MPI_CK(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
     if (use_nccl && !ok) {
         if (!strcmp(want, "nccl"))
@@ -648,10 +314,10 @@ extern "C" td_status td_comm_cuda_init(td_comm *c) {
     if (use_nccl) {
 #ifdef TD_WITH_NCCL
         c->name = "nccl";
-        c->isend = nccl_isend;
-        c->irecv = nccl_irecv;
-        c->wait = nccl_wait;
-        td_status st = nccl_links(c);
+        c->isend = td_nccl_isend;
+        c->irecv = td_nccl_irecv;
+        c->wait = td_nccl_wait;
+        td_status st = td_nccl_links(c);
         if (st) return st;
 #endif
     } else {
