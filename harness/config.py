@@ -27,11 +27,13 @@ FAMILIES = ("gpt2", "llama")
 MODEL_REQUIRED = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")
 LLAMA_KEYS = ("n_kv_head", "ffn_dim", "multiple_of", "rope_theta", "norm_eps")
 LLAMA_DEFAULTS = {"multiple_of": 256, "rope_theta": 10000.0, "norm_eps": 1e-5}  # n_kv_head: n_head
-# The engine runs the Llama family's kernels (td_op_*) but has no Llama model passes yet: until
-# it does, a llama case may ask for these parity tiers only, on one stage.
-ENGINE_LLAMA_TIERS = ("op",)
-ENGINE_LLAMA_ONLY = ("the engine runs only the op tier for llama so far (its Llama model "
-                     "passes do not exist yet: no model, trajectory, schedule or bench runs)")
+# The engine runs the Llama family's kernels (td_op_*) and its whole model on one CPU stage
+# (engine/src/llama_model.c): a llama case may ask for these parity tiers, on one stage without
+# micro-batches (those would add the schedule tier), on the CPU; `tandem bench` runs none.
+ENGINE_LLAMA_TIERS = ("op", "model", "trajectory")
+ENGINE_LLAMA_ONLY = ("the engine runs llama on one CPU stage so far (the op, model and "
+                     "trajectory tiers: no pipeline, micro-batches, schedule tier, CUDA backend "
+                     "or bench)")
 TEXT_VOCAB = 256  # data = "text" is byte-level: ids 0..255
 
 # ---- validation helpers ------------------------------------------------------------------------
@@ -264,10 +266,11 @@ class CaseConfig:
         for key in ("stages", "microbatches"):
             if getattr(p, key) != 1:
                 raise _Invalid(f"pipeline.{key}", getattr(p, key),
-                               f"family = 'llama': {ENGINE_LLAMA_ONLY}; pipelines need them")
+                               f"family = 'llama': {ENGINE_LLAMA_ONLY}; this needs the "
+                               "schedule tier")
         if self.backend != "cpu":
             raise _Invalid("backend", self.backend, f"family = 'llama': {ENGINE_LLAMA_ONLY}; "
-                           "the op tier runs the CPU kernels")
+                           "its Llama passes are CPU code")
 
     def _check_tiers(self) -> None:
         tiers = self.tiers
@@ -339,8 +342,9 @@ class SuiteConfig:
 
 
 def require_model_passes(case: CaseConfig, command: str) -> None:
-    """ConfigError unless the engine can run `case`'s whole model (what `tandem bench` and the
-    parity tiers above op need): today every GPT-2 case, no Llama case."""
+    """ConfigError unless `command` can run `case`'s whole model the way `tandem bench` does
+    (timed, both sides, any layout): today every GPT-2 case, no Llama case (the engine's Llama
+    passes run in `tandem parity` only)."""
     if case.model.family == "llama":
         raise ConfigError(f'{command}: case "{case.name}" is family = \'llama\': '
                           f"{ENGINE_LLAMA_ONLY}")

@@ -1,4 +1,5 @@
-"""Seeded GPT-2 initial weights (numpy) and the safetensors files that carry weights across.
+"""Seeded GPT-2 and Llama initial weights (numpy) and the safetensors files that carry weights
+across.
 
 init_params() follows docs/model.md's initialisation over a parameter table given by the caller
 (the engine's table; the reference uses the same names), so both sides start from identical bits.
@@ -22,6 +23,9 @@ from harness.errors import ConfigError, DataError
 
 STD = 0.02  # linear weights and wte
 WPE_STD = 0.01
+LLAMA_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight")
+LLAMA_STD = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
+             "up_proj.weight")
 
 
 def _entry(e: Any) -> tuple[str, tuple[int, ...]]:
@@ -44,13 +48,21 @@ def init_rule(name: str, n_layer: int) -> tuple[str, float]:
     if parts[-1] != "weight":
         raise ConfigError(f"parameter {name!r}: no initialisation rule "
                           "(expected *.weight or *.bias)")
-    if any(p.startswith("ln_") for p in parts):
+    if any(p.startswith("ln_") for p in parts) or name.endswith(LLAMA_NORMS):
         return "ones", 1.0
     if name == "wpe.weight":
         return "normal", WPE_STD
     if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):
         return "normal", STD / math.sqrt(2 * n_layer)  # residual projections, GPT-2 paper
     if name == "wte.weight" or name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")):
+        return "normal", STD
+    # Llama (docs/model.md): the same rule under the public names, the two residual
+    # projections scaled as GPT-2's
+    if name.startswith("model.layers.") and name.endswith(("self_attn.o_proj.weight",
+                                                            "mlp.down_proj.weight")):
+        return "normal", STD / math.sqrt(2 * n_layer)
+    if name in ("model.embed_tokens.weight", "lm_head.weight") or (
+            name.startswith("model.layers.") and name.endswith(LLAMA_STD)):
         return "normal", STD
     raise ConfigError(f"parameter {name!r}: no initialisation rule in docs/model.md")
 

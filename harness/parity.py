@@ -32,8 +32,7 @@ import numpy as np
 import pandas as pd
 
 from harness import tolerances as tol
-from harness.config import (CaseConfig, SuiteConfig, case_slug, load_suite, microbatch_size,
-                            require_model_passes)
+from harness.config import (CaseConfig, SuiteConfig, case_slug, load_suite, microbatch_size)
 from harness.data import make_case_data, read_shard, write_shard
 from harness.engine import Model, read_tokens, version as engine_version
 from harness.errors import ConfigError, DataError, EngineError, RankFailure
@@ -94,6 +93,9 @@ def engine_config(case: CaseConfig, threads: int, *, optimizer: bool = True) -> 
     cfg = dict(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, vocab_size=m.vocab_size,
                n_positions=m.n_positions, seq_len=case.seq_len, batch_size=case.batch_size,
                threads=threads, backend=case.backend, dtype=case.dtype)
+    if m.family == "llama":  # the family's own keys, as config.ModelConfig normalised them
+        cfg.update(family="llama", n_kv_head=m.n_kv_head, ffn_dim=m.ffn_dim,
+                   rope_theta=m.rope_theta, norm_eps=m.norm_eps)
     if optimizer:
         cfg.update(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
                    weight_decay=o.weight_decay, grad_clip=o.grad_clip)
@@ -118,8 +120,8 @@ def prepare(case: CaseConfig, workdir: Path, threads: int) -> CaseInputs:
 
 
 def prepare_ops_only(case: CaseConfig, workdir: Path) -> CaseInputs:
-    """The inputs of a case that runs the op tier alone (a Llama case, until the engine has
-    Llama model passes): its kernels draw their own inputs, so no weights and no tokens."""
+    """The inputs of a Llama case that runs the op tier alone: its kernels draw their own
+    inputs, so no weights and no tokens."""
     workdir.mkdir(parents=True, exist_ok=True)
     none = np.zeros((0, 0, 0), np.int32)
     return CaseInputs(case, workdir, workdir / "no-weights", [], none, none, none, none)
@@ -137,11 +139,28 @@ def _jax_params(inp: CaseInputs) -> dict:
     return {k: jnp.asarray(v) for k, v in read_safetensors(inp.weights).items()}
 
 
-def _gpt_config(case: CaseConfig):
+def _ref_config(case: CaseConfig):
+    """The reference's config of the case's model: a GPTConfig or a llama.LlamaConfig."""
+    m = case.model
+    if m.family == "llama":
+        from reference.llama import LlamaConfig
+
+        return LlamaConfig(m.n_layer, m.n_embd, m.n_head, m.n_kv_head, m.vocab_size, m.ffn_dim,
+                           m.n_positions, m.rope_theta, m.norm_eps)
     from reference import GPTConfig
 
-    m = case.model
     return GPTConfig(m.n_layer, m.n_embd, m.n_head, m.vocab_size, m.n_positions)
+
+
+def _ref_model(case: CaseConfig):
+    """The reference module of the case's family (forward, loss_and_grads, param_shapes)."""
+    if case.model.family == "llama":
+        from reference import llama
+
+        return llama
+    from reference import gpt2
+
+    return gpt2
 
 
 # ---- collecting comparisons --------------------------------------------------------------------
@@ -213,11 +232,9 @@ def model_tier(inp: CaseInputs, col: Collector, threads: int) -> TierResult:
     """Logits, loss and every gradient by name after one forward + backward on step 0's batch."""
     import jax
 
-    from reference import forward, loss_and_grads, param_shapes
-
     case, res = inp.case, TierResult()
-    cfg = _gpt_config(case)
-    want_table = param_shapes(cfg)
+    cfg, ref = _ref_config(case), _ref_model(case)
+    want_table = ref.param_shapes(cfg)
     got_table = {p.name: tuple(p.shape) for p in inp.table}
     if list(got_table.items()) != list(want_table.items()):
         diff = sorted(set(got_table.items()) ^ set(want_table.items()))[:4]
@@ -232,8 +249,8 @@ def model_tier(inp: CaseInputs, col: Collector, threads: int) -> TierResult:
         grads = m.grads()
     params = _jax_params(inp)
     jx, jy = inp.jax_inputs_SBT[0], inp.jax_targets_SBT[0]
-    want_logits = jax.jit(forward, static_argnums=2)(params, jx, cfg)
-    want_loss, want_grads = jax.jit(loss_and_grads, static_argnums=3)(params, jx, jy, cfg)
+    want_logits = jax.jit(ref.forward, static_argnums=2)(params, jx, cfg)
+    want_loss, want_grads = jax.jit(ref.loss_and_grads, static_argnums=3)(params, jx, jy, cfg)
     res.rows.append(col.row("model", "logits", "logits", logits, want_logits))
     res.rows.append(col.row("model", "loss", "loss", loss, want_loss))
     if loss_fwd != loss:  # forward alone and forward + backward must agree bit for bit
@@ -370,7 +387,7 @@ def trajectory_tier(inp: CaseInputs, col: Collector, threads: int, losses: list
     batches = [(jnp.asarray(x), jnp.asarray(y))
                for x, y in zip(inp.jax_inputs_SBT, inp.jax_targets_SBT)]
     jax_params, jax_losses, seen = _reference_trajectory(_jax_params(inp), batches,
-                                                         _gpt_config(case), opt, M)
+                                                         _ref_config(case), opt, M)
     seen.merge(eng_seen)
     for s, (a, b) in enumerate(zip(eng_losses, jax_losses)):
         res.rows.append(col.row("trajectory", f"loss@step{s}", "loss", a, b))
@@ -653,14 +670,13 @@ def run(args: argparse.Namespace) -> int:
         case_error = None
         try:
             workdir = out / "cases" / case_slug(case)
-            if case.model.family == "llama":
+            tiers = case_tiers(case, args.tier)
+            if case.model.family == "llama" and tiers == ["op"]:
                 inp = prepare_ops_only(case, workdir)
             else:
                 inp = prepare(case, workdir, args.threads)
-            for tier in case_tiers(case, args.tier):
+            for tier in tiers:
                 fn = TIER_FUNCS[tier]
-                if tier != "op":
-                    require_model_passes(case, f"tandem parity (tier {tier})")
                 if case.backend != "cpu" and tier in CPU_ONLY_TIERS:
                     results[tier] = TierResult(skipped=f"{CPU_ONLY_TIERS[tier]}, not "
                                                        f"{case.backend}")

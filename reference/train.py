@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from .gpt2 import accumulated_loss_and_grads
+from . import gpt2, llama
 from .optim import AdamWState, adamw_init, adamw_update
 
 
@@ -33,16 +33,19 @@ def as_microbatches(x_BT, microbatches):
 
 
 def make_train_step(cfg, opt_cfg, microbatches):
-    """Jitted `(params, state, tokens, targets) -> (params, state, loss, grad_norm)`.
+    """Jitted `(params, state, tokens, targets) -> (params, state, loss, grad_norm)` for the
+    model `cfg` describes (a GPTConfig or a reference.llama.LlamaConfig).
 
     tokens/targets: (M, B/M, T) int32, or (B, T) split into M contiguous micro-batches.
     loss is the mean of the M micro-batch losses before the update; grad_norm is pre-clip.
     Matmul precision is the caller's choice (call `set_precision()` for parity).
     """
+    family = llama if isinstance(cfg, llama.LlamaConfig) else gpt2  # the model cfg describes
+
     def step(params, state: AdamWState, tokens, targets):
         tokens_MBT = as_microbatches(tokens, microbatches)
         targets_MBT = as_microbatches(targets, microbatches)
-        loss, grads = accumulated_loss_and_grads(params, tokens_MBT, targets_MBT, cfg)
+        loss, grads = family.accumulated_loss_and_grads(params, tokens_MBT, targets_MBT, cfg)
         params, state, grad_norm = adamw_update(params, grads, state, opt_cfg)
         return params, state, loss, grad_norm
 

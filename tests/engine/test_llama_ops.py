@@ -261,20 +261,3 @@ def test_parity_cli_runs_the_llama_op_tier(tmp_path, capsys):
     tiers = summary["cases"]["mha-t1"]["tiers"]
     assert list(tiers) == ["op"] and tiers["op"]["compared"] == 29 and tiers["op"]["passed"]
     assert "op/gqa_attention[T=1].dk" in out or "more passed" in out
-
-
-def test_parity_cli_refuses_llama_model_tiers_naming_why(tmp_path, capsys):
-    """A llama case that asks for the model tiers (the default) is bad input, exit 2, with the
-    message that the engine runs only the op tier for llama so far."""
-    from harness.cli import main
-
-    suite = tmp_path / "llama-model.toml"
-    suite.write_text('[suite]\nname = "llama-model"\ndescription = "d"\n[[case]]\nname = "m"\n'
-                     'model = { family = "llama", n_layer = 1, n_embd = 32, n_head = 4, '
-                     'vocab_size = 17, n_positions = 8 }\nseq_len = 4\nbatch_size = 2\n')
-    rc = main(["parity", "--suite", str(suite), "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "case[0].tiers = ['op', 'model', 'trajectory']: family = 'llama': the engine runs " \
-           "only the op tier for llama so far" in err
-    assert "set tiers = ['op']" in err

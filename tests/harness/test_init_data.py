@@ -67,6 +67,32 @@ def test_init_distributions():
         assert np.all(p[n] == 0)
 
 
+def test_init_rules_for_the_llama_names():
+    """docs/model.md: norms 1, o_proj and down_proj N(0, (0.02/sqrt(2L))^2), every other matrix
+    (embed_tokens, q/k/v, gate/up, the untied lm_head) N(0, 0.02^2); a name outside the table
+    has no rule."""
+    from reference.llama import LlamaConfig, param_shapes
+
+    shapes = param_shapes(LlamaConfig(n_layer=4, n_embd=64, n_head=4, n_kv_head=2,
+                                      vocab_size=300, ffn_dim=160, n_positions=8))
+    p = init_params(list(shapes.items()), 4, 0)
+    assert list(p) == list(shapes)
+    resid = 0.02 / math.sqrt(2 * 4)
+    for n in ("model.layers.3.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert p[n].std() == pytest.approx(resid, rel=0.05), n
+    for n in ("model.embed_tokens.weight", "lm_head.weight",
+              "model.layers.1.self_attn.q_proj.weight", "model.layers.2.self_attn.k_proj.weight",
+              "model.layers.2.self_attn.v_proj.weight",
+              "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert p[n].std() == pytest.approx(0.02, rel=0.1), n
+    for n in ("model.layers.0.input_layernorm.weight",
+              "model.layers.3.post_attention_layernorm.weight", "model.norm.weight"):
+        assert np.all(p[n] == 1), n
+    with pytest.raises(ConfigError, match=r"parameter 'model.layers.0.mlp.w3.weight': no "
+                                          r"initialisation rule"):
+        init_params([("model.layers.0.mlp.w3.weight", (4, 4))], 1, 0)
+
+
 def test_init_table_forms_and_errors():
     dicts = [{"name": n, "shape": s, "stage": 0} for n, s in TABLE]
     assert np.array_equal(init_params(dicts, 4, 3)["wte.weight"],

@@ -1,0 +1,167 @@
+"""The Llama family's whole model in the engine (engine/src/llama_model.c): its parameter table
+against reference.llama's, a finite-difference check of every gradient on the float64 build (in
+the form of test_engine_gradcheck.py), gradient accumulation, a safetensors round trip, the
+build's refusals, and `tandem parity` running the model and trajectory tiers on a llama case.
+Parity against JAX proper is suites/llama-smoke.toml's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine_util import rough_params, tokens_for
+from harness.engine import Model
+from harness.errors import EngineError
+
+# two layers, GQA (4 query heads over 2 kv heads, head size 4), an MLP width that is no multiple
+# of C, theta far from the default so that the rotations differ visibly between positions
+LLAMA_TINY = dict(family="llama", n_layer=2, n_embd=16, n_head=4, n_kv_head=2, vocab_size=23,
+                  n_positions=8, ffn_dim=24, rope_theta=100.0, norm_eps=1e-5, seq_len=5,
+                  batch_size=2, threads=1)
+STEP, TOL, SAMPLES = 1e-4, 1e-6, 4  # test_engine_gradcheck.py says why
+
+
+def _ref_config(c):
+    from reference.llama import LlamaConfig
+
+    return LlamaConfig(c["n_layer"], c["n_embd"], c["n_head"], c["n_kv_head"], c["vocab_size"],
+                       c["ffn_dim"], c["n_positions"], c["rope_theta"], c["norm_eps"])
+
+
+def test_table_is_the_references_in_order_with_decay_on_matrices(make_model):
+    from reference.llama import param_shapes
+
+    m = make_model(LLAMA_TINY)
+    want = param_shapes(_ref_config(LLAMA_TINY))
+    assert [(p.name, p.shape) for p in m.table] == list(want.items())
+    assert all(p.decayed == (len(p.shape) >= 2) for p in m.table)
+    assert m.get_int("family") == 1 and m.get_int("n_kv_head") == 2
+
+
+def test_gradients_match_finite_differences_for_every_tensor(make_model):
+    """As test_engine_gradcheck.py does for GPT-2: every tensor by name, on the float64 build,
+    central differences at STEP on the largest and 3 random elements of each."""
+    model = make_model(LLAMA_TINY, variant="f64")
+    params = rough_params(model.table, LLAMA_TINY["n_layer"], seed=3)
+    model.set_params(params)
+    tokens, targets = tokens_for(LLAMA_TINY, seed=7)
+    model.zero_grad()
+    model.forward_backward(tokens, targets, 1.0)
+    grads = model.grads()
+    loss = lambda: model.forward(tokens, targets, logits=False)[1]
+
+    def central(name, index):
+        flat = params[name].ravel().copy()
+        x0 = float(flat[index])
+        hi, lo = float(np.float32(x0 + STEP)), float(np.float32(x0 - STEP))
+        out = []
+        for v in (hi, lo):
+            flat[index] = v
+            model.set_param(name, flat.reshape(params[name].shape))
+            out.append(loss())
+        model.set_param(name, params[name])
+        return (out[0] - out[1]) / (hi - lo)
+
+    rng = np.random.default_rng(11)
+    errors = {}
+    for p in model.table:
+        g = grads[p.name].ravel().astype(np.float64)
+        picks = [int(np.argmax(np.abs(g)))]
+        picks += [int(i) for i in rng.choice(p.numel, size=min(SAMPLES - 1, p.numel),
+                                               replace=False)]
+        fd = np.array([central(p.name, i) for i in picks])
+        an = g[picks]
+        assert np.linalg.norm(an) > 0, f"{p.name}: zero gradient on the sampled elements"
+        errors[p.name] = float(np.linalg.norm(fd - an) / np.linalg.norm(an))
+    assert len(errors) == 1 + 9 * LLAMA_TINY["n_layer"] + 2
+    bad = {k: f"{v:.2e}" for k, v in errors.items() if not v < TOL}
+    assert not bad, f"relative L2 error above {TOL:g} (step {STEP:g}): {bad}"
+
+
+def test_gradients_accumulate_over_micro_batches_and_loss_is_deterministic(make_model):
+    m = make_model(LLAMA_TINY)
+    m.set_params(rough_params(m.table, LLAMA_TINY["n_layer"], seed=3))
+    tokens, targets = tokens_for(LLAMA_TINY, seed=7)
+    m.zero_grad()
+    loss = m.forward_backward(tokens, targets, 1.0)
+    once = m.grads()
+    m.zero_grad()
+    for _ in range(2):
+        assert m.forward_backward(tokens, targets, 0.5) == loss  # same bits each time
+    twice = m.grads()
+    for name, g in once.items():
+        np.testing.assert_allclose(twice[name], g, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert m.forward(tokens, targets, logits=False)[1] == loss
+
+
+def test_safetensors_round_trip_under_the_public_names(make_model, tmp_path):
+    a = make_model(LLAMA_TINY)
+    a.set_params(rough_params(a.table, LLAMA_TINY["n_layer"], seed=5))
+    a.save_safetensors(tmp_path / "w.safetensors")
+    b = make_model(LLAMA_TINY)
+    b.load_safetensors(tmp_path / "w.safetensors")
+    for name, w in a.params().items():
+        np.testing.assert_array_equal(b.get_param(name), w, err_msg=name)
+    gpt2 = make_model(dict(n_layer=2, n_embd=16, n_head=4, vocab_size=23, n_positions=8,
+                           seq_len=5, batch_size=2))
+    with pytest.raises(EngineError, match=r"holds tensor 'model\.embed_tokens\.weight', which "
+                                          r"is not in the model's parameter table"):
+        gpt2.load_safetensors(tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (dict(stages=2, stage=0), r"family=1 \(llama\) runs on one CPU stage so far \(got stages=2"),
+    (dict(split_backward=1), r"family=1 \(llama\) runs on one CPU stage so far .*"
+                             r"split_backward=1"),
+    (dict(ffn_dim=0), r"ffn_dim=0 must be in \[1, 4194304\] for family=1 \(llama\)"),
+    (dict(n_kv_head=3), r"n_kv_head=3 does not divide n_head=4"),
+    (dict(n_embd=12, n_head=4, n_kv_head=4), r"head size n_embd/n_head=3 is odd"),
+    (dict(family=2), r"family=2 \(0 = gpt2, 1 = llama\)"),
+    (dict(family="gpt2"), r"n_kv_head=2, ffn_dim=24 are Llama keys, but family=0 \(gpt2\)"),
+    (dict(norm_eps=0.0), r"norm_eps=0 is out of range"),
+])
+def test_build_refuses_what_the_llama_passes_do_not_run(change, pattern):
+    with pytest.raises(EngineError, match=pattern):
+        Model(**{**LLAMA_TINY, **change})
+
+
+def test_build_time_llama_keys_are_fixed_after_build(make_model):
+    m = make_model(LLAMA_TINY)
+    with pytest.raises(EngineError, match=r"'rope_theta' cannot change after td_model_build"):
+        m.set_float("rope_theta", 10.0)
+    m.set_float("lr", 1e-4)  # the optimizer's keys still may
+
+
+# ---- through `tandem parity` ---------------------------------------------------------------------
+
+
+def test_parity_cli_runs_the_llama_model_and_trajectory_tiers(tmp_path, capsys):
+    from harness.cli import main
+
+    rc = main(["parity", "--suite", "llama-smoke", "--case", "mha-t1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    tiers = json.loads((tmp_path / "parity_summary.json").read_text())["cases"]["mha-t1"]["tiers"]
+    assert list(tiers) == ["model", "trajectory"]
+    assert tiers["model"]["passed"] and tiers["model"]["compared"] == 2 + 1 + 9 + 2
+    assert tiers["trajectory"]["passed"] and tiers["trajectory"]["compared"] == 3 + 1 + 9 + 2
+
+
+def test_parity_cli_refuses_llama_micro_batches_naming_why(tmp_path, capsys):
+    """Micro-batches would add the schedule tier, which the engine does not run for llama: bad
+    input, exit 2, with the reason."""
+    from harness.cli import main
+
+    suite = tmp_path / "llama-m2.toml"
+    suite.write_text('[suite]\nname = "llama-m2"\ndescription = "d"\n[[case]]\nname = "m"\n'
+                     'model = { family = "llama", n_layer = 1, n_embd = 32, n_head = 4, '
+                     'vocab_size = 17, n_positions = 8 }\nseq_len = 4\nbatch_size = 2\n'
+                     'pipeline = { microbatches = 2 }\n')
+    rc = main(["parity", "--suite", str(suite), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "case[0].pipeline.microbatches = 2: family = 'llama': the engine runs llama on one " \
+           "CPU stage so far" in err
