@@ -61,7 +61,7 @@ static void init_params(td_model *m) {
         td_model_param_info(m, i, &name, &ndim, shape, &numel, &decayed);
         float *buf = malloc(sizeof(float) * (size_t)numel);
         for (int64_t j = 0; j < numel; j++)
-            buf[j] = strstr(name, "ln_") && strstr(name, "weight") ? 1.0f + 0.1f * frand() : 0.2f * frand();
+            buf[j] = ndim == 1 && strstr(name, "weight") ? 1.0f + 0.1f * frand() : 0.2f * frand();
         td_model_set_param(m, name, buf, numel);
         free(buf);
     }
@@ -94,10 +94,10 @@ static void test_config_errors(void) {
     td_model_free(NULL);
 }
 
-static void test_fd_gradients(void) {
-    /* fp32 central differences on a few elements of every tensor; loose by nature (the pytest
-     * suite checks every tensor tightly against the float64 build). */
-    td_model *m = tiny(1, 0, 1, 0);
+/* fp32 central differences on a few elements of every tensor of a one-stage model built for
+ * B = 2, T = 6, vocab 19; loose by nature (the pytest suite checks every tensor tightly against
+ * the float64 build). Frees m. */
+static void fd_check(td_model *m) {
     init_params(m);
     int32_t tok[12], tgt[12];
     for (int i = 0; i < 12; i++) tok[i] = (i * 7) % 19, tgt[i] = (i * 5 + 3) % 19;
@@ -133,6 +133,51 @@ static void test_fd_gradients(void) {
         free(p);
         free(g);
     }
+    td_model_free(m);
+}
+
+static void test_fd_gradients(void) { fd_check(tiny(1, 0, 1, 0)); }
+
+/* A Llama model (family = 1): head size 4, multi-query (one kv head), MLP width 20. */
+static td_model *tiny_llama(td_status *out_status, int stages) {
+    td_model *m = NULL;
+    td_model_create(&m);
+    const char *keys[] = {"n_layer", "n_embd", "n_head", "n_kv_head", "ffn_dim", "vocab_size",
+                          "n_positions", "seq_len", "batch_size", "threads", "family", "stages"};
+    const int64_t vals[] = {2, 12, 3, 1, 20, 19, 8, 6, 2, 2, 1, stages};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) td_model_set_int(m, keys[i], vals[i]);
+    td_model_set_float(m, "rope_theta", 50.0);
+    *out_status = td_model_build(m);
+    return m;
+}
+
+static void test_llama(void) {
+    td_status st;
+    td_model *m = tiny_llama(&st, 2);
+    CHECK(st == TD_ERR_CONFIG && strstr(td_model_last_error(m), "family=1 (llama) runs on one CPU stage"), "stages=2: %s", td_model_last_error(m));
+    td_model_free(m);
+    m = tiny_llama(&st, 1);
+    CHECK(st == TD_OK, "build: %s", td_model_last_error(m));
+    int32_t n = 0;
+    td_model_num_params(m, &n);
+    CHECK(n == 1 + 9 * 2 + 2, "llama table has %d tensors", n);
+    const char *last;
+    td_model_param_info(m, n - 1, &last, NULL, NULL, NULL, NULL);
+    CHECK(!strcmp(last, "lm_head.weight"), "last tensor %s", last);
+    fd_check(m);
+    /* training: loss falls over 30 steps */
+    m = tiny_llama(&st, 1);
+    init_params(m);
+    int32_t tok[12], tgt[12];
+    double first = 0, loss = 0, norm;
+    for (int s = 0; s < 30; s++) {
+        for (int i = 0; i < 12; i++) tok[i] = (i * 3 + s) % 19, tgt[i] = (i * 3 + s + 1) % 19;
+        td_model_zero_grad(m);
+        CHECK(td_model_forward_backward(m, &loss, tok, tgt, 2, 6, 1.0) == TD_OK, "%s", td_model_last_error(m));
+        CHECK(td_model_optimizer_step(m, &norm) == TD_OK && isfinite(norm), "step %d", s);
+        if (s == 0) first = loss;
+    }
+    CHECK(loss < first, "llama loss did not fall: %g -> %g", first, loss);
     td_model_free(m);
 }
 
@@ -237,6 +282,7 @@ int main(void) {
     printf("tandem %s, ABI %d\n", td_version_string(), td_abi_version());
     test_config_errors();
     test_fd_gradients();
+    test_llama();
     test_determinism_and_learning();
     test_split_backward_equals_fused();
     test_files();
