@@ -207,6 +207,9 @@ def newest_complete(ckpt_dir: Path, n_stages: int) -> tuple[int, Path] | None:
 
 def _model_config(case: CaseConfig, threads: int, **extra) -> dict:
     m, o = case.model, case.optim
+    if m.family == "llama":  # one CPU stage (the config refuses the rest for llama)
+        extra.update(family="llama", n_kv_head=m.n_kv_head, ffn_dim=m.ffn_dim,
+                     rope_theta=m.rope_theta, norm_eps=m.norm_eps)
     return dict(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, vocab_size=m.vocab_size,
                 n_positions=m.n_positions, seq_len=case.seq_len, threads=threads,
                 lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,

@@ -165,3 +165,34 @@ def test_parity_cli_refuses_llama_micro_batches_naming_why(tmp_path, capsys):
     assert rc == 2, err
     assert "case[0].pipeline.microbatches = 2: family = 'llama': the engine runs llama on one " \
            "CPU stage so far" in err
+
+
+# ---- through `tandem train` ----------------------------------------------------------------------
+
+
+def _train_json(capsys, *argv):
+    from harness.cli import main
+
+    rc = main(["train", "--suite", "llama-smoke", "--case", "text-bytes", "--progress-every", "0",
+               "--json", *map(str, argv)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def test_train_runs_a_llama_case_and_resumes_bit_identically(tmp_path, capsys):
+    whole = _train_json(capsys, "--steps", 6)
+    assert whole["losses"][-1] < whole["losses"][0]
+    ck = tmp_path / "ck"
+    _train_json(capsys, "--steps", 3, "--checkpoint-dir", ck, "--checkpoint-every", 3)
+    rest = _train_json(capsys, "--steps", 6, "--checkpoint-dir", ck, "--checkpoint-every", 3,
+                       "--resume")
+    assert rest["start_step"] == 3 and rest["params_sha256"] == whole["params_sha256"]
+
+
+def test_train_refuses_a_pipelined_llama_case(capsys):
+    from harness.cli import main
+
+    assert main(["train", "--suite", "llama-smoke", "--case", "gqa", "--stages", "2"]) == 2
+    assert "pipeline.stages = 2: family = 'llama': the engine runs llama on one CPU stage" in \
+        capsys.readouterr().err
