@@ -49,6 +49,18 @@ def test_check_all_passes_on_the_sources():
     mutate.check_all(mutate.load_mutants())
 
 
+LLAMA_MUTANTS = REPO / "tools" / "mutants-llama.toml"  # for suites/llama-smoke.toml
+
+
+@pytest.mark.parametrize("m", mutate.load_mutants(LLAMA_MUTANTS), ids=lambda m: m.name)
+def test_every_llama_find_string_occurs_exactly_once(m):
+    assert m.models and m.find != m.replace
+    text = (REPO / m.file).read_text(encoding="utf-8")
+    assert text.count(m.find) == 1, (
+        f"mutant {m.name!r} is stale: its find string occurs {text.count(m.find)} times in "
+        f"{m.file}; update tools/mutants-llama.toml")
+
+
 def _one(find: str) -> object:
     return mutate.Mutant(name="planted", file="engine/src/x.c", find=find, replace="Y",
                          models="a test")
