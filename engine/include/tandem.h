@@ -83,7 +83,7 @@ td_status td_model_profile_reset(td_model *model);
 
 /* Number of tensors this stage owns (the whole table when stages = 1). */
 td_status td_model_num_params(const td_model *model, int32_t *out_count);
-/* Tensor `index` of this stage: its public GPT-2 name (owned by the handle), rank, shape
+/* Tensor `index` of this stage: its public GPT-2 or Llama name (owned by the handle), rank, shape
  * (up to 4 dims, unused dims 1), element count, and whether AdamW weight decay applies. */
 td_status td_model_param_info(const td_model *model, int32_t index, const char **out_name,
                               int32_t *out_ndim, int64_t out_shape[4], int64_t *out_numel,
