@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(args._module)
     runner = getattr(module, f"run_{args._name}", None) or getattr(module, "run")
+    if args._name == "parity":  # JAX's compiles persist between parity runs (harness.jaxcache)
+        from harness import jaxcache
+
+        jaxcache.enable()
     from harness.errors import TandemError
 
     try:
