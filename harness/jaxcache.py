@@ -60,6 +60,12 @@ def enable(env: dict[str, str] | None = None) -> str:
     # are hundreds of them
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    try:  # JAX settles on a cache (or none) at its first compile: after one, start it afresh
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+        pass
     return str(d)
 
 
