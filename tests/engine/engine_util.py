@@ -49,3 +49,45 @@ def rough_params(table, n_layer: int, seed: int) -> dict[str, np.ndarray]:
 def have_cmake_and_cc() -> bool:
     return shutil.which("cmake") is not None and any(
         shutil.which(cc) for cc in ("cc", "gcc", "clang"))
+
+
+def fd_relative_errors(model, params, tokens, targets, step=1e-4, samples=4, seed=11):
+    """Per tensor of model.table: the relative L2 error between the analytic gradient and central
+    differences (float64 loss) at the element with the largest gradient and samples - 1 seeded
+    random ones. The perturbed values must be float32 (parameters cross the ABI as fp32), so the
+    denominator is the difference actually applied, not 2 * step."""
+    import numpy as np
+
+    model.set_params(params)
+    model.zero_grad()
+    model.forward_backward(tokens, targets, 1.0)
+    grads = model.grads()
+
+    def loss():
+        return model.forward(tokens, targets, logits=False)[1]
+
+    def central(name, index):
+        base = params[name]
+        flat = base.ravel().copy()
+        x0 = float(flat[index])
+        hi, lo = float(np.float32(x0 + step)), float(np.float32(x0 - step))
+        out = []
+        for v in (hi, lo):
+            flat[index] = v
+            model.set_param(name, flat.reshape(base.shape))
+            out.append(loss())
+        model.set_param(name, base)
+        return (out[0] - out[1]) / (hi - lo)
+
+    rng = np.random.default_rng(seed)
+    errors = {}
+    for p in model.table:
+        g = grads[p.name].ravel().astype(np.float64)
+        picks = [int(np.argmax(np.abs(g)))]
+        picks += [int(i) for i in rng.choice(p.numel, size=min(samples - 1, p.numel),
+                                               replace=False)]
+        fd = np.array([central(p.name, i) for i in picks])
+        an = g[picks]
+        assert np.linalg.norm(an) > 0, f"{p.name}: zero gradient on the sampled elements"
+        errors[p.name] = float(np.linalg.norm(fd - an) / np.linalg.norm(an))
+    return errors

@@ -19,53 +19,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_util import rough_params, tokens_for
+from engine_util import fd_relative_errors, rough_params, tokens_for
 
 STEP = 1e-4
 TOL = 1e-6
 SAMPLES = 4  # per tensor: the element with the largest gradient, and 3 seeded random ones
 
 
-def _central_difference(model, name, base, index, loss):
-    """d loss / d base[index] by central differences in float64. The perturbed values must be
-    float32 (parameters cross the ABI as fp32), so the denominator is the difference actually
-    applied, not 2e."""
-    flat = base.ravel().copy()
-    x0 = float(flat[index])
-    hi, lo = float(np.float32(x0 + STEP)), float(np.float32(x0 - STEP))
-    flat[index] = hi
-    model.set_param(name, flat.reshape(base.shape))
-    loss_hi = loss()
-    flat[index] = lo
-    model.set_param(name, flat.reshape(base.shape))
-    loss_lo = loss()
-    model.set_param(name, base)
-    return (loss_hi - loss_lo) / (hi - lo)
-
-
 def test_gradients_match_finite_differences_for_every_tensor(tiny_config, make_model):
     model = make_model(tiny_config, variant="f64")
     params = rough_params(model.table, tiny_config["n_layer"], seed=3)
-    model.set_params(params)
     tokens, targets = tokens_for(tiny_config, seed=7)
-
-    model.zero_grad()
-    model.forward_backward(tokens, targets, 1.0)
-    grads = model.grads()
-    loss = lambda: model.forward(tokens, targets, logits=False)[1]
-
-    rng = np.random.default_rng(11)
-    errors = {}
-    for p in model.table:
-        g = grads[p.name].ravel().astype(np.float64)
-        picks = [int(np.argmax(np.abs(g)))]
-        picks += [int(i) for i in rng.choice(p.numel, size=min(SAMPLES - 1, p.numel),
-                                               replace=False)]
-        fd = np.array([_central_difference(model, p.name, params[p.name], i, loss)
-                       for i in picks])
-        an = g[picks]
-        assert np.linalg.norm(an) > 0, f"{p.name}: zero gradient on the sampled elements"
-        errors[p.name] = float(np.linalg.norm(fd - an) / np.linalg.norm(an))
+    errors = fd_relative_errors(model, params, tokens, targets, STEP, SAMPLES)
 
     assert len(errors) == 2 + 12 * tiny_config["n_layer"] + 2  # every tensor of the table
     bad = {k: f"{v:.2e}" for k, v in errors.items() if not v < TOL}

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from engine_util import rough_params, tokens_for
+from engine_util import fd_relative_errors, rough_params, tokens_for
 from harness.engine import Model
 from harness.errors import EngineError
 
@@ -46,36 +46,8 @@ def test_gradients_match_finite_differences_for_every_tensor(make_model):
     central differences at STEP on the largest and 3 random elements of each."""
     model = make_model(LLAMA_TINY, variant="f64")
     params = rough_params(model.table, LLAMA_TINY["n_layer"], seed=3)
-    model.set_params(params)
     tokens, targets = tokens_for(LLAMA_TINY, seed=7)
-    model.zero_grad()
-    model.forward_backward(tokens, targets, 1.0)
-    grads = model.grads()
-    loss = lambda: model.forward(tokens, targets, logits=False)[1]
-
-    def central(name, index):
-        flat = params[name].ravel().copy()
-        x0 = float(flat[index])
-        hi, lo = float(np.float32(x0 + STEP)), float(np.float32(x0 - STEP))
-        out = []
-        for v in (hi, lo):
-            flat[index] = v
-            model.set_param(name, flat.reshape(params[name].shape))
-            out.append(loss())
-        model.set_param(name, params[name])
-        return (out[0] - out[1]) / (hi - lo)
-
-    rng = np.random.default_rng(11)
-    errors = {}
-    for p in model.table:
-        g = grads[p.name].ravel().astype(np.float64)
-        picks = [int(np.argmax(np.abs(g)))]
-        picks += [int(i) for i in rng.choice(p.numel, size=min(SAMPLES - 1, p.numel),
-                                               replace=False)]
-        fd = np.array([central(p.name, i) for i in picks])
-        an = g[picks]
-        assert np.linalg.norm(an) > 0, f"{p.name}: zero gradient on the sampled elements"
-        errors[p.name] = float(np.linalg.norm(fd - an) / np.linalg.norm(an))
+    errors = fd_relative_errors(model, params, tokens, targets, STEP, SAMPLES)
     assert len(errors) == 1 + 9 * LLAMA_TINY["n_layer"] + 2
     bad = {k: f"{v:.2e}" for k, v in errors.items() if not v < TOL}
     assert not bad, f"relative L2 error above {TOL:g} (step {STEP:g}): {bad}"
