@@ -224,6 +224,31 @@ void td_linear_backward_weight(td_real *dw, td_real *dbias, const td_real *dout,
     }
 }
 
+#ifndef TD_FLOAT64
+/* e^x by range reduction and a polynomial: x = k·ln2 + r with |r| <= ln2/2 (k by the 1.5·2^23
+ * rounding trick), e^r by its degree-7 Taylor polynomial (relative error < 1e-7 on that
+ * interval), 2^k by writing the exponent bits. Plain arithmetic on purpose: a loop over it
+ * vectorizes, where a call to libm's expf/tanhf does not (they were 22% of a small model's
+ * step). Inputs are clamped to [-87, 88], where e^x is a normal float. */
+static inline float fast_expf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float shifter = 12582912.0f; /* 1.5 * 2^23 */
+    float kf = (x * 1.44269504088896341f + shifter) - shifter;
+    float r = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f +
+              r * (8.3333338e-3f + r * (1.3888889e-3f + r * 1.9841270e-4f))))));
+    union { int32_t i; float f; } two_k;
+    two_k.i = ((int32_t)kf + 127) << 23;
+    return p * two_k.f;
+}
+/* e^x of softmax inputs (x <= 0 after the row maximum): the polynomial in the float build (it
+ * vectorizes; within 1e-7 relative of libm, below the float rounding of the sums it feeds), libm
+ * in the float64 build that finite differences and the f64 reference run on. */
+#define softmax_exp(x) fast_expf(x)
+#else
+#define softmax_exp(x) exp(x)
+#endif
+
 /* ---- attention ------------------------------------------------------------------------------- */
 
 void td_attention_forward(td_real *out, td_real *att, const td_real *qkv, int B, int T, int C,
@@ -249,7 +274,7 @@ void td_attention_forward(td_real *out, td_real *att, const td_real *qkv, int B,
                 }
                 td_real sum = 0;
                 for (int u = 0; u <= t; u++) {
-                    a[u] = (td_real)exp((double)(a[u] - maxv));
+                    a[u] = softmax_exp(a[u] - maxv);
                     sum += a[u];
                 }
                 td_real inv = (td_real)1 / sum;
@@ -334,23 +359,6 @@ void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, co
 #endif
 
 #ifndef TD_FLOAT64
-/* e^x by range reduction and a polynomial: x = k·ln2 + r with |r| <= ln2/2 (k by the 1.5·2^23
- * rounding trick), e^r by its degree-7 Taylor polynomial (relative error < 1e-7 on that
- * interval), 2^k by writing the exponent bits. Plain arithmetic on purpose: a loop over it
- * vectorizes, where a call to libm's expf/tanhf does not (they were 22% of a small model's
- * step). Inputs are clamped to [-87, 88], where e^x is a normal float. */
-static inline float fast_expf(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float shifter = 12582912.0f; /* 1.5 * 2^23 */
-    float kf = (x * 1.44269504088896341f + shifter) - shifter;
-    float r = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f +
-              r * (8.3333338e-3f + r * (1.3888889e-3f + r * 1.9841270e-4f))))));
-    union { int32_t i; float f; } two_k;
-    two_k.i = ((int32_t)kf + 127) << 23;
-    return p * two_k.f;
-}
-
 /* GELU through E = e^{2u} (u = sqrt(2/pi)(x + 0.044715 x^3)), d = 1 / (E + 1):
  *   1 + tanh(u) = 2 E d,   1 - tanh(u)^2 = 4 E d^2,
  * which never subtracts nearly equal numbers (tanh near -1 would lose every digit of
@@ -426,20 +434,60 @@ void td_residual_forward(td_real *out, const td_real *a, const td_real *b, int64
 
 /* ---- softmax + cross-entropy ----------------------------------------------------------------- */
 
+/* p[v] = e^(p[v] - maxv) over one row, returning the row's sum: eight partial sums, added in a
+ * fixed order, so the float build vectorizes the polynomial (one clone per vector width, the
+ * same sums in each). The float64 build keeps libm and one sum in order. */
+#ifdef TD_FLOAT64
+static td_real softmax_row_max(const td_real *p, int V) {
+    td_real maxv = -INFINITY;
+    for (int v = 0; v < V; v++) maxv = p[v] > maxv ? p[v] : maxv;
+    return maxv;
+}
+
+static td_real softmax_row_exp(td_real *p, int V, td_real maxv) {
+    td_real sum = 0;
+    for (int v = 0; v < V; v++) {
+        p[v] = softmax_exp(p[v] - maxv);
+        sum += p[v];
+    }
+    return sum;
+}
+#else
+/* the row maximum over eight lanes: a maximum does not depend on the order it is taken in */
+TD_CLONES static float softmax_row_max(const float *p, int V) {
+    float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int v = 0;
+    for (; v + 8 <= V; v += 8)
+        for (int j = 0; j < 8; j++) m[j] = p[v + j] > m[j] ? p[v + j] : m[j];
+    for (; v < V; v++) m[0] = p[v] > m[0] ? p[v] : m[0];
+    for (int j = 1; j < 8; j++) m[0] = m[j] > m[0] ? m[j] : m[0];
+    return m[0];
+}
+
+TD_CLONES static float softmax_row_exp(float *p, int V, float maxv) {
+    float part[8] = {0};
+    int v = 0;
+    for (; v + 8 <= V; v += 8)
+        for (int j = 0; j < 8; j++) {
+            p[v + j] = fast_expf(p[v + j] - maxv);
+            part[j] += p[v + j];
+        }
+    for (; v < V; v++) {
+        p[v] = fast_expf(p[v] - maxv);
+        part[0] += p[v];
+    }
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+#endif
+
 void td_softmax_crossentropy_forward(td_real *probs_NV, td_real *losses, const int32_t *targets,
                                      int N, int V) {
 #pragma omp parallel for schedule(static) PAR_IF((int64_t)N * V)
     for (int i = 0; i < N; i++) {
         td_real *p = probs_NV + (int64_t)i * V;
-        td_real maxv = -INFINITY;
-        for (int v = 0; v < V; v++) maxv = p[v] > maxv ? p[v] : maxv;
+        td_real maxv = softmax_row_max(p, V);
         td_real target_logit = p[targets[i]];
-        td_real sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int v = 0; v < V; v++) {
-            p[v] = td_exp(p[v] - maxv);
-            sum += p[v];
-        }
+        td_real sum = softmax_row_exp(p, V, maxv);
         td_real inv = 1 / sum;
 #pragma omp simd
         for (int v = 0; v < V; v++) p[v] *= inv;
