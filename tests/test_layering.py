@@ -133,6 +133,8 @@ C_LAYER = {
     "llama_model.c": 4,  # the Llama family's table, buffers and passes (model.c hands over)
     "ops_abi.c": 5,   # the op-level ABI (parity of single kernels)
     "api.c": 5,       # the ABI: handles, setters, errors
+    "api_params.c": 5,  # the ABI's parameter table and files (weights, checkpoints)
+    "api_passes.c": 5,  # the ABI's passes and optimizer step
 }
 C_INCLUDES = {  # the local headers each file may include
     "internal.h": {"tandem.h"},
@@ -152,6 +154,9 @@ C_INCLUDES = {  # the local headers each file may include
     "llama_model.c": {"internal.h", "kernels.h", "llama_ops.h"},
     "ops_abi.c": {"internal.h", "kernels.h", "llama_ops.h"},
     "api.c": {"internal.h", "kernels.h"},
+    "api.h": {"internal.h"},              # what the ABI's files share (REQUIRE_BUILT)
+    "api_params.c": {"internal.h", "api.h"},
+    "api_passes.c": {"internal.h", "api.h"},
 }
 # functions every layer may call, with the file that defines them and why they live there
 C_BASE = {
