@@ -106,6 +106,20 @@ def _stage_mesh(devices):
         return jax.sharding.Mesh(np.asarray(devices), ("stage",))
 
 
+def _model_config(model: dict):
+    """The reference's config of a case's model (dataclasses.asdict of config.ModelConfig): a
+    GPTConfig, or a LlamaConfig for family = "llama"."""
+    from reference.gpt2 import GPTConfig
+    from reference.llama import LlamaConfig
+
+    shape = {k: int(model[k]) for k in ("n_layer", "n_embd", "n_head", "vocab_size",
+                                        "n_positions")}
+    if model.get("family", "gpt2") != "llama":
+        return GPTConfig(**shape)
+    return LlamaConfig(**shape, n_kv_head=int(model["n_kv_head"]), ffn_dim=int(model["ffn_dim"]),
+                       rope_theta=float(model["rope_theta"]), norm_eps=float(model["norm_eps"]))
+
+
 class _Side:
     """The JAX state of one case: the step function, parameters, optimizer state, batches."""
 
@@ -114,7 +128,6 @@ class _Side:
         import jax.numpy as jnp
 
         from harness.init import read_safetensors
-        from reference.gpt2 import GPTConfig
         from reference.optim import AdamWConfig, adamw_init
 
         c = req["case"]
@@ -142,8 +155,7 @@ class _Side:
         if self.dtype == "fp32":
             # true fp32 matmuls (on GPUs JAX would use TF32): the engine computes in fp32
             jax.config.update("jax_default_matmul_precision", "highest")
-        cfg = GPTConfig(**{k: int(c["model"][k]) for k in
-                           ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")})
+        cfg = _model_config(c["model"])
         opt = AdamWConfig(**{k: float(c["optim"][k]) for k in
                              ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip")})
         self.mesh = None
@@ -245,7 +257,9 @@ class _Side:
         B = int(example[2].shape[0])
         why = None
         if P > 1 and variant == "plain":
-            if cfg.n_layer % P:
+            if type(cfg).__name__ == "LlamaConfig":
+                why = "the JAX GPipe baseline (reference.pipeline) is GPT-2's only"
+            elif cfg.n_layer % P:
                 why = f"n_layer = {cfg.n_layer} is not divisible by stages = {P}"
             elif len(self.devices) < P:
                 why = (f"{P} stages need {P} devices, JAX sees {len(self.devices)} "
@@ -332,18 +346,32 @@ class _Side:
         transpose. remat: jax.checkpoint around every block (its activations are recomputed in
         the backward). Accumulation over micro-batches and AdamW in fp32 (docs/model.md)."""
         jax, jnp = self.jax, self.jax.numpy
-        from reference import gpt2, ops
+        from reference import gpt2, llama, ops
         from reference.optim import adamw_update
         from reference.train import as_microbatches
 
-        block = jax.checkpoint(gpt2.block, static_argnums=(2,)) if remat else gpt2.block
+        if isinstance(cfg, llama.LlamaConfig):
+            fam = llama
+            def blk(p, x):
+                return llama.block(p, x, cfg)
+
+            def hd(p, x):
+                return llama.head(p, x, cfg)
+        else:
+            fam = gpt2
+            def blk(p, x):
+                return gpt2.block(p, x, cfg.n_head)
+
+            def hd(p, x):
+                return gpt2.head(p, x)
+        block = jax.checkpoint(blk) if remat else blk
 
         def loss32(params32, x_BT, y_BT):
             p = {k: v.astype(jnp.bfloat16) for k, v in params32.items()} if bf16 else params32
-            x_BTC = gpt2.embed(p, x_BT)
-            for i in range(gpt2.n_layers(p)):
-                x_BTC = block(gpt2.layer_params(p, i), x_BTC, cfg.n_head)
-            logits_BTV = gpt2.head(p, x_BTC).astype(jnp.float32)
+            x_BTC = fam.embed(p, x_BT)
+            for i in range(fam.n_layers(p)):
+                x_BTC = block(fam.layer_params(p, i), x_BTC)
+            logits_BTV = hd(p, x_BTC).astype(jnp.float32)
             return ops.softmax_cross_entropy(logits_BTV, y_BT)
 
         grad_fn = jax.value_and_grad(loss32)

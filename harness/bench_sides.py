@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from harness.bench_jax import _vm_kib, rss_high_water_bytes
-from harness.config import CaseConfig, microbatch_size
+from harness.config import CaseConfig, engine_model_keys, microbatch_size
 from harness.errors import DataError, TandemError
 
 MAX_STEPS_PER_BLOCK = 2000  # a timed block has never more steps than this
@@ -196,8 +196,7 @@ def engine_config(case: CaseConfig, threads: int, batch_size: int | None = None)
     size); CUDA cases ask for the engine's CUDA backend and the case's dtype."""
     m, o = case.model, case.optim
     device = {"backend": "cuda", "dtype": case.dtype} if _is_cuda(case) else {}
-    return dict(**device, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head,
-                vocab_size=m.vocab_size, n_positions=m.n_positions, seq_len=case.seq_len,
+    return dict(**device, **engine_model_keys(m), seq_len=case.seq_len,
                 batch_size=batch_size or microbatch_size(case), threads=threads, lr=o.lr,
                 beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
                 grad_clip=o.grad_clip)

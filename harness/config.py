@@ -24,6 +24,7 @@ from harness.config_types import _Invalid, _is_int, _int, _float, _choice, _set 
 from harness.config_types import llama_ffn_dim, ModelConfig, OptimConfig  # noqa: F401
 from harness.config_types import PipelineConfig, CaseConfig, BenchDefaults  # noqa: F401
 from harness.config_types import SuiteConfig, require_model_passes, case_id, case_slug  # noqa: F401
+from harness.config_types import engine_model_keys  # noqa: F401
 from harness.config_types import case_axes, microbatch_size, stage_layers  # noqa: F401
 from harness.errors import ConfigError
 
@@ -305,7 +306,7 @@ def _load_file(p: Path) -> SuiteConfig:
 
 __all__ = [
     "SCHEDULES", "TIERS", "FAMILIES", "LLAMA_KEYS", "ENGINE_LLAMA_TIERS", "llama_ffn_dim",
-    "require_model_passes", "ModelConfig", "OptimConfig", "PipelineConfig", "CaseConfig",
+    "require_model_passes", "engine_model_keys", "ModelConfig", "OptimConfig", "PipelineConfig", "CaseConfig",
     "BenchDefaults", "SuiteConfig", "case_id", "case_slug", "case_axes", "microbatch_size",
     "stage_layers", "parse_suite", "load_suite", "builtin_suites", "suite_dirs",
 ]

@@ -23,13 +23,12 @@ FAMILIES = ("gpt2", "llama")
 MODEL_REQUIRED = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")
 LLAMA_KEYS = ("n_kv_head", "ffn_dim", "multiple_of", "rope_theta", "norm_eps")
 LLAMA_DEFAULTS = {"multiple_of": 256, "rope_theta": 10000.0, "norm_eps": 1e-5}  # n_kv_head: n_head
-# The engine runs the Llama family's kernels (td_op_*) and its whole model on one CPU stage
-# (engine/src/llama_model.c): a llama case may ask for these parity tiers, on one stage without
-# micro-batches (those would add the schedule tier), on the CPU; `tandem bench` runs none.
-ENGINE_LLAMA_TIERS = ("op", "model", "trajectory")
-ENGINE_LLAMA_ONLY = ("the engine runs llama on one CPU stage so far (the op, model and "
-                     "trajectory tiers: no pipeline, micro-batches, schedule tier, CUDA backend "
-                     "or bench)")
+# The engine runs the Llama family's kernels (td_op_*) and its whole model on the CPU, any
+# stage of a pipeline (engine/src/llama_model.c): a llama case may ask for every parity tier, in
+# any layout, on the CPU, and `tandem bench` times it there.
+ENGINE_LLAMA_TIERS = ("op", "model", "trajectory", "schedule")
+ENGINE_LLAMA_ONLY = ("the engine runs llama on the CPU backend so far (every parity tier and "
+                     "tandem bench, any pipeline layout; no CUDA backend)")
 TEXT_VOCAB = 256  # data = "text" is byte-level: ids 0..255
 
 # ---- validation helpers ------------------------------------------------------------------------
@@ -258,12 +257,6 @@ class CaseConfig:
         if extra:
             raise _Invalid("tiers", list(self.tiers), f"family = 'llama': {ENGINE_LLAMA_ONLY}; "
                            f"set tiers = {list(ENGINE_LLAMA_TIERS)}")
-        p = self.pipeline
-        for key in ("stages", "microbatches"):
-            if getattr(p, key) != 1:
-                raise _Invalid(f"pipeline.{key}", getattr(p, key),
-                               f"family = 'llama': {ENGINE_LLAMA_ONLY}; this needs the "
-                               "schedule tier")
         if self.backend != "cpu":
             raise _Invalid("backend", self.backend, f"family = 'llama': {ENGINE_LLAMA_ONLY}; "
                            "its Llama passes are CPU code")
@@ -339,11 +332,21 @@ class SuiteConfig:
 
 def require_model_passes(case: CaseConfig, command: str) -> None:
     """ConfigError unless `command` can run `case`'s whole model the way `tandem bench` does
-    (timed, both sides, any layout): today every GPT-2 case, no Llama case (the engine's Llama
-    passes run in `tandem parity` only)."""
-    if case.model.family == "llama":
-        raise ConfigError(f'{command}: case "{case.name}" is family = \'llama\': '
-                          f"{ENGINE_LLAMA_ONLY}")
+    (timed, both sides, any layout): every GPT-2 case, and every Llama case on the CPU."""
+    if case.model.family == "llama" and case.backend != "cpu":
+        raise ConfigError(f'{command}: case "{case.name}" is family = \'llama\' on backend = '
+                          f"'{case.backend}': {ENGINE_LLAMA_ONLY}")
+
+
+def engine_model_keys(m: ModelConfig) -> dict:
+    """harness.engine.Model keys of the model's shape: GPT-2's five, and a Llama model's family
+    keys as ModelConfig normalised them."""
+    keys = dict(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, vocab_size=m.vocab_size,
+                n_positions=m.n_positions)
+    if m.family == "llama":
+        keys.update(family="llama", n_kv_head=m.n_kv_head, ffn_dim=m.ffn_dim,
+                    rope_theta=m.rope_theta, norm_eps=m.norm_eps)
+    return keys
 
 
 def case_id(case: CaseConfig) -> str:

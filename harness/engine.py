@@ -44,7 +44,7 @@ class Model:
     vocab_size, n_positions, seq_len, batch_size, threads, stage, stages, layer_begin,
     layer_end, slots, split_backward; lr, beta1, beta2, eps, weight_decay, grad_clip), and the
     model family: family "gpt2" (default) or "llama" with n_kv_head, ffn_dim, rope_theta and
-    norm_eps (a Llama model runs on one CPU stage).
+    norm_eps (a Llama model runs on the CPU, as any stage).
     variant="f64" loads the float64-kernel build used by the finite-difference tests.
     """
 

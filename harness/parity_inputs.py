@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.config import CaseConfig
+from harness.config import CaseConfig, engine_model_keys
 from harness.data import make_case_data, read_shard, write_shard
 from harness.engine import Model, read_tokens
 from harness.init import init_params, read_safetensors, write_safetensors
@@ -35,12 +35,8 @@ def engine_config(case: CaseConfig, threads: int, *, optimizer: bool = True) -> 
     """Model(**config) keys for the one-stage engine running `case` (batch_size: the whole batch,
     so that the same model runs full batches and micro-batches)."""
     m, o = case.model, case.optim
-    cfg = dict(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, vocab_size=m.vocab_size,
-               n_positions=m.n_positions, seq_len=case.seq_len, batch_size=case.batch_size,
+    cfg = dict(**engine_model_keys(m), seq_len=case.seq_len, batch_size=case.batch_size,
                threads=threads, backend=case.backend, dtype=case.dtype)
-    if m.family == "llama":  # the family's own keys, as config.ModelConfig normalised them
-        cfg.update(family="llama", n_kv_head=m.n_kv_head, ffn_dim=m.ffn_dim,
-                   rope_theta=m.rope_theta, norm_eps=m.norm_eps)
     if optimizer:
         cfg.update(lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
                    weight_decay=o.weight_decay, grad_clip=o.grad_clip)

@@ -219,6 +219,9 @@ def write_runfile(path: Path, case: CaseConfig, files: dict[str, Path], steps: i
         "layers": ",".join(str(n) for n in stage_layers(case)),
         **{k: str(v) for k, v in files.items()},
     }
+    if m.family == "llama":  # GPT-2 is the engine's default family
+        lines.update(family=1, n_kv_head=m.n_kv_head, ffn_dim=m.ffn_dim,
+                     rope_theta=repr(float(m.rope_theta)), norm_eps=repr(float(m.norm_eps)))
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite={on_nonfinite!r}: allowed {sorted(ON_NONFINITE)}")
     if on_nonfinite != "stop":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.config import CaseConfig, load_suite, stage_layers
+from harness.config import CaseConfig, engine_model_keys, load_suite, stage_layers
 from harness.data import batches, case_tokens, read_shard
 from harness.errors import ConfigError, DataError, EngineError, TandemError
 from harness.init import init_params, write_safetensors
@@ -206,12 +206,8 @@ def newest_complete(ckpt_dir: Path, n_stages: int) -> tuple[int, Path] | None:
 
 
 def _model_config(case: CaseConfig, threads: int, **extra) -> dict:
-    m, o = case.model, case.optim
-    if m.family == "llama":  # one CPU stage (the config refuses the rest for llama)
-        extra.update(family="llama", n_kv_head=m.n_kv_head, ffn_dim=m.ffn_dim,
-                     rope_theta=m.rope_theta, norm_eps=m.norm_eps)
-    return dict(n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, vocab_size=m.vocab_size,
-                n_positions=m.n_positions, seq_len=case.seq_len, threads=threads,
+    o = case.optim
+    return dict(**engine_model_keys(case.model), seq_len=case.seq_len, threads=threads,
                 lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
                 weight_decay=o.weight_decay, grad_clip=o.grad_clip, **extra)
 

@@ -171,6 +171,9 @@ def gqa_attention(q_BTNH, k_BTKH, v_BTKH):
                          " k and v must be (B, T, n_kv_head, head_dim) like q's (B, T, ., .)")
     if NH % NKV:
         raise ValueError(f"gqa_attention: n_kv_head = {NKV} does not divide n_head = {NH}")
+    if _ATTENTION_IMPL is not None:  # grouped heads natively (the same n // group mapping)
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
+                                            implementation=_ATTENTION_IMPL)
     group = NH // NKV
     k_BTNH = jnp.repeat(k_BTKH, group, axis=2)  # head n <- kv head n // group
     v_BTNH = jnp.repeat(v_BTKH, group, axis=2)

@@ -28,6 +28,7 @@ td_status td_runfile_parse(td_run_config *cfg, char *err, size_t errlen, FILE *f
     cfg->microbatches = 1, cfg->chunks = 1, cfg->steps = 1, cfg->save_grads_step = -1;
     cfg->lr = 1e-3, cfg->beta1 = 0.9, cfg->beta2 = 0.95, cfg->eps = 1e-8;
     cfg->weight_decay = 0.1, cfg->grad_clip = 1.0;
+    cfg->rope_theta = 10000.0, cfg->norm_eps = 1e-5; /* Llama's defaults, as td_model's */
     char line[2048], key[64], value[1024];
     int lineno = 0;
     while (fgets(line, sizeof line, f)) {
@@ -46,10 +47,12 @@ td_status td_runfile_parse(td_run_config *cfg, char *err, size_t errlen, FILE *f
             {"threads", &cfg->threads}, {"save_grads_step", &cfg->save_grads_step},
             {"backend", &cfg->backend}, {"bf16", &cfg->bf16},
             {"checkpoint_every", &cfg->checkpoint_every}, {"resume_step", &cfg->resume_step},
-            {"on_nonfinite", &cfg->on_nonfinite}};
+            {"on_nonfinite", &cfg->on_nonfinite}, {"family", &cfg->family},
+            {"n_kv_head", &cfg->n_kv_head}, {"ffn_dim", &cfg->ffn_dim}};
         struct { const char *k; double *v; } fl[] = {
             {"lr", &cfg->lr}, {"beta1", &cfg->beta1}, {"beta2", &cfg->beta2}, {"eps", &cfg->eps},
-            {"weight_decay", &cfg->weight_decay}, {"grad_clip", &cfg->grad_clip}};
+            {"weight_decay", &cfg->weight_decay}, {"grad_clip", &cfg->grad_clip},
+            {"rope_theta", &cfg->rope_theta}, {"norm_eps", &cfg->norm_eps}};
         struct { const char *k; char *v; } strs[] = {
             {"weights", cfg->weights}, {"inputs", cfg->inputs}, {"targets", cfg->targets},
             {"schedule", cfg->schedule}, {"out", cfg->out}, {"checkpoint_dir", cfg->checkpoint_dir}};

@@ -3,7 +3,7 @@
  * Per step: post a receive for every message this rank's actions will need (each (kind, stage,
  * micro-batch) has its own tag and buffer, so arrival order cannot matter), then walk the
  * actions: F and B/BW/W wait for their input, compute through td_stage_*_dev, and send their
- * output without waiting; then the tied-embedding gradient sum, the global gradient norm, and
+ * output without waiting; then the tied-embedding gradient sum (GPT-2), the global gradient norm, and
  * AdamW on every local stage. CPU and CUDA stages run the same loop: buffers come from the comm,
  * and transfers and time marks are ordered on each stage's stream (NULL on the CPU). Every action
  * lands in the rank's timeline.
@@ -149,7 +149,8 @@ static td_status build_stage(td_model **out, const td_run_config *cfg, int stage
         {"vocab_size", cfg->vocab_size}, {"n_positions", cfg->n_positions},
         {"seq_len", cfg->seq_len}, {"batch_size", bmb}, {"threads", cfg->threads},
         {"stage", stage}, {"stages", S}, {"slots", slots}, {"split_backward", split},
-        {"backend", cfg->backend}, {"bf16", cfg->bf16}};
+        {"backend", cfg->backend}, {"bf16", cfg->bf16}, {"family", cfg->family},
+        {"n_kv_head", cfg->n_kv_head}, {"ffn_dim", cfg->ffn_dim}};
     for (size_t i = 0; i < sizeof ints / sizeof ints[0] && !st; i++) st = td_model_set_int(m, ints[i].k, ints[i].v);
     if (!st && cfg->n_layers_given) {
         int64_t begin = 0;
@@ -159,7 +160,8 @@ static td_status build_stage(td_model **out, const td_run_config *cfg, int stage
     }
     struct { const char *k; double v; } fl[] = {
         {"lr", cfg->lr}, {"beta1", cfg->beta1}, {"beta2", cfg->beta2}, {"eps", cfg->eps},
-        {"weight_decay", cfg->weight_decay}, {"grad_clip", cfg->grad_clip}};
+        {"weight_decay", cfg->weight_decay}, {"grad_clip", cfg->grad_clip},
+        {"rope_theta", cfg->rope_theta}, {"norm_eps", cfg->norm_eps}};
     for (size_t i = 0; i < sizeof fl / sizeof fl[0] && !st; i++) st = td_model_set_float(m, fl[i].k, fl[i].v);
     if (!st) st = td_model_build(m);
     if (!st) st = td_model_load_safetensors(m, cfg->weights);
@@ -299,8 +301,9 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
     /* the tied embedding's gradient from the other end lands here */
     const int64_t nwte = cfg->vocab_size * C;
     const int c_first = local_chunk(chunks, nchunks, 0), c_last = local_chunk(chunks, nchunks, (int)S - 1);
+    const int tied = S > 1 && cfg->family == 0; /* GPT-2 ties wte to its head; Llama does not */
     void *wte_peer = NULL;
-    if (S > 1 && (c_first >= 0) != (c_last >= 0) &&
+    if (tied && (c_first >= 0) != (c_last >= 0) &&
         !(wte_peer = comm->alloc(comm, sizeof(float) * (size_t)nwte)))
         return FAIL(TD_ERR_NOMEM, "the wte gradient buffer: %s", comm->err);
     if ((st = write_rank_info(cfg, comm, chunks, nchunks, err, errlen))) return st;
@@ -431,7 +434,7 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
             }
         MARK(nchunks ? chunks[0].stream : NULL, m_begin);
         /* tied embedding: the first and the last stage each add the other's wte gradient */
-        if (S > 1 && c_first >= 0 && c_last >= 0) { /* both ends on this rank (one rank) */
+        if (tied && c_first >= 0 && c_last >= 0) { /* both ends on this rank (one rank) */
             float *mine = malloc(sizeof(float) * (size_t)nwte), *theirs = malloc(sizeof(float) * (size_t)nwte);
             if (!mine || !theirs) return FAIL(TD_ERR_NOMEM, "out of memory for the wte gradient sum");
             td_model_get_grad(chunks[c_first].model, mine, "wte.weight", nwte);
@@ -441,7 +444,7 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
             td_model_set_grad(chunks[c_last].model, "wte.weight", mine, nwte);
             free(mine);
             free(theirs);
-        } else if (S > 1 && (c_first >= 0 || c_last >= 0)) {
+        } else if (tied && (c_first >= 0 || c_last >= 0)) {
             /* a + b == b + a in IEEE arithmetic: both ends hold the same sum */
             chunk_state *ch = &chunks[c_first >= 0 ? c_first : c_last];
             void *g = NULL;

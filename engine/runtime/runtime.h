@@ -35,6 +35,9 @@ typedef struct {
                                  to checkpoint_dir/step_<8 digits>/stage<s>.safetensors; 0: never */
     int64_t resume_step;      /* S > 0: start at step S from checkpoint_dir/step_<S>/ (0: fresh) */
     int64_t on_nonfinite;     /* 0: stop at a non-finite loss or norm; 1: skip that step's update */
+    int64_t family;           /* 0 GPT-2, 1 Llama (with n_kv_head, ffn_dim, rope_theta, norm_eps) */
+    int64_t n_kv_head, ffn_dim;
+    double rope_theta, norm_eps;
     char checkpoint_dir[1024];
     double lr, beta1, beta2, eps, weight_decay, grad_clip;
     char weights[1024], inputs[1024], targets[1024], schedule[1024], out[1024];

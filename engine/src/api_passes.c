@@ -93,7 +93,7 @@ static td_status td_stage_forward_impl(td_model *m, void *out_BTC, double *out_l
         if (with_targets && out_loss) *out_loss = loss;
         else if (with_targets) m->pending_loss += loss, m->pending_count++;
         if (!m->has_head) {
-            const td_real *res = m->nl ? s->layers[m->nl - 1].res3 : s->input;
+            const td_real *res = td_stage_output(m, slot);
             if (dev) memcpy(out_BTC, res, sizeof(td_real) * (size_t)(n * m->n_embd));
             else for (int64_t i = 0; i < n * m->n_embd; i++) ((float *)out_BTC)[i] = (float)res[i];
         }

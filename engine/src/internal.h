@@ -116,8 +116,21 @@ typedef struct {
     td_real *g_ln1, *g_qkv, *g_attproj, *g_ln2, *g_fc, *g_fcproj; /* per layer, see model.c */
 } td_layer_grads;
 
+/* The same for a Llama layer: the gradient of every projection's output (what its weight
+ * gradient reads) and of each RMSNorm's output. */
+typedef struct {
+    td_real *g_res3;          /* (B, T, C) d of the MLP's output: down_proj's weight gradient */
+    td_real *g_gate, *g_up;   /* (B, T, F) d of gate_proj's and up_proj's outputs */
+    td_real *g_ln2;           /* (B, T, C) d of the post-attention RMSNorm's output */
+    td_real *g_res2;          /* (B, T, C) d of the attention block's output: o_proj's */
+    td_real *g_q;             /* (B, T, C) d of q_proj's output (RoPE undone) */
+    td_real *g_k, *g_v;       /* (B, T, NKV * HS) d of k_proj's (RoPE undone) and v_proj's */
+    td_real *g_ln1;           /* (B, T, C) d of the input RMSNorm's output */
+} td_llama_layer_grads;
+
 typedef struct {
     td_layer_grads *layers; /* nl entries */
+    td_llama_layer_grads *llayers; /* nl entries (llama; layers then unused) */
     td_real *g_logits;     /* (B, T, V) */
     td_real *g_lnf;        /* (B, T, C) */
     td_real *g_embed;      /* (B, T, C) gradient of the stage input (= of the embedding output) */
@@ -130,12 +143,8 @@ typedef struct {
     td_real *datty;    /* (B, T, C) */
     td_real *datt;     /* (B, NH, T, T) */
     td_real *dfch_gelu;/* (B, T, 4C) */
-    /* llama: gradients of a norm's output, of q, k, v (after RoPE, then before it, in place) and
-     * of the MLP's hidden, gate and up activations */
-    td_real *dln;      /* (B, T, C) */
-    td_real *dq;       /* (B, T, NH, HS) */
-    td_real *dk, *dv;  /* (B, T, NKV, HS) */
-    td_real *dh, *dgate, *dup; /* (B, T, F) */
+    /* llama: gradients of the MLP's hidden activation silu(gate) * up */
+    td_real *dh;       /* (B, T, F) */
 } td_scratch;
 
 /* A device backend: where a model stage's tensors live and its passes run (NULL: the CPU code
@@ -190,7 +199,7 @@ struct td_model {
     int64_t backend; /* 0 cpu, 1 cuda */
     int64_t bf16;    /* 1: bf16 compute with fp32 master weights (cuda only) */
     int64_t profile; /* time every CPU phase (td_model_profile): 1 wall, 2 thread CPU; 0 off */
-    /* model family: 0 GPT-2 (model.c), 1 Llama (llama_model.c: one CPU stage), and Llama's
+    /* model family: 0 GPT-2 (model.c), 1 Llama (llama_model.c on the CPU), and Llama's
      * shape keys (n_kv_head 0 = n_head; ffn_dim F > 0 required for llama) */
     int64_t family, n_kv_head, ffn_dim;
     double rope_theta, norm_eps; /* build-time: RoPE's theta, RMSNorm's epsilon */
@@ -244,14 +253,19 @@ int td_full_model_has(const td_model *m, const char *name);
 td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,
                            const td_real *dout_BTC);
 
-/* llama_model.c: the Llama family's table, pointers, buffers and passes (one stage; model.c
+/* The stage's output activations after a forward of the slot (a stage without the head). */
+const td_real *td_stage_output(const td_model *m, int32_t slot);
+
+/* llama_model.c: the Llama family's table, pointers, buffers and passes (any stage; model.c
  * dispatches to these when family = 1) */
 void td_llama_table(td_model *m);
 void td_llama_bind(td_model *m, td_stage_ptrs *s, td_real *base);
+int td_llama_full_model_has(const td_model *m, const char *name);
 size_t td_llama_layout_buffers(td_model *m, td_real *base);
 td_status td_llama_forward_slot(td_model *m, int32_t slot, float *logits_out, double *out_loss,
                                 int with_targets);
-void td_llama_backward_slot(td_model *m, int32_t slot, double grad_scale);
+void td_llama_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,
+                            const td_real *dout_BTC);
 
 /* Per-phase profile: td_prof_now(m) before a phase, td_prof_add after (model.c's passes,
  * optim.c's AdamW; td_model_profile in model.c reads the sums). Inline here so that every layer

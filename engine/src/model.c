@@ -82,8 +82,7 @@ static void bind_ptrs(td_model *m, td_stage_ptrs *s, td_real *base) {
 
 /* Does `name` belong to the full model's table (any stage)? */
 int td_full_model_has(const td_model *m, const char *name) {
-    if (m->family == 1) /* a Llama model is one stage: its table is the whole model's */
-        return td_find_param((td_model *)m, name) != NULL;
+    if (m->family == 1) return td_llama_full_model_has(m, name);
     if (!strcmp(name, "wte.weight") || !strcmp(name, "wpe.weight") ||
         !strcmp(name, "ln_f.weight") || !strcmp(name, "ln_f.bias"))
         return 1;
@@ -190,7 +189,10 @@ void td_release(td_model *m) {
         free(m->slot);
     }
     if (m->gstore) {
-        for (int64_t s = 0; s < (m->split_backward ? m->slots : 1); s++) free(m->gstore[s].layers);
+        for (int64_t s = 0; s < (m->split_backward ? m->slots : 1); s++) {
+            free(m->gstore[s].layers);
+            free(m->gstore[s].llayers);
+        }
         free(m->gstore);
     }
     free(m->P.layers);
@@ -237,7 +239,8 @@ td_status td_model_layout(td_model *m) {
     }
     for (int64_t s = 0; s < nstores; s++) {
         m->gstore[s].layers = calloc((size_t)(m->nl ? m->nl : 1), sizeof(td_layer_grads));
-        if (!m->gstore[s].layers) goto oom;
+        m->gstore[s].llayers = calloc((size_t)(m->nl ? m->nl : 1), sizeof(td_llama_layer_grads));
+        if (!m->gstore[s].layers || !m->gstore[s].llayers) goto oom;
     }
 
     int64_t shape[4];
@@ -460,8 +463,8 @@ static void backward_weight(td_model *m, td_slot *s, td_grad_store *g) {
 
 td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,
                            const td_real *dout_BTC) {
-    if (m->family == 1) { /* one stage, no split backward (td_model_build refuses both) */
-        td_llama_backward_slot(m, slot, grad_scale);
+    if (m->family == 1) {
+        td_llama_backward_slot(m, slot, grad_scale, part, dout_BTC);
         return TD_OK;
     }
     td_slot *s = &m->slot[slot];
@@ -469,6 +472,12 @@ td_status td_backward_slot(td_model *m, int32_t slot, double grad_scale, int par
     if (part == TD_BWD_FULL || part == TD_BWD_INPUT) backward_input(m, s, g, grad_scale, dout_BTC);
     if (part == TD_BWD_FULL || part == TD_BWD_WEIGHT) backward_weight(m, s, g);
     return TD_OK;
+}
+
+const td_real *td_stage_output(const td_model *m, int32_t slot) {
+    const td_slot *s = &m->slot[slot];
+    if (!m->nl) return s->input;
+    return m->family == 1 ? s->llayers[m->nl - 1].res3 : s->layers[m->nl - 1].res3;
 }
 
 /* The gradient of the stage input after a B or BW pass (what goes to the previous stage). */

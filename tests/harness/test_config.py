@@ -425,22 +425,22 @@ def test_llama_model_keys_validate_naming_the_key(model, pattern):
     bad(llama(model=model), pattern)
 
 
-def test_llama_case_runs_one_cpu_stage_and_no_bench_for_now():
+def test_llama_case_runs_any_cpu_layout_and_bench_but_no_cuda_for_now():
     from harness.config import require_model_passes
 
-    only = (r"family = 'llama': the engine runs llama on one CPU stage so far \(the op, model "
-            r"and trajectory tiers: no pipeline, micro-batches, schedule tier, CUDA backend or "
-            r"bench\)")
+    only = (r"family = 'llama': the engine runs llama on the CPU backend so far \(every parity "
+            r"tier and tandem bench, any pipeline layout; no CUDA backend\)")
     (m,) = parse_suite(suite(model=LLAMA)).cases  # every tier the config knows
     assert m.tiers == ("op", "model", "trajectory")
-    bad(llama('pipeline = { stages = 2 }'), r"case\[0\]\.pipeline\.stages = 2: " + only +
-        "; this needs the schedule tier")
-    bad(llama('pipeline = { microbatches = 2 }'), r"case\[0\]\.pipeline\.microbatches = 2: " + only)
+    (p,) = parse_suite(llama('pipeline = { stages = 2, microbatches = 2, schedule = "zb-h1" }')).cases
+    assert (p.pipeline.stages, p.pipeline.microbatches) == (2, 2)
     bad(llama('backend = "cuda"'), r"case\[0\]\.backend = 'cuda': " + only +
         "; its Llama passes are CPU code")
     (c,) = parse_suite(llama()).cases
-    with pytest.raises(ConfigError, match=r'tandem bench: case "tiny" is family = \'llama\': '
-                       + only.split(": ", 1)[1]):
+    require_model_passes(c, "tandem bench")  # a CPU llama case benches
+    object.__setattr__(c, "backend", "cuda")  # the bench's own guard, past the loader's
+    with pytest.raises(ConfigError, match=r'tandem bench: case "tiny" is family = \'llama\' on '
+                       r"backend = 'cuda': " + only.split(": ", 1)[1]):
         require_model_passes(c, "tandem bench")
     require_model_passes(parse_suite(suite()).cases[0], "tandem bench")  # GPT-2: no error
 
@@ -460,30 +460,43 @@ def test_llama_ops_suite():
     assert {(6, 2), (6, 1), (4, 4)} == kv  # GQA, MQA, MHA
     assert any(c.seq_len == 1 for c in s.cases)
     assert any(c.model.rope_theta != 10000.0 for c in s.cases)
-    for name in builtin_suites():  # llama cases live in the llama suites only
+    for name in builtin_suites():  # llama cases: the llama suites', and llama-* cases elsewhere
         if not name.startswith("llama-"):
-            assert all(c.model.family == "gpt2" for c in load_suite(name).cases), name
+            assert all(c.model.family == "gpt2" or c.name.startswith("llama-")
+                       for c in load_suite(name).cases), name
+    (perf,) = [c for c in load_suite("cpu-perf").cases if c.model.family == "llama"]
+    assert perf.backend == "cpu" and perf.model.n_kv_head < perf.model.n_head
 
 
 def test_llama_smoke_suite():
-    """Model and trajectory tiers on one stage: GQA, MQA, MHA at T = 1, real text."""
+    """Model and trajectory tiers on one stage: GQA, MQA, MHA at T = 1, real text; and every
+    schedule family pipelined over two CPU ranks (ZB-H1 with clipping active)."""
     s = load_suite("llama-smoke")
-    assert all(c.model.family == "llama" and c.tiers == ("model", "trajectory")
-               and c.pipeline.stages == c.pipeline.microbatches == 1 for c in s.cases)
-    kinds = {(c.model.n_head, c.model.n_kv_head) for c in s.cases}
+    one = [c for c in s.cases if c.pipeline.stages == 1]
+    assert all(c.model.family == "llama" for c in s.cases)
+    assert all(c.tiers == ("model", "trajectory") and c.pipeline.microbatches == 1 for c in one)
+    kinds = {(c.model.n_head, c.model.n_kv_head) for c in one}
     assert {(6, 2), (6, 1), (4, 4)} <= kinds
-    assert any(c.seq_len == 1 for c in s.cases) and any(c.data == "text" for c in s.cases)
+    assert any(c.seq_len == 1 for c in one) and any(c.data == "text" for c in one)
     assert all(c.steps >= 3 for c in s.cases)
+    piped = {c.pipeline.schedule: c for c in s.cases if c.pipeline.stages > 1}
+    assert sorted(piped) == ["1f1b", "gpipe", "interleaved", "zb-h1"]
+    assert piped["zb-h1"].optim.grad_clip < 1.0 and piped["interleaved"].pipeline.chunks == 2
 
 
-def test_bench_refuses_a_llama_case_before_writing_anything(tmp_path, capsys):
-    """`tandem bench` times no Llama case yet (the engine's Llama passes run in parity only): it
-    says so and exits 2 without a results directory."""
+def test_bench_refuses_a_llama_cuda_case_before_writing_anything(tmp_path, capsys):
+    """`tandem bench` times Llama cases on the CPU; a llama case on backend = "cuda" is bad input
+    (no CUDA Llama passes yet): it says so and exits 2 without a results directory."""
     from harness.cli import main
 
+    suite = tmp_path / "llama-cuda.toml"
+    suite.write_text('[suite]\nname = "llama-cuda"\ndescription = "d"\n[[case]]\nname = "m"\n'
+                     'model = { family = "llama", n_layer = 1, n_embd = 32, n_head = 4, '
+                     'vocab_size = 17, n_positions = 8 }\nseq_len = 4\nbatch_size = 2\n'
+                     'backend = "cuda"\n')
     out = tmp_path / "bench"
-    assert main(["bench", "--suite", "llama-ops", "--out", str(out)]) == 2
+    assert main(["bench", "--suite", str(suite), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "tandem bench: case" in err and "family = 'llama'" in err
-    assert "the engine runs llama on one CPU stage so far" in err and "or bench)" in err
+    assert "case[0].backend = 'cuda': family = 'llama'" in err
+    assert "the engine runs llama on the CPU backend so far" in err and "no CUDA backend" in err
     assert not out.exists()
