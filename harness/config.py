@@ -19,11 +19,11 @@ from typing import Any
 
 from harness.config_types import SCHEDULES, TIERS, DATA_KINDS, DTYPES, BACKENDS  # noqa: F401
 from harness.config_types import FAMILIES, MODEL_REQUIRED, LLAMA_KEYS, LLAMA_DEFAULTS  # noqa: F401
-from harness.config_types import ENGINE_LLAMA_TIERS, ENGINE_LLAMA_ONLY, TEXT_VOCAB  # noqa: F401
+from harness.config_types import TEXT_VOCAB  # noqa: F401
 from harness.config_types import _Invalid, _is_int, _int, _float, _choice, _set  # noqa: F401
 from harness.config_types import llama_ffn_dim, ModelConfig, OptimConfig  # noqa: F401
 from harness.config_types import PipelineConfig, CaseConfig, BenchDefaults  # noqa: F401
-from harness.config_types import SuiteConfig, require_model_passes, case_id, case_slug  # noqa: F401
+from harness.config_types import SuiteConfig, case_id, case_slug  # noqa: F401
 from harness.config_types import engine_model_keys  # noqa: F401
 from harness.config_types import case_axes, microbatch_size, stage_layers  # noqa: F401
 from harness.errors import ConfigError
@@ -305,8 +305,8 @@ def _load_file(p: Path) -> SuiteConfig:
 
 
 __all__ = [
-    "SCHEDULES", "TIERS", "FAMILIES", "LLAMA_KEYS", "ENGINE_LLAMA_TIERS", "llama_ffn_dim",
-    "require_model_passes", "engine_model_keys", "ModelConfig", "OptimConfig", "PipelineConfig", "CaseConfig",
+    "SCHEDULES", "TIERS", "FAMILIES", "LLAMA_KEYS", "llama_ffn_dim",
+    "engine_model_keys", "ModelConfig", "OptimConfig", "PipelineConfig", "CaseConfig",
     "BenchDefaults", "SuiteConfig", "case_id", "case_slug", "case_axes", "microbatch_size",
     "stage_layers", "parse_suite", "load_suite", "builtin_suites", "suite_dirs",
 ]

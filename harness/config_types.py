@@ -23,12 +23,6 @@ FAMILIES = ("gpt2", "llama")
 MODEL_REQUIRED = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")
 LLAMA_KEYS = ("n_kv_head", "ffn_dim", "multiple_of", "rope_theta", "norm_eps")
 LLAMA_DEFAULTS = {"multiple_of": 256, "rope_theta": 10000.0, "norm_eps": 1e-5}  # n_kv_head: n_head
-# The engine runs the Llama family's kernels (td_op_*) and its whole model on the CPU, any
-# stage of a pipeline (engine/src/llama_model.c): a llama case may ask for every parity tier, in
-# any layout, on the CPU, and `tandem bench` times it there.
-ENGINE_LLAMA_TIERS = ("op", "model", "trajectory", "schedule")
-ENGINE_LLAMA_ONLY = ("the engine runs llama on the CPU backend so far (every parity tier and "
-                     "tandem bench, any pipeline layout; no CUDA backend)")
 TEXT_VOCAB = 256  # data = "text" is byte-level: ids 0..255
 
 # ---- validation helpers ------------------------------------------------------------------------
@@ -249,17 +243,6 @@ class CaseConfig:
             raise _Invalid("dtype", self.dtype, "bf16 needs backend = 'cuda' (CPU runs fp32)")
         self._check_tiers()
         self._check_pipeline(m, p)
-        if m.family == "llama":
-            self._check_llama()
-
-    def _check_llama(self) -> None:
-        extra = [t for t in self.tiers if t not in ENGINE_LLAMA_TIERS]
-        if extra:
-            raise _Invalid("tiers", list(self.tiers), f"family = 'llama': {ENGINE_LLAMA_ONLY}; "
-                           f"set tiers = {list(ENGINE_LLAMA_TIERS)}")
-        if self.backend != "cpu":
-            raise _Invalid("backend", self.backend, f"family = 'llama': {ENGINE_LLAMA_ONLY}; "
-                           "its Llama passes are CPU code")
 
     def _check_tiers(self) -> None:
         tiers = self.tiers
@@ -328,14 +311,6 @@ class SuiteConfig:
 
 
 # ---- helpers over a case -----------------------------------------------------------------------
-
-
-def require_model_passes(case: CaseConfig, command: str) -> None:
-    """ConfigError unless `command` can run `case`'s whole model the way `tandem bench` does
-    (timed, both sides, any layout): every GPT-2 case, and every Llama case on the CPU."""
-    if case.model.family == "llama" and case.backend != "cpu":
-        raise ConfigError(f'{command}: case "{case.name}" is family = \'llama\' on backend = '
-                          f"'{case.backend}': {ENGINE_LLAMA_ONLY}")
 
 
 def engine_model_keys(m: ModelConfig) -> dict:

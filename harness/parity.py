@@ -203,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
 
     failed = sum(1 for c in summary_cases.values() if not c["passed"])
     passed_all = failed == 0
+    unchecked = skipped_tiers(summary_cases)
     code = 3 if any_error else 0 if passed_all else 1
     frame = to_frame(all_rows, PARITY_COLUMNS)
     frame.to_parquet(out / "parity.parquet", index=False)
@@ -212,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         "suite": suite.name, "passed": passed_all, "exit_code": code, "backend": args.backend,
         "compared": len(all_rows), "failed_rows": int(sum(not r.passed for r in all_rows)),
         "cases": summary_cases, "skipped_cases": dict(skipped_cases),
+        "skipped_tiers": unchecked,
     })
     write_json(out / "run.json", {
         **env, "argv": list(sys.argv),
@@ -224,11 +226,27 @@ def run(args: argparse.Namespace) -> int:
     n_cases = f"{len(cases)} case{'s' * (len(cases) != 1)}"
     if passed_all:
         print(f"parity: PASS ({len(all_rows)} comparisons in {n_cases}) -> {out}")
-    else:
+    if unchecked:  # a PASS says nothing about a tier that did not run: say which, and why
+        n = sum(map(len, unchecked.values()))
+        print(f"parity: NOT CHECKED: {n} tier{'s' * (n != 1)} skipped, by reason:", flush=True)
+        for why, where in unchecked.items():
+            print(f"  {', '.join(where)}: {why}", flush=True)
+    if not passed_all:
         print(f"parity: {'ERROR' if any_error else 'FAIL'}: {failed} of {n_cases}, "
               f"{len(bad)} of {len(all_rows)} comparisons failed -> {out}")
     return code
 
 
-__all__ = ["add_parser", "run", "prepare", "engine_config", "case_tiers", "Collector",
-           "TierResult", "op_tier", "model_tier", "trajectory_tier", "schedule_tier"]
+def skipped_tiers(summary_cases: dict[str, dict]) -> dict[str, list[str]]:
+    """The tiers that did not run, "case/tier" grouped by the reason given (in case order)."""
+    out: dict[str, list[str]] = {}
+    for name, c in summary_cases.items():
+        for tier, t in c["tiers"].items():
+            if t.get("skipped"):
+                out.setdefault(t["skipped"], []).append(f"{name}/{tier}")
+    return out
+
+
+__all__ = ["add_parser", "run", "skipped_tiers", "prepare", "engine_config", "case_tiers",
+           "Collector", "TierResult", "op_tier", "model_tier", "trajectory_tier",
+           "schedule_tier"]

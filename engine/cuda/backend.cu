@@ -1,4 +1,5 @@
-/* backend.cu — td_cuda_ops: one GPT-2 model stage (the whole model when stages = 1) on one GPU.
+/* backend.cu — td_cuda_ops: one model stage (the whole model when stages = 1) on one GPU, GPT-2
+ * (passes.cu) or Llama (family = 1: llama_build.cu allocates its buffers, llama_passes.cu runs it).
  *
  * build allocates everything once (fp32 master weights, gradients, AdamW m and v in the host's
  * flat layout, a bf16 copy of the weights in bf16 mode, activations for (batch_size, seq_len) per
@@ -29,7 +30,7 @@ td_status td_cuda_fail(td_cuda_dev *d, const char *what, cudaError_t err, const 
                    cudaGetErrorString(err), file, line);
 }
 
-static td_status dev_alloc(td_cuda_dev *d, void **out, size_t bytes, const char *what) {
+td_status td_cuda_alloc(td_cuda_dev *d, void **out, size_t bytes, const char *what) {
     *out = NULL;
     if (bytes == 0) bytes = 256;
     if (d->nallocs == d->cap_allocs) {
@@ -55,7 +56,7 @@ static td_status dev_alloc(td_cuda_dev *d, void **out, size_t bytes, const char 
     return TD_OK;
 }
 
-#define ALLOC(ptr, bytes, what) TD_TRY(dev_alloc(d, (void **)&(ptr), (bytes), (what)))
+#define ALLOC(ptr, bytes, what) TD_TRY(td_cuda_alloc(d, (void **)&(ptr), (bytes), (what)))
 
 static size_t off_of(const td_model *m, const td_real *p) { return (size_t)(p - m->param_mem); }
 
@@ -77,6 +78,10 @@ void td_cuda_prof(td_cuda_dev *d, const char *name) {
 
 void td_cuda_prof_flush(td_cuda_dev *d) {
     if (!d->prof_path) return;
+    if (d->prof_steps < d->prof_skip) { /* a warm-up step: its events are dropped */
+        d->prof_nev = 0;
+        return;
+    }
     for (int i = 0; i + 1 < d->prof_nev; i++) {
         const char *name = d->prof_evname[i];
         if (!strcmp(name, "(end)")) continue;
@@ -103,11 +108,13 @@ static void prof_write(td_cuda_dev *d) {
     if (!f) return;
     double total = 0;
     for (int r = 0; r < d->prof_nrows; r++) total += d->prof_ms[r];
+    const long counted = d->prof_steps - (d->prof_skip < d->prof_steps ? d->prof_skip : d->prof_steps);
     fprintf(f, "phase\ttotal_ms\tcalls\tms_per_step\tshare\n");
     for (int r = 0; r < d->prof_nrows; r++)
         fprintf(f, "%s\t%.3f\t%ld\t%.3f\t%.4f\n", d->prof_name[r], d->prof_ms[r], d->prof_calls[r],
-                d->prof_steps ? d->prof_ms[r] / (double)d->prof_steps : 0.0, total > 0 ? d->prof_ms[r] / total : 0.0);
-    fprintf(f, "# steps (AdamW calls): %ld; device time counted: %.3f ms\n", d->prof_steps, total);
+                counted ? d->prof_ms[r] / (double)counted : 0.0, total > 0 ? d->prof_ms[r] / total : 0.0);
+    fprintf(f, "# steps (AdamW calls) counted: %ld of %ld (TANDEM_CUDA_PROFILE_SKIP=%ld); device time counted: %.3f ms\n",
+            counted, d->prof_steps, d->prof_skip, total);
     fclose(f);
 }
 
@@ -134,6 +141,8 @@ static void cuda_release(td_model *m) {
         if (S->staged) cudaEventDestroy(S->staged);
         free(S->L);
         free(S->Wg);
+        free(S->LL);
+        free(S->LWg);
     }
     free(d->S);
     if (d->h_losses) cudaFreeHost(d->h_losses);
@@ -146,6 +155,7 @@ static void cuda_release(td_model *m) {
     free(d->allocs);
     free(d->cache);
     free(d->lo);
+    free(d->llo);
     free(d);
     m->device = NULL;
 }
@@ -181,9 +191,11 @@ static td_status cuda_build(td_model *m) {
     if (att_env && !*att_env) att_env = NULL;
     if (att_env && strcmp(att_env, "flash") && strcmp(att_env, "store") && strcmp(att_env, "recompute"))
         return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_ATTENTION=%s (allowed: flash, store, recompute, or unset for automatic)", att_env);
-    const int flash_ok = m->bf16 && td_flash_supported((int)(m->n_embd / m->n_head));
+    /* llama: only the FlashAttention-2 kernels have the grouped-query (kv head) mapping */
+    const int llama = m->family == 1, hs = (int)(m->n_embd / m->n_head);
+    const int flash_ok = m->bf16 && (llama ? td_flash_fa2(hs) : td_flash_supported(hs));
     if (att_env && !strcmp(att_env, "flash") && !flash_ok)
-        return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_ATTENTION=flash needs bf16=1 and a head size n_embd/n_head that is a multiple of 16 up to 128 (bf16=%lld, head size %lld)", (long long)m->bf16, (long long)(m->n_embd / m->n_head));
+        return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_ATTENTION=flash needs bf16=1 and a head size n_embd/n_head %s (bf16=%lld, head size %lld). HINT: unset it for the materialised attention", llama ? "of 16, 32, 48 or 64 for llama" : "that is a multiple of 16 up to 128", (long long)m->bf16, (long long)hs);
     d->flash = att_env ? !strcmp(att_env, "flash") : flash_ok && td_flash_fa2((int)(m->n_embd / m->n_head));
 
     const char *tune_env = getenv("TANDEM_CUDA_GEMM_TUNE");
@@ -199,6 +211,9 @@ static td_status cuda_build(td_model *m) {
         d->prof_evname = (const char **)calloc(PROF_MAX, sizeof(char *));
         if (!d->prof_path || !d->prof_ev || !d->prof_evname)
             return td_fail(m, TD_ERR_NOMEM, "td_model_build: out of host memory");
+        const char *skip = getenv("TANDEM_CUDA_PROFILE_SKIP"); /* warm-up steps (GEMM tuning) */
+        d->prof_skip = skip && *skip ? strtol(skip, NULL, 10) : 0;
+        if (d->prof_skip < 0) d->prof_skip = 0;
     }
     TD_CK(cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking));
     cublasStatus_t ls = cublasLtCreate(&d->lt);
@@ -229,7 +244,8 @@ static td_status cuda_build(td_model *m) {
     d->off_wpe = m->P.wpe ? off_of(m, m->P.wpe) : 0;
     d->off_lnfw = m->P.lnfw ? off_of(m, m->P.lnfw) : 0;
     d->off_lnfb = m->P.lnfb ? off_of(m, m->P.lnfb) : 0;
-    for (int l = 0; l < m->nl; l++) {
+    d->off_head = d->off_wte; /* tied (llama_build.cu sets lm_head's) */
+    for (int l = 0; !llama && l < m->nl; l++) {
         const td_layer_ptrs *W = &m->P.layers[l];
         td_cuda_layer_off *o = &d->lo[l];
         o->ln1w = off_of(m, W->ln1w), o->ln1b = off_of(m, W->ln1b);
@@ -251,14 +267,19 @@ static td_status cuda_build(td_model *m) {
             se[i] = (int64_t)(m->params[i].offset + (size_t)m->params[i].numel);
             sd[i] = (unsigned char)(m->params[i].decayed != 0);
         }
-        td_status st = dev_alloc(d, (void **)&d->seg_end, sizeof(int64_t) * (size_t)np, "the AdamW tensor table");
-        if (!st) st = dev_alloc(d, (void **)&d->seg_decay, (size_t)np, "the AdamW tensor table");
+        td_status st = td_cuda_alloc(d, (void **)&d->seg_end, sizeof(int64_t) * (size_t)np, "the AdamW tensor table");
+        if (!st) st = td_cuda_alloc(d, (void **)&d->seg_decay, (size_t)np, "the AdamW tensor table");
         cudaError_t e1 = st ? cudaSuccess : cudaMemcpy(d->seg_end, se, sizeof(int64_t) * (size_t)np, cudaMemcpyHostToDevice);
         cudaError_t e2 = st ? cudaSuccess : cudaMemcpy(d->seg_decay, sd, (size_t)np, cudaMemcpyHostToDevice);
         free(se), free(sd);
         if (st) return st;
         TD_CK(e1);
         TD_CK(e2);
+    }
+
+    if (llama) { /* its activations, scratch and attention buffers: llama_build.cu */
+        TD_TRY(td_cuda_llama_build(d));
+        return cuda_upload(m, 0);
     }
 
     /* activations: one set per slot; the head's and the embedding's only where the stage has them */
@@ -367,11 +388,11 @@ static td_status cuda_build(td_model *m) {
 
 /* ---- host <-> device ------------------------------------------------------------------------- */
 
-/* the padded LM-head copy of wte follows the compute copy of the parameters */
+/* the padded LM-head copy of wte (llama: lm_head) follows the compute copy of the parameters */
 static td_status refresh_wte_pad(td_cuda_dev *d) {
     if (!d->m->has_head) return TD_OK;
     const size_t bytes = (size_t)d->m->vocab_size * (size_t)d->m->n_embd * d->es;
-    TD_CK(cudaMemcpyAsync(d->wte_pad, (const char *)d->pc + d->off_wte * d->es, bytes, cudaMemcpyDeviceToDevice, d->stream));
+    TD_CK(cudaMemcpyAsync(d->wte_pad, (const char *)d->pc + d->off_head * d->es, bytes, cudaMemcpyDeviceToDevice, d->stream));
     return TD_OK;
 }
 

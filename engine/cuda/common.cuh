@@ -74,6 +74,8 @@ typedef struct {
     int *h_tok, *h_csr;             /* pinned staging (2*B*T, 3*B*T+1) */
     cudaEvent_t staged;             /* the last upload from h_tok / h_csr is done with them */
     int B, T, targets;              /* the forward's shape; targets: a backward may follow */
+    struct td_cuda_llama_layer *LL; /* llama (family = 1, llama.cuh): nl entries instead of L */
+    struct td_cuda_llama_wgrad *LWg; /* llama: nl entries instead of Wg, split backward only */
 } td_cuda_slot;
 
 /* Offsets (elements) of one layer's tensors in the flat parameter buffer (m->params layout). */
@@ -103,7 +105,12 @@ typedef struct td_cuda_dev {
     float *p32, *g32, *mom, *var; /* fp32 master weights, gradients, AdamW m and v */
     void *pc;                     /* compute copy: bf16 copy in bf16 mode, == p32 in fp32 mode */
     size_t off_wte, off_wpe, off_lnfw, off_lnfb;
+    size_t off_head;              /* the LM head's weight (V, C): wte (tied) or llama's lm_head */
     td_cuda_layer_off *lo;        /* nl entries */
+    struct td_cuda_llama_off *llo; /* llama: nl entries instead of lo (llama_build.cu) */
+    float *rope_cos, *rope_sin;   /* llama: (seq_len, HS/2) RoPE tables */
+    float *zeros;                 /* llama: (B*T) zeros, the RMSNorm weight sum's "mean" */
+    void *dh;                     /* llama: (B, T, F) backward scratch */
     int64_t *seg_end;             /* (nparams) end offset of each tensor, for AdamW */
     unsigned char *seg_decay;     /* (nparams) weight decay applies */
 
@@ -153,9 +160,20 @@ typedef struct td_cuda_dev {
     long prof_calls[64];
     int prof_nrows;
     long prof_steps;
+    long prof_skip;               /* TANDEM_CUDA_PROFILE_SKIP: first steps not counted (warm-up) */
 } td_cuda_dev;
 
 /* ---- shared between backend.cu and passes.cu ------------------------------------------------- */
+
+/* cudaMalloc of `bytes` kept for release (what names it in an out-of-memory message) */
+td_status td_cuda_alloc(td_cuda_dev *d, void **out, size_t bytes, const char *what);
+/* llama (family = 1): the device buffers beyond backend.cu's common ones (llama_build.cu), the
+ * stage passes (llama_passes.cu; the arguments of td_cuda_stage_forward / _backward) */
+td_status td_cuda_llama_build(td_cuda_dev *d);
+td_status td_cuda_llama_forward(td_cuda_dev *d, int slot, float *logits_out, double *out_loss,
+                                int with_targets, const void *in_BTC, void *out_BTC);
+td_status td_cuda_llama_backward(td_cuda_dev *d, int slot, double grad_scale, int part,
+                                 const void *dout_BTC, void *din_BTC, int acc);
 
 /* TANDEM_CUDA_PROFILE: an event at the start of a phase named `name` ("(end)" closes a run);
  * td_cuda_prof_flush folds the recorded phases in after a synchronisation */
@@ -177,6 +195,13 @@ td_status td_cuda_stage_forward(td_model *m, int32_t slot, float *logits_out, do
 td_status td_cuda_stage_backward(td_model *m, int32_t slot, double grad_scale, int part,
                                  const void *dout_BTC, void *din_BTC, int lazy_zero);
 td_status td_cuda_loss_sum(td_cuda_dev *d, double *out_sum, int32_t *out_count);
+/* passes.cu, for both families: csr <- the rows of each distinct token (encoder-backward buckets,
+ * uniq | off | rows; cnt: V ints of scratch), returns the number of distinct tokens; the slot's
+ * (BT, V) logits to the host as fp32 (synchronises); the slot's per-row losses to the pinned
+ * ring (summed into *out_loss at once when out_loss is not NULL) */
+int td_cuda_build_buckets(int *csr, int *cnt, const int32_t *tok, int BT, int V);
+td_status td_cuda_logits_to_host(td_cuda_dev *d, const td_cuda_slot *S, float *logits_out, int BT);
+td_status td_cuda_loss_to_ring(td_cuda_dev *d, const td_cuda_slot *S, int BT, double *out_loss);
 
 /* ---- error helpers --------------------------------------------------------------------------- */
 
@@ -260,6 +285,19 @@ cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *d
                                     float *part_w, float *part_b, float *part_o, const E *dout,
                                     const E *inp, const E *w, const float *mean,
                                     const float *rstd, int N, int C, int accumulate, int acc);
+/* RMSNorm backward in the same one pass (mean 0 from `zeros`, N floats; no bias): dinp (+)= d/dx,
+ * dw (+)= colsum(dout * x * rstd); part_w, part_b as for the LayerNorm (acc = 0 overwrites dw). */
+template <typename E>
+cudaError_t td_k_rmsnorm_backward(cudaStream_t s, E *dinp, float *dw, float *part_w,
+                                  float *part_b, const E *dout, const E *inp, const E *w,
+                                  const float *zeros, const float *rstd, int N, int C,
+                                  int accumulate, int acc);
+/* (llama_ops.cu) the input gradient alone, one warp per row: dinp (+)= rstd * (w dout - xhat *
+ * mean(w dout xhat)), xhat = x * rstd (accumulate: +=) */
+template <typename E>
+cudaError_t td_k_rmsnorm_backward_input(cudaStream_t s, E *dinp, const E *dout, const E *inp,
+                                        const E *w, const float *rstd, int N, int C,
+                                        int accumulate);
 template <typename E>
 cudaError_t td_k_gelu_forward(cudaStream_t s, E *out, const E *inp, long long n);
 template <typename E>
@@ -313,6 +351,16 @@ cudaError_t td_k_flash_backward_rows(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *d
                                      const bf16 *q, const bf16 *k, const bf16 *v, int ldi,
                                      const bf16 *dO, int ldo, const float *lse, const float *D,
                                      int B, int NH, int T, int HS, float scale);
+/* The same with grouped-query attention: NKV kv heads (NH % NKV == 0), query head h reading kv
+ * head h / (NH / NKV) of k, v (rows ldi apart, like q's); dk, dv of a kv head are the sum over
+ * its group, summed in registers in head order (deterministic). NKV = NH: the _rows kernels. */
+cudaError_t td_k_flash_forward_gqa(cudaStream_t s, bf16 *O, int ldo, float *lse, const bf16 *q,
+                                   const bf16 *k, const bf16 *v, int ldi, int B, int NH, int NKV,
+                                   int T, int HS, float scale);
+cudaError_t td_k_flash_backward_gqa(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, int ldg,
+                                    const bf16 *q, const bf16 *k, const bf16 *v, int ldi,
+                                    const bf16 *dO, int ldo, const float *lse, const float *D,
+                                    int B, int NH, int NKV, int T, int HS, float scale);
 /* D[b, h, t] = sum_j dout[b, t, h*HS + j] * out[b, t, h*HS + j], inputs (B, T, C) */
 cudaError_t td_k_attn_rowdot(cudaStream_t s, float *D, const bf16 *dout, const bf16 *out, int B,
                              int T, int NH, int HS);

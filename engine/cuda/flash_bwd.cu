@@ -284,32 +284,37 @@ namespace fa2 {
 template <int HS>
 constexpr size_t bwd_kv_smem() { return (size_t)6 * 64 * (HS + 8) * sizeof(bf16) + 4 * 64 * sizeof(float); }
 
-/* dK, dV of 64 keys: query tiles from the diagonal to the end */
+/* dK, dV of 64 keys of one kv head (blockIdx.y over B * NKV): for each of the `group` query
+ * heads that share it (grouped-query attention; group = 1: one head), in head order, the query
+ * tiles from the diagonal to the end; the group's sum stays in registers (no atomics) */
 template <int HS>
 __global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const bf16 *Q, const bf16 *K,
                                                      const bf16 *V, const bf16 *dO, const float *lse,
-                                                     const float *Dsum, int T, int NH, int ldi,
-                                                     int ldo, int ldg, float scale, float scale_log2) {
+                                                     const float *Dsum, int T, int NH, int group,
+                                                     int ldi, int ldo, int ldg, float scale,
+                                                     float scale_log2) {
     constexpr int LD = HS + 8, TILE = 64 * LD;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *sK = (bf16 *)smem, *sV = sK + TILE, *sQ = sV + TILE, *sdO = sQ + 2 * TILE;
     float *sL = (float *)(sdO + 2 * TILE), *sD = sL + 2 * 64; /* two stages of 64 each */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kt = blockIdx.x, k0 = kt * 64; /* the longest columns (smallest keys) first */
-    const long long head = head_off((int)blockIdx.y, NH, T, ldi, HS), hr = (long long)blockIdx.y * T;
-    const bf16 *Qh = Q + head, *dOh = dO + head_off((int)blockIdx.y, NH, T, ldo, HS);
-    const int nqt = (T + 63) / 64;
-    auto load_q = [&](int qt, int buf) {
-        tile_async<HS>(sQ + buf * TILE, Qh, qt * 64, T, ldi);
-        tile_async<HS>(sdO + buf * TILE, dOh, qt * 64, T, ldo);
+    const int NKV = NH / group, b = (int)blockIdx.y / NKV, hk = (int)blockIdx.y % NKV;
+    const long long kvh = (long long)b * T * ldi + (long long)hk * HS;
+    const int nqt = (T + 63) / 64, nq = nqt - kt, nit = group * nq; /* (query head, tile) pairs */
+    auto load_q = [&](int it, int buf) {
+        const int bh = b * NH + hk * group + it / nq, qt = kt + it % nq;
+        const long long hr = (long long)bh * T;
+        tile_async<HS>(sQ + buf * TILE, Q + head_off(bh, NH, T, ldi, HS), qt * 64, T, ldi);
+        tile_async<HS>(sdO + buf * TILE, dO + head_off(bh, NH, T, ldo, HS), qt * 64, T, ldo);
         const int i = threadIdx.x & 63, q = qt * 64 + i;
         const bool ok = q < T;
         if (threadIdx.x < 64) cp4(sL + buf * 64 + i, lse + hr + (ok ? q : 0), ok);
         else cp4(sD + buf * 64 + i, Dsum + hr + (ok ? q : 0), ok);
     };
-    tile_async<HS>(sK, K + head, k0, T, ldi);
-    tile_async<HS>(sV, V + head, k0, T, ldi);
-    load_q(kt, 0);
+    tile_async<HS>(sK, K + kvh, k0, T, ldi);
+    tile_async<HS>(sV, V + kvh, k0, T, ldi);
+    load_q(0, 0);
     cp_commit();
 
     uint32_t kf[HS / 16][4], vf[HS / 16][4];
@@ -319,17 +324,17 @@ __global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const b
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[d][e] = dv[d][e] = 0.f;
     const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;
-    for (int qt = kt; qt < nqt; qt++) {
-        const int buf = (qt - kt) & 1;
-        if (qt + 1 < nqt) {
-            load_q(qt + 1, buf ^ 1);
+    for (int it = 0; it < nit; it++) {
+        const int qt = kt + it % nq, buf = it & 1;
+        if (it + 1 < nit) {
+            load_q(it + 1, buf ^ 1);
             cp_commit();
             cp_wait<1>();
         } else {
             cp_wait<0>();
         }
         __syncthreads();
-        if (qt == kt) {
+        if (it == 0) {
             load_a<HS>(kf, sK + warp * 16 * LD, lane);
             load_a<HS>(vf, sV + warp * 16 * LD, lane);
         }
@@ -365,7 +370,7 @@ __global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const b
         mma_pb<HS>(dk, dp, q_s, lane);  /* dK += dS^T Q */
         __syncthreads();
     }
-    const long long gh = head_off((int)blockIdx.y, NH, T, ldg, HS);
+    const long long gh = (long long)b * T * ldg + (long long)hk * HS;
     store_rows<HS>(dK + gh, dk, key0, T, t, 1.f, 1.f, ldg);
     store_rows<HS>(dV + gh, dv, key0, T, t, 1.f, 1.f, ldg);
 }
@@ -377,8 +382,9 @@ constexpr size_t bwd_q_smem() { return (size_t)6 * 64 * (HS + 8) * sizeof(bf16);
 template <int HS>
 __global__ void __launch_bounds__(128) bwd_q_kernel(bf16 *dQ, const bf16 *Q, const bf16 *K,
                                                     const bf16 *V, const bf16 *dO, const float *lse,
-                                                    const float *Dsum, int T, int NH, int ldi,
-                                                    int ldo, int ldg, float scale, float scale_log2) {
+                                                    const float *Dsum, int T, int NH, int group,
+                                                    int ldi, int ldo, int ldg, float scale,
+                                                    float scale_log2) {
     constexpr int LD = HS + 8, TILE = 64 * LD;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *sQ = (bf16 *)smem, *sdO = sQ + TILE, *sK = sdO + TILE, *sV = sK + 2 * TILE;
@@ -386,7 +392,8 @@ __global__ void __launch_bounds__(128) bwd_q_kernel(bf16 *dQ, const bf16 *Q, con
     const int qt = (int)gridDim.x - 1 - (int)blockIdx.x;
     const int q0 = qt * 64;
     const long long head = head_off((int)blockIdx.y, NH, T, ldi, HS), hr = (long long)blockIdx.y * T;
-    const bf16 *Kh = K + head, *Vh = V + head;
+    const long long kvh = kv_head_off((int)blockIdx.y, NH, group, T, ldi, HS); /* GQA: shared kv */
+    const bf16 *Kh = K + kvh, *Vh = V + kvh;
     tile_async<HS>(sQ, Q + head, q0, T, ldi);
     tile_async<HS>(sdO, dO + head_off((int)blockIdx.y, NH, T, ldo, HS), q0, T, ldo);
     tile_async<HS>(sK, Kh, 0, T, ldi);
@@ -469,30 +476,40 @@ static cudaError_t bwd_v1(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf
 template <int HS>
 static cudaError_t bwd_fa2(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, int ldg, const bf16 *q,
                            const bf16 *k, const bf16 *v, int ldi, const bf16 *dO, int ldo,
-                           const float *lse, const float *D, int B, int NH, int T, float scale) {
+                           const float *lse, const float *D, int B, int NH, int NKV, int T,
+                           float scale) {
     const size_t smkv = fa2::bwd_kv_smem<HS>(), smq = fa2::bwd_q_smem<HS>();
     cudaError_t e = cudaFuncSetAttribute(fa2::bwd_kv_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smkv);
     if (e == cudaSuccess) e = cudaFuncSetAttribute(fa2::bwd_q_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smq);
     if (e != cudaSuccess) return e;
-    dim3 grid((unsigned)((T + 63) / 64), (unsigned)(B * NH));
-    fa2::bwd_kv_kernel<HS><<<grid, 128, smkv, s>>>(dk, dv, q, k, v, dO, lse, D, T, NH, ldi, ldo, ldg, scale, scale * fa2::LOG2E);
+    const int group = NH / NKV;
+    dim3 grid_kv((unsigned)((T + 63) / 64), (unsigned)(B * NKV)), grid_q((unsigned)((T + 63) / 64), (unsigned)(B * NH));
+    fa2::bwd_kv_kernel<HS><<<grid_kv, 128, smkv, s>>>(dk, dv, q, k, v, dO, lse, D, T, NH, group, ldi, ldo, ldg, scale, scale * fa2::LOG2E);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    fa2::bwd_q_kernel<HS><<<grid, 128, smq, s>>>(dq, q, k, v, dO, lse, D, T, NH, ldi, ldo, ldg, scale, scale * fa2::LOG2E);
+    fa2::bwd_q_kernel<HS><<<grid_q, 128, smq, s>>>(dq, q, k, v, dO, lse, D, T, NH, group, ldi, ldo, ldg, scale, scale * fa2::LOG2E);
     return cudaGetLastError();
+}
+
+cudaError_t td_k_flash_backward_gqa(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, int ldg,
+                                    const bf16 *q, const bf16 *k, const bf16 *v, int ldi,
+                                    const bf16 *dO, int ldo, const float *lse, const float *D,
+                                    int B, int NH, int NKV, int T, int HS, float scale) {
+    if (NKV < 1 || NH % NKV) return cudaErrorInvalidValue;
+    switch (HS) {
+    case 16: return bwd_fa2<16>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, NKV, T, scale);
+    case 32: return bwd_fa2<32>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, NKV, T, scale);
+    case 48: return bwd_fa2<48>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, NKV, T, scale);
+    case 64: return bwd_fa2<64>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, NKV, T, scale);
+    default: return cudaErrorInvalidValue;
+    }
 }
 
 cudaError_t td_k_flash_backward_rows(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, int ldg,
                                      const bf16 *q, const bf16 *k, const bf16 *v, int ldi,
                                      const bf16 *dO, int ldo, const float *lse, const float *D,
                                      int B, int NH, int T, int HS, float scale) {
-    switch (HS) {
-    case 16: return bwd_fa2<16>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, T, scale);
-    case 32: return bwd_fa2<32>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, T, scale);
-    case 48: return bwd_fa2<48>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, T, scale);
-    case 64: return bwd_fa2<64>(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, T, scale);
-    default: return cudaErrorInvalidValue;
-    }
+    return td_k_flash_backward_gqa(s, dq, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, NH, T, HS, scale);
 }
 
 cudaError_t td_k_flash_backward(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *q,

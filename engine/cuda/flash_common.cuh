@@ -217,6 +217,13 @@ __device__ __forceinline__ long long head_off(int bh, int NH, int T, int ld, int
     return (long long)(bh / NH) * T * ld + (long long)(bh % NH) * HS;
 }
 
+/* The same for the key / value head that query head bh reads under grouped-query attention:
+ * groups of `group` consecutive query heads share one kv head, kv head (bh % NH) / group of batch
+ * row bh / NH, its rows ld elements apart (group = 1: head_off). */
+__device__ __forceinline__ long long kv_head_off(int bh, int NH, int group, int T, int ld, int HS) {
+    return (long long)(bh / NH) * T * ld + (long long)((bh % NH) / group) * HS;
+}
+
 } /* namespace fa2 */
 
 #endif /* TD_CUDA_FLASH_COMMON_CUH */

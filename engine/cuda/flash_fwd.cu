@@ -120,8 +120,8 @@ constexpr size_t fwd_smem() { return (size_t)5 * 64 * (HS + 8) * sizeof(bf16); }
 
 template <int HS>
 __global__ void __launch_bounds__(128) fwd_kernel(bf16 *O, float *lse, const bf16 *Q, const bf16 *K,
-                                                  const bf16 *V, int T, int NH, int ldi, int ldo,
-                                                  float scale, float scale_log2) {
+                                                  const bf16 *V, int T, int NH, int group, int ldi,
+                                                  int ldo, float scale, float scale_log2) {
     constexpr int LD = HS + 8, TILE = 64 * LD;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *sQ = (bf16 *)smem, *sK = sQ + TILE, *sV = sK + 2 * TILE; /* sK, sV: two stages each */
@@ -129,7 +129,8 @@ __global__ void __launch_bounds__(128) fwd_kernel(bf16 *O, float *lse, const bf1
     const int qt = (int)gridDim.x - 1 - (int)blockIdx.x; /* the longest rows first */
     const int q0 = qt * 64;
     const long long head = head_off((int)blockIdx.y, NH, T, ldi, HS);
-    const bf16 *Kh = K + head, *Vh = V + head;
+    const long long kvh = kv_head_off((int)blockIdx.y, NH, group, T, ldi, HS); /* GQA: shared kv */
+    const bf16 *Kh = K + kvh, *Vh = V + kvh;
     bf16 *Oh = O + head_off((int)blockIdx.y, NH, T, ldo, HS);
     tile_async<HS>(sQ, Q + head, q0, T, ldi);
     tile_async<HS>(sK, Kh, 0, T, ldi);
@@ -239,25 +240,32 @@ static cudaError_t fwd_v1(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, co
 
 template <int HS>
 static cudaError_t fwd_fa2(cudaStream_t s, bf16 *O, int ldo, float *lse, const bf16 *q, const bf16 *k,
-                           const bf16 *v, int ldi, int B, int NH, int T, float scale) {
+                           const bf16 *v, int ldi, int B, int NH, int NKV, int T, float scale) {
     const size_t sm = fa2::fwd_smem<HS>();
     cudaError_t e = cudaFuncSetAttribute(fa2::fwd_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     if (e != cudaSuccess) return e;
     dim3 grid((unsigned)((T + 63) / 64), (unsigned)(B * NH));
-    fa2::fwd_kernel<HS><<<grid, 128, sm, s>>>(O, lse, q, k, v, T, NH, ldi, ldo, scale, scale * fa2::LOG2E);
+    fa2::fwd_kernel<HS><<<grid, 128, sm, s>>>(O, lse, q, k, v, T, NH, NH / NKV, ldi, ldo, scale, scale * fa2::LOG2E);
     return cudaGetLastError();
+}
+
+cudaError_t td_k_flash_forward_gqa(cudaStream_t s, bf16 *O, int ldo, float *lse, const bf16 *q,
+                                   const bf16 *k, const bf16 *v, int ldi, int B, int NH, int NKV,
+                                   int T, int HS, float scale) {
+    if (NKV < 1 || NH % NKV) return cudaErrorInvalidValue;
+    switch (HS) {
+    case 16: return fwd_fa2<16>(s, O, ldo, lse, q, k, v, ldi, B, NH, NKV, T, scale);
+    case 32: return fwd_fa2<32>(s, O, ldo, lse, q, k, v, ldi, B, NH, NKV, T, scale);
+    case 48: return fwd_fa2<48>(s, O, ldo, lse, q, k, v, ldi, B, NH, NKV, T, scale);
+    case 64: return fwd_fa2<64>(s, O, ldo, lse, q, k, v, ldi, B, NH, NKV, T, scale);
+    default: return cudaErrorInvalidValue;
+    }
 }
 
 cudaError_t td_k_flash_forward_rows(cudaStream_t s, bf16 *O, int ldo, float *lse, const bf16 *q,
                                     const bf16 *k, const bf16 *v, int ldi, int B, int NH, int T,
                                     int HS, float scale) {
-    switch (HS) {
-    case 16: return fwd_fa2<16>(s, O, ldo, lse, q, k, v, ldi, B, NH, T, scale);
-    case 32: return fwd_fa2<32>(s, O, ldo, lse, q, k, v, ldi, B, NH, T, scale);
-    case 48: return fwd_fa2<48>(s, O, ldo, lse, q, k, v, ldi, B, NH, T, scale);
-    case 64: return fwd_fa2<64>(s, O, ldo, lse, q, k, v, ldi, B, NH, T, scale);
-    default: return cudaErrorInvalidValue;
-    }
+    return td_k_flash_forward_gqa(s, O, ldo, lse, q, k, v, ldi, B, NH, NH, T, HS, scale);
 }
 
 cudaError_t td_k_flash_forward(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, const bf16 *k,

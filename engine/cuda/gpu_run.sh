@@ -19,6 +19,13 @@
 #   gtests    pytest tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py
 #             tests/engine/test_cuda_state.py -> gtests.txt
 #   pparity   tandem parity --suite smoke --backend cuda, pipelined layouts included -> pparity.tgz
+#   lparity   tests/engine/test_cuda_llama.py as a script: every Llama tier's measured values
+#             against the CPU engine -> lparity.txt
+#   ltests    pytest tests/engine/test_cuda_llama.py -> ltests.txt
+#   llparity  tandem parity --suite llama-smoke --backend cuda (the Llama model and trajectory tiers
+#             against JAX on the GPU, the pipelined cases on CUDA ranks) -> llparity.tgz
+#   lbench    tandem bench --suite llama-gpu ($LBENCH_CASES, default all; limit $LBENCH_S s)
+#             -> lbench.tgz (records, run.json, report.md)
 #   pipebench tandem bench --suite gpu-pipeline ($PIPEBENCH_CASES, default the 350M control and
 #             4-stage ZB-H1 at M=16 with JAX; $PIPEBENCH_NOJAX cases engine-only) -> pipebench.tgz
 #             (records, run.json, report.md, the Perfetto traces)
@@ -88,6 +95,20 @@ print('sanitized rows:', len(rows))" 2>&1 | tail -25 | tee "$OUT/sanitize.txt" |
         timeout 240 python3 -m pytest -q -x tests/harness/test_pipeline_gpu.py tests/engine/test_cuda.py \
             tests/engine/test_cuda_state.py -k "${GTESTS_K:-not nothing}" \
             2>&1 | tail -15 | tee "$OUT/gtests.txt" || rc=1 ;;
+    lparity)
+        timeout 420 python3 tests/engine/test_cuda_llama.py 2>&1 | tee "$OUT/lparity.txt" || rc=1 ;;
+    ltests)
+        timeout 420 python3 -m pytest -q tests/engine/test_cuda_llama.py -k "${LTESTS_K:-not nothing}" \
+            2>&1 | tail -25 | tee "$OUT/ltests.txt" || rc=1 ;;
+    llparity)
+        timeout 300 python3 -m harness.cli parity --suite llama-smoke --backend cuda --out "$OUT/llparity" 2>&1 | tail -30 || rc=1
+        tar -C "$OUT" -czf "$OUT/llparity.tgz" llparity && rm -rf "$OUT/llparity" ;;
+    lbench)
+        lb=/tmp/lbench
+        timeout ${LBENCH_S:-480} python3 -m harness.cli bench --suite llama-gpu \
+            ${LBENCH_CASES:+--case $LBENCH_CASES} --out "$lb" 2>&1 | grep -v "repeat/s" | tail -30 || rc=1
+        python3 -m harness.cli report "$lb" --out "$lb/report" > /dev/null 2>&1
+        (cd "$lb" && tar -czf "$OUT/lbench.tgz" records.parquet run.json report/report.md) || rc=1 ;;
     pparity)
         timeout 300 python3 -m harness.cli parity --suite smoke --backend cuda --out "$OUT/pparity" 2>&1 | tail -30 || rc=1
         tar -C "$OUT" -czf "$OUT/pparity.tgz" pparity && rm -rf "$OUT/pparity" ;;

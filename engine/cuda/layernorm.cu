@@ -329,7 +329,7 @@ template <> __device__ __forceinline__ void stv<1>(float *p, const float (&x)[1]
  * memory; dout and inp are read again after the barrier, from L1, rather than held in
  * registers (occupancy). Rows past N count as zeros. Partials are summed in a fixed order by
  * colsum_final: bit-identical run to run. */
-template <typename E, int V, int KV, int R>
+template <typename E, int V, int KV, int R, bool RMS = false>
 __global__ void layernorm_backward_kernel(E *__restrict__ dinp, float *__restrict__ pw,
                                           float *__restrict__ pb, float *__restrict__ po,
                                           const E *__restrict__ dout, const E *__restrict__ inp,
@@ -426,7 +426,8 @@ __global__ void layernorm_backward_kernel(E *__restrict__ dinp, float *__restric
 #pragma unroll
                 for (int i = 0; i < V; i++) {
                     const float xh = (xv[q][k].get(i) - m[q]) * rs[q];
-                    const float gi = (wr[k][i] * dv[q][k].get(i) - s1[q] - xh * s2[q]) * rs[q];
+                    /* RMSNorm (RMS, mean 0): no mean of w * dout to take off */
+                    const float gi = (wr[k][i] * dv[q][k].get(i) - (RMS ? 0.f : s1[q]) - xh * s2[q]) * rs[q];
                     g[i] = old[q][k].get(i) + gi; /* old is 0 unless accumulating */
                     ao[k][i] += to_f(from_f<E>(g[i])); /* the value stored, as a reader sees it */
                 }
@@ -448,7 +449,7 @@ __global__ void layernorm_backward_kernel(E *__restrict__ dinp, float *__restric
 /* Threads per block for nch chunks split KV per thread, and the rows per block: one wave of
  * resident blocks (occupancy asked once per instantiation and block size), each over an equal
  * share of the rows, at least TD_LNB_ROWS_MIN (so that nb never exceeds the partial buffers). */
-template <typename E, int V, int KV, int R>
+template <typename E, int V, int KV, int R, bool RMS = false>
 static cudaError_t ln_bwd_launch(cudaStream_t s, E *dinp, float *part_w, float *part_b,
                                  float *part_o, const E *dout, const E *inp, const E *w,
                                  const float *mean, const float *rstd, int N, int C,
@@ -465,7 +466,7 @@ static cudaError_t ln_bwd_launch(cudaStream_t s, E *dinp, float *part_w, float *
         int sms = 0, per_sm = 0;
         e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
         if (e == cudaSuccess)
-            e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, layernorm_backward_kernel<E, V, KV, R>, nt, 0);
+            e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, layernorm_backward_kernel<E, V, KV, R, RMS>, nt, 0);
         if (e != cudaSuccess) return e;
         const long long w = (long long)(per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
         c = tag | (unsigned long long)(w & 0xffffffffll);
@@ -477,7 +478,7 @@ static cudaError_t ln_bwd_launch(cudaStream_t s, E *dinp, float *part_w, float *
     if (rows < TD_LNB_ROWS_MIN) rows = TD_LNB_ROWS_MIN;
     const int nb = (N + rows - 1) / rows;
     *nb_out = nb;
-    layernorm_backward_kernel<E, V, KV, R><<<(unsigned)nb, (unsigned)nt, 0, s>>>(
+    layernorm_backward_kernel<E, V, KV, R, RMS><<<(unsigned)nb, (unsigned)nt, 0, s>>>(
         dinp, part_w, part_b, part_o, dout, inp, w, mean, rstd, N, C, accumulate, rows);
     return cudaGetLastError();
 }
@@ -507,6 +508,31 @@ cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *d
     return colsum_final(s, dw, db, dbias, part_w, part_b, po, nb, C, acc);
 }
 
+/* RMSNorm backward (engine/cuda/llama_*.cu) through the same one-pass kernel: xhat = x * rstd
+ * (zeros: N floats of 0 as the mean), d/dx without the mean of w * dout, dw (+)= colsum(dout *
+ * xhat). Very wide rows (more than 8192 columns) go to two passes, as for the LayerNorm. */
+template <typename E>
+cudaError_t td_k_rmsnorm_backward(cudaStream_t s, E *dinp, float *dw, float *part_w,
+                                  float *part_b, const E *dout, const E *inp, const E *w,
+                                  const float *zeros, const float *rstd, int N, int C,
+                                  int accumulate, int acc) {
+    cudaError_t e;
+    int nb = 0;
+    const bool vec = vec_ok(C, dinp, dout, inp, w);
+    const int nch = vec ? C / 8 : C;
+    if (vec && nch <= 512) e = ln_bwd_launch<E, 8, 1, 4, true>(s, dinp, part_w, part_b, NULL, dout, inp, w, zeros, rstd, N, C, accumulate, &nb);
+    else if (vec && nch <= 1024) e = ln_bwd_launch<E, 8, 2, 2, true>(s, dinp, part_w, part_b, NULL, dout, inp, w, zeros, rstd, N, C, accumulate, &nb);
+    else if (!vec && nch <= 256) e = ln_bwd_launch<E, 1, 1, 4, true>(s, dinp, part_w, part_b, NULL, dout, inp, w, zeros, rstd, N, C, accumulate, &nb);
+    else if (!vec && nch <= 1024) e = ln_bwd_launch<E, 1, 4, 4, true>(s, dinp, part_w, part_b, NULL, dout, inp, w, zeros, rstd, N, C, accumulate, &nb);
+    else {
+        e = td_k_rmsnorm_backward_input<E>(s, dinp, dout, inp, w, rstd, N, C, accumulate);
+        if (e == cudaSuccess) e = td_k_colsum<E>(s, dw, NULL, part_w, part_b, dout, inp, zeros, rstd, N, C, acc);
+        return e;
+    }
+    if (e != cudaSuccess) return e;
+    return colsum_final(s, dw, NULL, NULL, part_w, NULL, NULL, nb, C, acc);
+}
+
 /* ---- explicit instantiations ----------------------------------------------------------------- */
 
 #define TD_INSTANTIATE(E)                                                                        \
@@ -521,7 +547,10 @@ cudaError_t td_k_layernorm_backward(cudaStream_t s, E *dinp, float *dw, float *d
     template cudaError_t td_k_layernorm_backward<E>(cudaStream_t, E *, float *, float *, float *, \
                                                     float *, float *, float *, const E *,         \
                                                     const E *, const E *, const float *,          \
-                                                    const float *, int, int, int, int);
+                                                    const float *, int, int, int, int);   \
+    template cudaError_t td_k_rmsnorm_backward<E>(cudaStream_t, E *, float *, float *, float *,   \
+                                                  const E *, const E *, const E *, const float *, \
+                                                  const float *, int, int, int, int);
 
 TD_INSTANTIATE(float)
 TD_INSTANTIATE(bf16)

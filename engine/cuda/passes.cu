@@ -150,7 +150,7 @@ static td_status attention_backward(td_cuda_dev *d, td_cuda_layer *A, int B, int
 
 /* Rows of each distinct token, in ascending row order (a counting sort): the embedding
  * gradient sums them per token without atomics. Layout: uniq (BT) | off (BT+1) | rows (BT). */
-static int build_buckets(int *csr, int *cnt, const int32_t *tok, int BT, int V) {
+int td_cuda_build_buckets(int *csr, int *cnt, const int32_t *tok, int BT, int V) {
     int *uniq = csr, *off = csr + BT, *rows = csr + 2 * BT + 1;
     memset(cnt, 0, sizeof(int) * (size_t)V);
     for (int i = 0; i < BT; i++) cnt[tok[i]]++;
@@ -209,6 +209,42 @@ td_status td_cuda_loss_sum(td_cuda_dev *d, double *out_sum, int32_t *out_count) 
     return TD_OK;
 }
 
+td_status td_cuda_logits_to_host(td_cuda_dev *d, const td_cuda_slot *S, float *logits_out, int BT) {
+    const int V = (int)d->m->vocab_size, Vp = d->Vp;
+    cudaStream_t st = d->stream;
+    if (!d->bf16) {
+        TD_CK(cudaMemcpy2DAsync(logits_out, sizeof(float) * (size_t)V, S->logits, sizeof(float) * (size_t)Vp,
+                                sizeof(float) * (size_t)V, (size_t)BT, cudaMemcpyDeviceToHost, st));
+        TD_CK(cudaStreamSynchronize(st));
+        return TD_OK;
+    }
+    uint16_t *tmp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)BT * V);
+    if (!tmp) return td_fail(d->m, TD_ERR_NOMEM, "td_model_forward: no host memory for %d x %d bf16 logits", BT, V);
+    cudaError_t e = cudaMemcpy2DAsync(tmp, 2 * (size_t)V, S->logits, 2 * (size_t)Vp, 2 * (size_t)V, (size_t)BT, cudaMemcpyDeviceToHost, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+    if (e == cudaSuccess)
+        for (size_t i = 0; i < (size_t)BT * V; i++) {
+            uint32_t bits = (uint32_t)tmp[i] << 16;
+            memcpy(&logits_out[i], &bits, 4);
+        }
+    free(tmp);
+    TD_CK(e);
+    return TD_OK;
+}
+
+td_status td_cuda_loss_to_ring(td_cuda_dev *d, const td_cuda_slot *S, int BT, double *out_loss) {
+    /* the per-row losses go to the pinned ring; summed now (out_loss) or by td_cuda_loss_sum */
+    TD_TRY(ring_reserve(d, BT));
+    const int row = (int)(d->m->batch_size * d->m->seq_len);
+    TD_CK(cudaMemcpyAsync(d->h_losses + (size_t)d->ring_n * row, S->losses, sizeof(float) * (size_t)BT, cudaMemcpyDeviceToHost, d->stream));
+    d->ring_bt[d->ring_n++] = BT;
+    if (out_loss) {
+        TD_TRY(td_cuda_loss_sum(d, out_loss, NULL));
+        td_cuda_prof_flush(d);
+    }
+    return TD_OK;
+}
+
 template <typename E>
 static td_status forward_impl(td_cuda_dev *d, int slot, float *logits_out, double *out_loss,
                               int with_targets, const void *in_BTC, void *out_BTC) {
@@ -233,7 +269,7 @@ static td_status forward_impl(td_cuda_dev *d, int slot, float *logits_out, doubl
         if (with_targets) memcpy(S->h_tok + BT, hs->targets, sizeof(int) * (size_t)BT), ints = 2 * (size_t)BT;
         TD_CK(cudaMemcpyAsync(S->tok, S->h_tok, sizeof(int) * ints, cudaMemcpyHostToDevice, st));
         if (m->has_embed) {
-            S->n_uniq = build_buckets(S->h_csr, d->h_count, hs->tokens, BT, V);
+            S->n_uniq = td_cuda_build_buckets(S->h_csr, d->h_count, hs->tokens, BT, V);
             TD_CK(cudaMemcpyAsync(S->csr, S->h_csr, sizeof(int) * (size_t)(3 * BT + 1), cudaMemcpyHostToDevice, st));
         }
         TD_CK(cudaEventRecord(S->staged, st));
@@ -285,38 +321,12 @@ static td_status forward_impl(td_cuda_dev *d, int slot, float *logits_out, doubl
         TD_TRY(td_cuda_matmul(d, &p));
     }
     td_cuda_prof(d, "(end)");
-    if (logits_out) {
-        if (!d->bf16) {
-            TD_CK(cudaMemcpy2DAsync(logits_out, sizeof(float) * (size_t)V, S->logits, sizeof(float) * (size_t)Vp,
-                                    sizeof(float) * (size_t)V, (size_t)BT, cudaMemcpyDeviceToHost, st));
-            TD_CK(cudaStreamSynchronize(st));
-        } else {
-            uint16_t *tmp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)BT * V);
-            if (!tmp) return td_fail(m, TD_ERR_NOMEM, "td_model_forward: no host memory for %d x %d bf16 logits", BT, V);
-            cudaError_t e = cudaMemcpy2DAsync(tmp, 2 * (size_t)V, S->logits, 2 * (size_t)Vp, 2 * (size_t)V, (size_t)BT, cudaMemcpyDeviceToHost, st);
-            if (e == cudaSuccess) e = cudaStreamSynchronize(st);
-            if (e == cudaSuccess)
-                for (size_t i = 0; i < (size_t)BT * V; i++) {
-                    uint32_t bits = (uint32_t)tmp[i] << 16;
-                    memcpy(&logits_out[i], &bits, 4);
-                }
-            free(tmp);
-            TD_CK(e);
-        }
-    }
+    if (logits_out) TD_TRY(td_cuda_logits_to_host(d, S, logits_out, BT));
     if (with_targets) {
         td_cuda_prof(d, "head: softmax + cross-entropy");
         TD_CK(td_k_crossentropy_forward<E>(st, S->losses, S->lse, (const E *)S->logits, S->tok + BT, BT, V, Vp));
         td_cuda_prof(d, "(end)");
-        /* the per-row losses go to the pinned ring; summed now (out_loss) or by td_cuda_loss_sum */
-        TD_TRY(ring_reserve(d, BT));
-        const int row = (int)(m->batch_size * m->seq_len);
-        TD_CK(cudaMemcpyAsync(d->h_losses + (size_t)d->ring_n * row, S->losses, sizeof(float) * (size_t)BT, cudaMemcpyDeviceToHost, st));
-        d->ring_bt[d->ring_n++] = BT;
-        if (out_loss) {
-            TD_TRY(td_cuda_loss_sum(d, out_loss, NULL));
-            td_cuda_prof_flush(d);
-        }
+        TD_TRY(td_cuda_loss_to_ring(d, S, BT, out_loss));
         S->targets = 1;
     }
     return TD_OK;
@@ -464,6 +474,8 @@ static td_status backward_impl(td_cuda_dev *d, int slot, double grad_scale, int 
 td_status td_cuda_stage_forward(td_model *m, int32_t slot, float *logits_out, double *out_loss,
                                 int with_targets, const void *in_BTC, void *out_BTC) {
     td_cuda_dev *d = (td_cuda_dev *)m->device;
+    if (m->family == 1) /* llama_passes.cu */
+        return td_cuda_llama_forward(d, slot, logits_out, out_loss, with_targets, in_BTC, out_BTC);
     return d->bf16 ? forward_impl<bf16>(d, slot, logits_out, out_loss, with_targets, in_BTC, out_BTC)
                    : forward_impl<float>(d, slot, logits_out, out_loss, with_targets, in_BTC, out_BTC);
 }
@@ -476,8 +488,9 @@ td_status td_cuda_stage_backward(td_model *m, int32_t slot, double grad_scale, i
     int acc = 1;
     if (lazy_zero) acc = !d->grad_zero;
     else TD_TRY(td_cuda_materialize_zero_grads(d));
-    td_status st = d->bf16 ? backward_impl<bf16>(d, slot, grad_scale, part, dout_BTC, din_BTC, acc)
-                           : backward_impl<float>(d, slot, grad_scale, part, dout_BTC, din_BTC, acc);
+    td_status st = m->family == 1 ? td_cuda_llama_backward(d, slot, grad_scale, part, dout_BTC, din_BTC, acc)
+                   : d->bf16 ? backward_impl<bf16>(d, slot, grad_scale, part, dout_BTC, din_BTC, acc)
+                             : backward_impl<float>(d, slot, grad_scale, part, dout_BTC, din_BTC, acc);
     if (part != TD_BWD_INPUT) d->S[slot].targets = 0;
     return st;
 }

@@ -126,8 +126,6 @@ def test_two_stages_with_a_split_backward_equal_one_stage(make_model):
 
 
 @pytest.mark.parametrize("change, pattern", [
-    (dict(backend=1), r"family=1 \(llama\) runs on the CPU backend only so far \(got "
-                      r"backend=1\)"),
     (dict(ffn_dim=0), r"ffn_dim=0 must be in \[1, 4194304\] for family=1 \(llama\)"),
     (dict(n_kv_head=3), r"n_kv_head=3 does not divide n_head=4"),
     (dict(n_embd=12, n_head=4, n_kv_head=4), r"head size n_embd/n_head=3 is odd"),

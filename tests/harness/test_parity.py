@@ -280,3 +280,23 @@ def test_real_text_200_steps_side_by_side(tmp_path):
     assert len(curves["engine"]) == len(curves["jax"]) == 200
     for curve in (curves["engine"], curves["jax"]):
         assert curve[-20:].mean() < curve[:5].mean() - 1.5  # from ~5.4 nats to under ~3
+
+
+def test_a_pass_names_the_tiers_it_did_not_check(monkeypatch, tmp_path, capsys):
+    """A skipped tier (here: no pipeline runner) is no failure, but the verdict says it was not
+    checked, with the case, the tier and the reason, and the summary lists it."""
+    from harness import parity_tiers
+    from harness.cli import main
+
+    monkeypatch.setattr(parity_tiers, "_pipeline_runner",
+                        lambda: (None, "pipeline runner unavailable (planted)"))
+    rc = main(["parity", "--suite", "smoke", "--case", "tiny-1f1b-p2m2", "--tier", "schedule",
+               "--out", str(tmp_path)])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    assert "parity: PASS (0 comparisons in 1 case)" in stdout
+    assert "parity: NOT CHECKED: 1 tier skipped, by reason:" in stdout
+    assert "  tiny-1f1b-p2m2/schedule: pipeline runner unavailable (planted)" in stdout
+    summary = json.loads((tmp_path / "parity_summary.json").read_text())
+    assert summary["skipped_tiers"] == {"pipeline runner unavailable (planted)":
+                                        ["tiny-1f1b-p2m2/schedule"]}
