@@ -224,30 +224,7 @@ void td_linear_backward_weight(td_real *dw, td_real *dbias, const td_real *dout,
     }
 }
 
-#ifndef TD_FLOAT64
-/* e^x by range reduction and a polynomial: x = k·ln2 + r with |r| <= ln2/2 (k by the 1.5·2^23
- * rounding trick), e^r by its degree-7 Taylor polynomial (relative error < 1e-7 on that
- * interval), 2^k by writing the exponent bits. Plain arithmetic on purpose: a loop over it
- * vectorizes, where a call to libm's expf/tanhf does not (they were 22% of a small model's
- * step). Inputs are clamped to [-87, 88], where e^x is a normal float. */
-static inline float fast_expf(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float shifter = 12582912.0f; /* 1.5 * 2^23 */
-    float kf = (x * 1.44269504088896341f + shifter) - shifter;
-    float r = x - kf * 0.693145751953125f - kf * 1.428606765330187e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f +
-              r * (8.3333338e-3f + r * (1.3888889e-3f + r * 1.9841270e-4f))))));
-    union { int32_t i; float f; } two_k;
-    two_k.i = ((int32_t)kf + 127) << 23;
-    return p * two_k.f;
-}
-/* e^x of softmax inputs (x <= 0 after the row maximum): the polynomial in the float build (it
- * vectorizes; within 1e-7 relative of libm, below the float rounding of the sums it feeds), libm
- * in the float64 build that finite differences and the f64 reference run on. */
-#define softmax_exp(x) fast_expf(x)
-#else
-#define softmax_exp(x) exp(x)
-#endif
+/* fast_expf and softmax_exp: internal.h (llama_ops.c uses them too) */
 
 /* ---- attention ------------------------------------------------------------------------------- */
 

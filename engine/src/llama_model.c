@@ -181,36 +181,38 @@ td_status td_llama_forward_slot(td_model *m, int32_t slot, float *logits_out, do
     const int NH = (int)m->n_head, NKV = (int)m->n_kv_head, HS = C / NH, KV = NKV * HS;
     const int F = (int)m->ffn_dim, BT = B * T;
     const double theta = m->rope_theta, eps = m->norm_eps;
-    if (m->has_embed) td_embedding_forward(s->input, s->tokens, m->P.wte, BT, C);
+    if (m->has_embed) PHASE(m, TD_PH_ENCODER_FWD, td_embedding_forward(s->input, s->tokens, m->P.wte, BT, C));
     for (int l = 0; l < m->nl; l++) {
         td_llama_layer_acts *A = &s->llayers[l];
         const td_llama_layer_ptrs *W = &m->P.llayers[l];
         const td_real *x = residual_in(s, l);
         /* attention block: res2 = x + o_proj(GQA(RoPE(q), RoPE(k), v)) of RMS(x) */
-        td_rmsnorm_forward(A->ln1, A->ln1_rstd, x, W->attn_norm, BT, C, eps);
-        proj(A->q, A->ln1, W->wq, BT, C, C);
-        proj(A->k, A->ln1, W->wk, BT, KV, C);
-        proj(A->v, A->ln1, W->wv, BT, KV, C);
-        td_rope_forward(A->q, A->q, B, T, NH, HS, theta); /* in place: the backward needs only */
-        td_rope_forward(A->k, A->k, B, T, NKV, HS, theta); /* the rotated q and k */
-        td_gqa_attention_forward(A->atty, A->att, A->q, A->k, A->v, B, T, NH, NKV, HS);
-        proj(A->res2, A->atty, W->wo, BT, C, C);
-        td_residual_forward(A->res2, x, A->res2, (int64_t)BT * C);
+        PHASE(m, TD_PH_RMSNORM_FWD, td_rmsnorm_forward(A->ln1, A->ln1_rstd, x, W->attn_norm, BT, C, eps));
+        PHASE(m, TD_PH_MATMUL_FWD, proj(A->q, A->ln1, W->wq, BT, C, C));
+        PHASE(m, TD_PH_MATMUL_FWD, proj(A->k, A->ln1, W->wk, BT, KV, C));
+        PHASE(m, TD_PH_MATMUL_FWD, proj(A->v, A->ln1, W->wv, BT, KV, C));
+        /* in place: the backward needs only the rotated q and k */
+        PHASE(m, TD_PH_ROPE_FWD, td_rope_forward(A->q, A->q, B, T, NH, HS, theta));
+        PHASE(m, TD_PH_ROPE_FWD, td_rope_forward(A->k, A->k, B, T, NKV, HS, theta));
+        PHASE(m, TD_PH_ATTENTION_FWD, td_gqa_attention_forward(A->atty, A->att, A->q, A->k, A->v, B, T, NH, NKV, HS));
+        PHASE(m, TD_PH_MATMUL_FWD, proj(A->res2, A->atty, W->wo, BT, C, C));
+        PHASE(m, TD_PH_RESIDUAL_FWD, td_residual_forward(A->res2, x, A->res2, (int64_t)BT * C));
         /* MLP block: res3 = res2 + down(silu(gate(a)) * up(a)), a = RMS(res2) */
-        td_rmsnorm_forward(A->ln2, A->ln2_rstd, A->res2, W->mlp_norm, BT, C, eps);
-        proj(A->gate, A->ln2, W->wgate, BT, F, C);
-        proj(A->up, A->ln2, W->wup, BT, F, C);
-        td_swiglu_forward(A->h, A->gate, A->up, (int64_t)BT * F);
-        proj(A->res3, A->h, W->wdown, BT, C, F);
-        td_residual_forward(A->res3, A->res2, A->res3, (int64_t)BT * C);
+        PHASE(m, TD_PH_RMSNORM_FWD, td_rmsnorm_forward(A->ln2, A->ln2_rstd, A->res2, W->mlp_norm, BT, C, eps));
+        PHASE(m, TD_PH_MATMUL_FWD, proj(A->gate, A->ln2, W->wgate, BT, F, C));
+        PHASE(m, TD_PH_MATMUL_FWD, proj(A->up, A->ln2, W->wup, BT, F, C));
+        PHASE(m, TD_PH_SWIGLU_FWD, td_swiglu_forward(A->h, A->gate, A->up, (int64_t)BT * F));
+        PHASE(m, TD_PH_MATMUL_FWD, proj(A->res3, A->h, W->wdown, BT, C, F));
+        PHASE(m, TD_PH_RESIDUAL_FWD, td_residual_forward(A->res3, A->res2, A->res3, (int64_t)BT * C));
     }
     if (!m->has_head) return TD_OK; /* the output is residual_in(s, nl) (td_stage_output) */
-    td_rmsnorm_forward(s->lnf, s->lnf_rstd, residual_in(s, m->nl), m->P.lnfw, BT, C, eps);
-    proj(s->probs, s->lnf, m->P.lm_head, BT, V, C); /* logits, softmax'd in place below */
+    PHASE(m, TD_PH_RMSNORM_FWD, td_rmsnorm_forward(s->lnf, s->lnf_rstd, residual_in(s, m->nl), m->P.lnfw, BT, C, eps));
+    /* logits, softmax'd in place below */
+    PHASE(m, TD_PH_LM_HEAD_FWD, proj(s->probs, s->lnf, m->P.lm_head, BT, V, C));
     if (logits_out)
         for (int64_t i = 0; i < (int64_t)BT * V; i++) logits_out[i] = (float)s->probs[i];
     if (!with_targets) return TD_OK;
-    td_softmax_crossentropy_forward(s->probs, s->losses, s->targets, BT, V);
+    PHASE(m, TD_PH_SOFTMAX_CE_FWD, td_softmax_crossentropy_forward(s->probs, s->losses, s->targets, BT, V));
     double sum = 0.0;
     for (int i = 0; i < BT; i++) sum += s->losses[i];
     if (out_loss) *out_loss = sum / BT;
@@ -243,38 +245,36 @@ static void backward_input(td_model *m, td_slot *s, td_grad_store *g, double gra
     td_real *dres = k->dres; /* the gradient of the residual stream, running down the layers */
     if (m->has_head) {
         /* loss = mean over BT rows, so each row's d(loss) is grad_scale / BT */
-        td_softmax_crossentropy_backward(g->g_logits, s->probs, s->targets, grad_scale / BT, BT, V);
-        proj_dinput(g->g_lnf, g->g_logits, m->P.lm_head, BT, V, C, 0);
-        td_rmsnorm_backward_input(dres, g->g_lnf, residual_in(s, m->nl), m->P.lnfw, s->lnf_rstd,
-                                  BT, C, 0);
+        PHASE(m, TD_PH_SOFTMAX_CE_BWD, td_softmax_crossentropy_backward(g->g_logits, s->probs, s->targets, grad_scale / BT, BT, V));
+        PHASE(m, TD_PH_LM_HEAD_BWD_INPUT, proj_dinput(g->g_lnf, g->g_logits, m->P.lm_head, BT, V, C, 0));
+        PHASE(m, TD_PH_RMSNORM_BWD_INPUT, td_rmsnorm_backward_input(dres, g->g_lnf, residual_in(s, m->nl), m->P.lnfw, s->lnf_rstd, BT, C, 0));
     } else {
-        memcpy(dres, dout_BTC, btc);
+        PHASE(m, TD_PH_COPY_BWD, memcpy(dres, dout_BTC, btc));
     }
     for (int l = m->nl - 1; l >= 0; l--) {
         const td_llama_layer_acts *A = &s->llayers[l];
         const td_llama_layer_ptrs *W = &m->P.llayers[l];
         td_llama_layer_grads *L = &g->llayers[l];
         /* MLP block; dres holds d res3 */
-        memcpy(L->g_res3, dres, btc);
-        proj_dinput(k->dh, dres, W->wdown, BT, C, F, 0);
-        td_swiglu_backward(L->g_gate, L->g_up, k->dh, A->gate, A->up, (int64_t)BT * F);
-        proj_dinput(L->g_ln2, L->g_gate, W->wgate, BT, F, C, 0);
-        proj_dinput(L->g_ln2, L->g_up, W->wup, BT, F, C, 1);
-        td_rmsnorm_backward_input(dres, L->g_ln2, A->res2, W->mlp_norm, A->ln2_rstd, BT, C, 1);
+        PHASE(m, TD_PH_COPY_BWD, memcpy(L->g_res3, dres, btc));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, proj_dinput(k->dh, dres, W->wdown, BT, C, F, 0));
+        PHASE(m, TD_PH_SWIGLU_BWD, td_swiglu_backward(L->g_gate, L->g_up, k->dh, A->gate, A->up, (int64_t)BT * F));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, proj_dinput(L->g_ln2, L->g_gate, W->wgate, BT, F, C, 0));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, proj_dinput(L->g_ln2, L->g_up, W->wup, BT, F, C, 1));
+        PHASE(m, TD_PH_RMSNORM_BWD_INPUT, td_rmsnorm_backward_input(dres, L->g_ln2, A->res2, W->mlp_norm, A->ln2_rstd, BT, C, 1));
         /* attention block; dres now holds d res2 */
-        memcpy(L->g_res2, dres, btc);
-        proj_dinput(k->datty, dres, W->wo, BT, C, C, 0);
-        td_gqa_attention_backward(L->g_q, L->g_k, L->g_v, k->datt, k->datty, A->q, A->k, A->v,
-                                  A->att, B, T, NH, NKV, HS);
-        td_rope_backward(L->g_q, L->g_q, B, T, NH, HS, theta); /* to the projections' outputs */
-        td_rope_backward(L->g_k, L->g_k, B, T, NKV, HS, theta);
-        proj_dinput(L->g_ln1, L->g_q, W->wq, BT, C, C, 0);
-        proj_dinput(L->g_ln1, L->g_k, W->wk, BT, KV, C, 1);
-        proj_dinput(L->g_ln1, L->g_v, W->wv, BT, KV, C, 1);
-        td_rmsnorm_backward_input(dres, L->g_ln1, residual_in(s, l), W->attn_norm, A->ln1_rstd,
-                                  BT, C, 1);
+        PHASE(m, TD_PH_COPY_BWD, memcpy(L->g_res2, dres, btc));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, proj_dinput(k->datty, dres, W->wo, BT, C, C, 0));
+        PHASE(m, TD_PH_ATTENTION_BWD, td_gqa_attention_backward(L->g_q, L->g_k, L->g_v, k->datt, k->datty, A->q, A->k, A->v, A->att, B, T, NH, NKV, HS));
+        /* to the projections' outputs */
+        PHASE(m, TD_PH_ROPE_BWD, td_rope_backward(L->g_q, L->g_q, B, T, NH, HS, theta));
+        PHASE(m, TD_PH_ROPE_BWD, td_rope_backward(L->g_k, L->g_k, B, T, NKV, HS, theta));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, proj_dinput(L->g_ln1, L->g_q, W->wq, BT, C, C, 0));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, proj_dinput(L->g_ln1, L->g_k, W->wk, BT, KV, C, 1));
+        PHASE(m, TD_PH_MATMUL_BWD_INPUT, proj_dinput(L->g_ln1, L->g_v, W->wv, BT, KV, C, 1));
+        PHASE(m, TD_PH_RMSNORM_BWD_INPUT, td_rmsnorm_backward_input(dres, L->g_ln1, residual_in(s, l), W->attn_norm, A->ln1_rstd, BT, C, 1));
     }
-    memcpy(g->g_embed, dres, btc);
+    PHASE(m, TD_PH_COPY_BWD, memcpy(g->g_embed, dres, btc));
 }
 
 /* W: parameter gradients (accumulated) from what backward_input kept. */
@@ -283,24 +283,24 @@ static void backward_weight(td_model *m, td_slot *s, td_grad_store *g) {
     const int NH = (int)m->n_head, KV = (int)m->n_kv_head * (C / NH);
     const int F = (int)m->ffn_dim, BT = B * T;
     if (m->has_head) {
-        proj_dweight(m->G.lm_head, g->g_logits, s->lnf, BT, V, C);
-        td_rmsnorm_backward_weight(m->G.lnfw, g->g_lnf, residual_in(s, m->nl), s->lnf_rstd, BT, C);
+        PHASE(m, TD_PH_LM_HEAD_BWD_WEIGHT, proj_dweight(m->G.lm_head, g->g_logits, s->lnf, BT, V, C));
+        PHASE(m, TD_PH_RMSNORM_BWD_WEIGHT, td_rmsnorm_backward_weight(m->G.lnfw, g->g_lnf, residual_in(s, m->nl), s->lnf_rstd, BT, C));
     }
     for (int l = m->nl - 1; l >= 0; l--) {
         const td_llama_layer_acts *A = &s->llayers[l];
         td_llama_layer_ptrs *D = &m->G.llayers[l];
         const td_llama_layer_grads *L = &g->llayers[l];
-        proj_dweight(D->wdown, L->g_res3, A->h, BT, C, F);
-        proj_dweight(D->wgate, L->g_gate, A->ln2, BT, F, C);
-        proj_dweight(D->wup, L->g_up, A->ln2, BT, F, C);
-        td_rmsnorm_backward_weight(D->mlp_norm, L->g_ln2, A->res2, A->ln2_rstd, BT, C);
-        proj_dweight(D->wo, L->g_res2, A->atty, BT, C, C);
-        proj_dweight(D->wq, L->g_q, A->ln1, BT, C, C);
-        proj_dweight(D->wk, L->g_k, A->ln1, BT, KV, C);
-        proj_dweight(D->wv, L->g_v, A->ln1, BT, KV, C);
-        td_rmsnorm_backward_weight(D->attn_norm, L->g_ln1, residual_in(s, l), A->ln1_rstd, BT, C);
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, proj_dweight(D->wdown, L->g_res3, A->h, BT, C, F));
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, proj_dweight(D->wgate, L->g_gate, A->ln2, BT, F, C));
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, proj_dweight(D->wup, L->g_up, A->ln2, BT, F, C));
+        PHASE(m, TD_PH_RMSNORM_BWD_WEIGHT, td_rmsnorm_backward_weight(D->mlp_norm, L->g_ln2, A->res2, A->ln2_rstd, BT, C));
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, proj_dweight(D->wo, L->g_res2, A->atty, BT, C, C));
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, proj_dweight(D->wq, L->g_q, A->ln1, BT, C, C));
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, proj_dweight(D->wk, L->g_k, A->ln1, BT, KV, C));
+        PHASE(m, TD_PH_MATMUL_BWD_WEIGHT, proj_dweight(D->wv, L->g_v, A->ln1, BT, KV, C));
+        PHASE(m, TD_PH_RMSNORM_BWD_WEIGHT, td_rmsnorm_backward_weight(D->attn_norm, L->g_ln1, residual_in(s, l), A->ln1_rstd, BT, C));
     }
-    if (m->has_embed) td_embedding_backward(m->G.wte, g->g_embed, s->tokens, BT, C);
+    if (m->has_embed) PHASE(m, TD_PH_ENCODER_BWD, td_embedding_backward(m->G.wte, g->g_embed, s->tokens, BT, C));
 }
 
 void td_llama_backward_slot(td_model *m, int32_t slot, double grad_scale, int part,

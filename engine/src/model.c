@@ -319,7 +319,8 @@ static const char *const PHASE_NAME[TD_PH_COUNT] = {
     "encoder_fwd", "layernorm_fwd", "matmul_fwd", "attention_fwd", "residual_fwd", "gelu_fwd",
     "lm_head_fwd", "softmax_ce_fwd", "softmax_ce_bwd", "lm_head_bwd_input", "matmul_bwd_input",
     "gelu_bwd", "attention_bwd", "layernorm_bwd_input", "copy_bwd", "lm_head_bwd_weight",
-    "matmul_bwd_weight", "layernorm_bwd_weight", "encoder_bwd", "adamw"};
+    "matmul_bwd_weight", "layernorm_bwd_weight", "encoder_bwd", "adamw", "rmsnorm_fwd",
+    "rope_fwd", "swiglu_fwd", "rmsnorm_bwd_input", "rmsnorm_bwd_weight", "rope_bwd", "swiglu_bwd"};
 
 td_status td_model_profile(const td_model *m, int32_t index, const char **out_name,
                            double *out_seconds, int64_t *out_calls) {
@@ -338,18 +339,6 @@ td_status td_model_profile_reset(td_model *m) {
     return TD_OK;
 }
 
-/* Runs `call` as phase ph: timed on the calling thread (fork/join included) when profiling,
- * one predictable branch otherwise. */
-#define PHASE(m, ph, call)                                   \
-    do {                                                     \
-        if ((m)->profile) {                                  \
-            const double t0_ = td_prof_now(m);                \
-            call;                                            \
-            td_prof_add((m), (ph), t0_);                     \
-        } else {                                             \
-            call;                                            \
-        }                                                    \
-    } while (0)
 
 /* ---- forward --------------------------------------------------------------------------------- */
 
