@@ -19,6 +19,8 @@ PHASES = {"encoder_fwd", "layernorm_fwd", "matmul_fwd", "attention_fwd", "residu
           "matmul_bwd_input", "gelu_bwd", "attention_bwd", "layernorm_bwd_input", "copy_bwd",
           "lm_head_bwd_weight", "matmul_bwd_weight", "layernorm_bwd_weight", "encoder_bwd",
           "adamw"}
+LLAMA_PHASES = {"rmsnorm_fwd", "rope_fwd", "swiglu_fwd", "rmsnorm_bwd_input",
+                "rmsnorm_bwd_weight", "rope_bwd", "swiglu_bwd"}  # the Llama family's own ops
 
 
 def _steps(model: Model, n: int = 2) -> list[float]:
@@ -31,13 +33,31 @@ def test_profile_counts_every_phase(clock):
     with Model(**TINY, profile=clock) as m:
         _steps(m, 2)
         table = m.profile()
-    assert set(table) == PHASES
+    assert set(table) == PHASES | LLAMA_PHASES
+    assert all(table[k][1] == 0 for k in LLAMA_PHASES)  # GPT-2 runs none of them
     L = TINY["n_layer"]
     calls = {k: n for k, (_, n) in table.items()}
     assert calls["matmul_fwd"] == 2 * 4 * L and calls["attention_bwd"] == 2 * L
     assert calls["adamw"] == 2 and calls["layernorm_fwd"] == 2 * (2 * L + 1)
     assert all(s >= 0 for s, _ in table.values())
     assert sum(s for s, _ in table.values()) > 0
+
+
+def test_profile_counts_the_llama_phases():
+    """A Llama step reports its RMSNorm, RoPE and SwiGLU phases and the shared ones (products,
+    attention, head, embedding); GPT-2's LayerNorm and GELU phases stay at zero."""
+    llama = dict(family="llama", n_layer=2, n_embd=16, n_head=4, n_kv_head=2, vocab_size=23,
+                 n_positions=8, ffn_dim=24, seq_len=5, batch_size=2, threads=1)
+    with Model(**llama, profile=1) as m:
+        _steps(m, 2)
+        calls = {k: n for k, (_, n) in m.profile().items()}
+    L = llama["n_layer"]
+    assert calls["rmsnorm_fwd"] == 2 * (2 * L + 1) and calls["rmsnorm_bwd_weight"] == 2 * (2 * L + 1)
+    assert calls["rope_fwd"] == calls["rope_bwd"] == 2 * 2 * L
+    assert calls["swiglu_fwd"] == calls["swiglu_bwd"] == 2 * L
+    assert calls["matmul_fwd"] == 2 * 7 * L and calls["attention_bwd"] == 2 * L
+    assert calls["lm_head_fwd"] == 2 and calls["encoder_bwd"] == 2 and calls["adamw"] == 2
+    assert calls["layernorm_fwd"] == calls["gelu_fwd"] == 0
 
 
 def test_profile_off_reset_and_same_numbers():
