@@ -162,6 +162,9 @@ def _mpi_env(threads: int, backend: str = "cpu", ranks: int = 1) -> dict[str, st
 
 
 _RANK_MSG = re.compile(r"tandem-engine: rank (\d+): (.*)")
+# mpirun failing before any rank starts (not a rank's failure): worth another try
+MPI_STARTUP_FAILURE = re.compile(r"PMIx server's listener thread failed to start")
+STARTUP_TRIES = 3
 _MPI_DEATH = re.compile(r"rank (\d+) with PID \d+ on node \S+ exited on\s+signal (\d+)")
 
 
@@ -235,19 +238,29 @@ def write_runfile(path: Path, case: CaseConfig, files: dict[str, Path], steps: i
 def _launch(cmd: list[str], env: dict[str, str], timeout: float, case: CaseConfig,
             workdir: Path) -> tuple[int, str, str, float]:
     """mpirun `cmd` in its own session; (exit code, stdout, stderr, wall seconds). A job still
-    running at `timeout` is killed (the whole process group) and raises RankFailure."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise RankFailure(f"pipelined run of {case.name!r} ({case.pipeline.stages} ranks) did "
-                          f"not finish in {timeout:.0f} s and was killed; rank logs in {workdir}")
-    wall = time.perf_counter() - t0
-    (workdir / "mpirun.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
+    running at `timeout` is killed (the whole process group) and raises RankFailure. A launch
+    that fails before any rank starts (MPI_STARTUP_FAILURE: Open MPI's runtime could not open
+    its server, seen now and then on a loaded machine) is tried again, up to STARTUP_TRIES
+    times in all: no rank ran, so nothing was written and nothing is lost."""
+    log = []
+    for attempt in range(1, STARTUP_TRIES + 1):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RankFailure(f"pipelined run of {case.name!r} ({case.pipeline.stages} ranks) "
+                              f"did not finish in {timeout:.0f} s and was killed; rank logs in "
+                              f"{workdir}")
+        wall = time.perf_counter() - t0
+        log.append(f"--- attempt {attempt} ---\n{stdout}\n--- stderr ---\n{stderr}")
+        (workdir / "mpirun.log").write_text("\n".join(log))
+        if proc.returncode == 0 or not MPI_STARTUP_FAILURE.search(stderr):
+            break
+        time.sleep(0.5 * attempt)
     return proc.returncode, stdout, stderr, wall
 
 

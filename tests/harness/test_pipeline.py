@@ -144,3 +144,39 @@ def test_schedule_invariance_sweep(tmp_path):
                 assert f"invariance/schedule={schedule},stages={p},microbatches={m}" in cases
     assert any(c.startswith("invariance-interleaved-l8/stages=4") for c in cases)
     assert (rows.share <= 1).all() and rows.passed.all()
+
+
+def _flaky_mpirun(tmp_path, fail_times: int, message: str):
+    """A stand-in for mpirun that fails `fail_times` times with `message`, then succeeds."""
+    count = tmp_path / "count"
+    count.write_text("0")
+    script = tmp_path / "fake_mpirun.sh"
+    script.write_text(f"""#!/bin/sh
+n=$(cat {count}); echo $((n + 1)) > {count}
+if [ "$n" -lt {fail_times} ]; then echo "{message}" >&2; exit 213; fi
+echo ran
+""")
+    script.chmod(0o755)
+    return [str(script)], count
+
+
+def test_a_launch_that_fails_before_any_rank_starts_is_tried_again(tmp_path):
+    from types import SimpleNamespace
+
+    from harness.pipeline import STARTUP_TRIES, _launch
+
+    case = SimpleNamespace(name="c", pipeline=SimpleNamespace(stages=2))
+    startup = "The PMIx server's listener thread failed to start. We cannot continue."
+    cmd, count = _flaky_mpirun(tmp_path, 1, startup)
+    rc, stdout, _, _ = _launch(cmd, {}, 30, case, tmp_path)
+    assert rc == 0 and stdout.strip() == "ran" and count.read_text().strip() == "2"
+    assert "--- attempt 2 ---" in (tmp_path / "mpirun.log").read_text()
+    # always failing at start-up: STARTUP_TRIES launches, then the failure is returned
+    cmd, count = _flaky_mpirun(tmp_path, 99, startup)
+    rc, _, stderr, _ = _launch(cmd, {}, 30, case, tmp_path)
+    assert rc == 213 and "listener thread failed" in stderr
+    assert count.read_text().strip() == str(STARTUP_TRIES)
+    # a rank's own failure is never run twice
+    cmd, count = _flaky_mpirun(tmp_path, 1, "tandem-engine: rank 1: TD_ERR_FORMAT: bad weights")
+    rc, _, _, _ = _launch(cmd, {}, 30, case, tmp_path)
+    assert rc == 213 and count.read_text().strip() == "1"
