@@ -216,11 +216,34 @@ static void check(int BH, int T, int HS) {
             run_impl(fs[which], gs[which], b, BH, T, HS, scale);
             same = a1 == host_f(b.dq, n, 1) && a2 == host_f(b.dk, n, 1) && a3 == host_f(b.dv, n, 1) && a4 == host_f(b.O, n, 1);
         }
+        int warps_same = -1; /* every warps-per-block setting: bit-identical to this one */
+        if (which == 0 && td_flash_fa2(HS)) {
+            const td_flash_warps keep = td_flash_get_warps();
+            const std::vector<double> a1 = host_f(b.dq, n, 1), a2 = host_f(b.dk, n, 1), a3 = host_f(b.dv, n, 1),
+                                      a4 = host_f(b.O, n, 1), a5 = host_f(b.lse, (long long)BH * T, 0);
+            warps_same = 1;
+            for (int f = 4; f <= 8; f += 4)
+                for (int kv = 4; kv <= 8; kv += 4)
+                    for (int q = 4; q <= 8; q += 4) {
+                        CK(td_flash_set_warps(td_flash_warps{f, kv, q}));
+                        run_impl(fs[which], gs[which], b, BH, T, HS, scale);
+                        const bool eq_ = a1 == host_f(b.dq, n, 1) && a2 == host_f(b.dk, n, 1) &&
+                                         a3 == host_f(b.dv, n, 1) && a4 == host_f(b.O, n, 1) &&
+                                         a5 == host_f(b.lse, (long long)BH * T, 0);
+                        if (!eq_) {
+                            printf("  warps fwd %d kv %d q %d: NOT bit-identical to the default\n", f, kv, q);
+                            warps_same = 0;
+                        }
+                    }
+            CK(td_flash_set_warps(keep));
+        }
         const double worst = std::max({eO, eL, eq, ek, ev});
-        const bool ok = worst <= 1e-2 && same != 0;
+        const bool ok = worst <= 1e-2 && same != 0 && warps_same != 0;
         if (!ok) n_fail++;
-        printf("check BH=%d T=%d HS=%d %-13s rel L2: O %.2e lse %.2e dQ %.2e dK %.2e dV %.2e rerun-identical %s  %s\n",
-               BH, T, HS, names[which], eO, eL, eq, ek, ev, same < 0 ? "-" : same ? "yes" : "NO", ok ? "ok" : "FAIL");
+        printf("check BH=%d T=%d HS=%d %-13s rel L2: O %.2e lse %.2e dQ %.2e dK %.2e dV %.2e rerun-identical %s "
+               "warps-identical %s  %s\n",
+               BH, T, HS, names[which], eO, eL, eq, ek, ev, same < 0 ? "-" : same ? "yes" : "NO",
+               warps_same < 0 ? "-" : warps_same ? "yes" : "NO", ok ? "ok" : "FAIL");
     }
     cudaFree(P); cudaFree(dS); cudaFree(O); cudaFree(g); cudaFree(lse); cudaFree(D);
     free_bufs(b);
@@ -229,6 +252,48 @@ static void check(int BH, int T, int HS) {
 static float median(std::vector<float> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
+}
+
+/* the FlashAttention-2 kernels at each warps-per-block setting: forward at 4 and 8 warps, the
+ * backward's dK/dV and dQ kernels at each pair (the defaults restored afterwards) */
+static void timing_warps(const char *label, int BH, int T, int HS, int reps) {
+    const float scale = 1.f / sqrtf((float)HS);
+    Bufs b = alloc_bufs(BH, T, HS);
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    const double fwd_flop = 4.0 * BH * HS * (double)T * (T + 1) / 2;
+    const td_flash_warps keep = td_flash_get_warps();
+    for (int f = 4; f <= 8; f += 4)
+        for (int kv = 4; kv <= 8; kv += 4)
+            for (int q = 4; q <= 8; q += 4) {
+                CK(td_flash_set_warps(td_flash_warps{f, kv, q}));
+                run_impl(td_k_flash_forward, td_k_flash_backward, b, BH, T, HS, scale);
+                std::vector<float> tf, tb;
+                for (int r = 0; r < reps; r++) {
+                    float ms;
+                    CK(cudaEventRecord(e0));
+                    CK(td_k_flash_forward(0, b.O, b.lse, b.q, b.k, b.v, BH, T, HS, scale));
+                    CK(cudaEventRecord(e1));
+                    CK(cudaEventSynchronize(e1));
+                    CK(cudaEventElapsedTime(&ms, e0, e1));
+                    tf.push_back(ms);
+                    CK(cudaEventRecord(e0));
+                    CK(td_k_flash_backward(0, b.dq, b.dk, b.dv, b.q, b.k, b.v, b.dO, b.lse, b.D, BH, T, HS, scale));
+                    CK(cudaEventRecord(e1));
+                    CK(cudaEventSynchronize(e1));
+                    CK(cudaEventElapsedTime(&ms, e0, e1));
+                    tb.push_back(ms);
+                }
+                const float mf = median(tf), mb = median(tb);
+                printf("WARPS | %s | BH=%d T=%d HS=%d | fwd %d kv %d q %d | fwd %.3f ms (%.0f TFLOP/s) | bwd %.3f ms (%.0f TFLOP/s at 2.5x fwd) |%s\n",
+                       label, BH, T, HS, f, kv, q, mf, fwd_flop / mf / 1e9, mb, 2.5 * fwd_flop / mb / 1e9,
+                       f == keep.fwd && kv == keep.kv && q == keep.q ? " default" : "");
+            }
+    CK(td_flash_set_warps(keep));
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    free_bufs(b);
 }
 
 static void timing(const char *label, int BH, int T, int HS, int reps) {
@@ -291,6 +356,13 @@ int main(int argc, char **argv) {
     timing("124M", 16 * 12, 1024, 64, reps);
     timing("350M", 16 * 16, 1024, 64, reps);
     timing("1.5B", 8 * 25, 1024, 64, reps);
+    /* the warps-per-block settings at GPT-2 124M's and the llama-gpu suite's attention shapes
+     * (one query head per kv head here: grouped heads change which kv rows a block reads, not
+     * the work per block) */
+    timing_warps("gpt2-124m", 16 * 12, 1024, 64, reps);
+    timing_warps("llama-125m", 8 * 12, 2048, 64, reps);
+    timing_warps("llama-1b", 4 * 32, 2048, 64, reps);
+    timing_warps("llama-3b", 2 * 48, 2048, 64, reps);
     return n_fail ? 1 : 0;
 }
 

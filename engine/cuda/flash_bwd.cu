@@ -281,39 +281,43 @@ __global__ void attn_rowdot8_kernel(float *D, const bf16 *dout, const bf16 *out,
 
 namespace fa2 {
 
-template <int HS>
-constexpr size_t bwd_kv_smem() { return (size_t)6 * 64 * (HS + 8) * sizeof(bf16) + 4 * 64 * sizeof(float); }
+/* NW warps of 16 keys each: a block of 16 NW keys; query tiles of 64 */
+template <int HS, int NW>
+constexpr size_t bwd_kv_smem() {
+    return (size_t)(2 * 16 * NW + 4 * 64) * (HS + 8) * sizeof(bf16) + 4 * 64 * sizeof(float);
+}
 
-/* dK, dV of 64 keys of one kv head (blockIdx.y over B * NKV): for each of the `group` query
+/* dK, dV of 16 NW keys of one kv head (blockIdx.y over B * NKV): for each of the `group` query
  * heads that share it (grouped-query attention; group = 1: one head), in head order, the query
  * tiles from the diagonal to the end; the group's sum stays in registers (no atomics) */
-template <int HS>
-__global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const bf16 *Q, const bf16 *K,
-                                                     const bf16 *V, const bf16 *dO, const float *lse,
-                                                     const float *Dsum, int T, int NH, int group,
-                                                     int ldi, int ldo, int ldg, float scale,
-                                                     float scale_log2) {
-    constexpr int LD = HS + 8, TILE = 64 * LD;
+template <int HS, int NW>
+__global__ void __launch_bounds__(32 * NW) bwd_kv_kernel(bf16 *dK, bf16 *dV, const bf16 *Q, const bf16 *K,
+                                                         const bf16 *V, const bf16 *dO, const float *lse,
+                                                         const float *Dsum, int T, int NH, int group,
+                                                         int ldi, int ldo, int ldg, float scale,
+                                                         float scale_log2) {
+    constexpr int LD = HS + 8, TILE = 64 * LD, BK = 16 * NW, NT = 32 * NW;
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16 *sK = (bf16 *)smem, *sV = sK + TILE, *sQ = sV + TILE, *sdO = sQ + 2 * TILE;
+    bf16 *sK = (bf16 *)smem, *sV = sK + BK * LD, *sQ = sV + BK * LD, *sdO = sQ + 2 * TILE;
     float *sL = (float *)(sdO + 2 * TILE), *sD = sL + 2 * 64; /* two stages of 64 each */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int kt = blockIdx.x, k0 = kt * 64; /* the longest columns (smallest keys) first */
+    const int k0 = (int)blockIdx.x * BK; /* the longest columns (smallest keys) first */
+    const int kt = k0 / 64;              /* the first query tile that sees a key of the block */
     const int NKV = NH / group, b = (int)blockIdx.y / NKV, hk = (int)blockIdx.y % NKV;
     const long long kvh = (long long)b * T * ldi + (long long)hk * HS;
     const int nqt = (T + 63) / 64, nq = nqt - kt, nit = group * nq; /* (query head, tile) pairs */
     auto load_q = [&](int it, int buf) {
         const int bh = b * NH + hk * group + it / nq, qt = kt + it % nq;
         const long long hr = (long long)bh * T;
-        tile_async<HS>(sQ + buf * TILE, Q + head_off(bh, NH, T, ldi, HS), qt * 64, T, ldi);
-        tile_async<HS>(sdO + buf * TILE, dO + head_off(bh, NH, T, ldo, HS), qt * 64, T, ldo);
+        tile_async<HS, 64, NT>(sQ + buf * TILE, Q + head_off(bh, NH, T, ldi, HS), qt * 64, T, ldi);
+        tile_async<HS, 64, NT>(sdO + buf * TILE, dO + head_off(bh, NH, T, ldo, HS), qt * 64, T, ldo);
         const int i = threadIdx.x & 63, q = qt * 64 + i;
         const bool ok = q < T;
         if (threadIdx.x < 64) cp4(sL + buf * 64 + i, lse + hr + (ok ? q : 0), ok);
-        else cp4(sD + buf * 64 + i, Dsum + hr + (ok ? q : 0), ok);
+        else if (threadIdx.x < 128) cp4(sD + buf * 64 + i, Dsum + hr + (ok ? q : 0), ok);
     };
-    tile_async<HS>(sK, K + kvh, k0, T, ldi);
-    tile_async<HS>(sV, V + kvh, k0, T, ldi);
+    tile_async<HS, BK, NT>(sK, K + kvh, k0, T, ldi);
+    tile_async<HS, BK, NT>(sV, V + kvh, k0, T, ldi);
     load_q(0, 0);
     cp_commit();
 
@@ -323,7 +327,8 @@ __global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const b
     for (int d = 0; d < HS / 8; d++)
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[d][e] = dv[d][e] = 0.f;
-    const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;
+    const int w0 = k0 + warp * 16; /* the warp's first key */
+    const int key0 = w0 + g, key1 = key0 + 8;
     for (int it = 0; it < nit; it++) {
         const int qt = kt + it % nq, buf = it & 1;
         if (it + 1 < nit) {
@@ -338,6 +343,10 @@ __global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const b
             load_a<HS>(kf, sK + warp * 16 * LD, lane);
             load_a<HS>(vf, sV + warp * 16 * LD, lane);
         }
+        if (qt * 64 + 63 < w0) { /* every query of the tile is before every key of this warp */
+            __syncthreads();
+            continue;
+        }
         const bf16 *q_s = sQ + buf * TILE, *do_s = sdO + buf * TILE;
         const float *L = sL + buf * 64, *Dv = sD + buf * 64;
         float s[8][4], dp[8][4]; /* S^T, dP^T: rows = keys, columns = queries */
@@ -347,7 +356,7 @@ __global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const b
             for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
         mma_abt<HS>(s, kf, q_s, lane);
         mma_abt<HS>(dp, vf, do_s, lane);
-        const bool mask = qt == kt || qt * 64 + 64 > T;
+        const bool mask = qt * 64 < w0 + 15 || qt * 64 + 64 > T; /* the warp's diagonal, or T */
 #pragma unroll
         for (int j = 0; j < 8; j++) {
 #pragma unroll
@@ -375,31 +384,33 @@ __global__ void __launch_bounds__(128) bwd_kv_kernel(bf16 *dK, bf16 *dV, const b
     store_rows<HS>(dV + gh, dv, key0, T, t, 1.f, 1.f, ldg);
 }
 
-template <int HS>
-constexpr size_t bwd_q_smem() { return (size_t)6 * 64 * (HS + 8) * sizeof(bf16); }
+/* NW warps of 16 query rows each: a block of 16 NW queries; key tiles of 64 */
+template <int HS, int NW>
+constexpr size_t bwd_q_smem() { return (size_t)(2 * 16 * NW + 4 * 64) * (HS + 8) * sizeof(bf16); }
 
-/* dQ of 64 queries: key tiles up to the diagonal */
-template <int HS>
-__global__ void __launch_bounds__(128) bwd_q_kernel(bf16 *dQ, const bf16 *Q, const bf16 *K,
-                                                    const bf16 *V, const bf16 *dO, const float *lse,
-                                                    const float *Dsum, int T, int NH, int group,
-                                                    int ldi, int ldo, int ldg, float scale,
-                                                    float scale_log2) {
-    constexpr int LD = HS + 8, TILE = 64 * LD;
+/* dQ of 16 NW queries: key tiles up to the diagonal */
+template <int HS, int NW>
+__global__ void __launch_bounds__(32 * NW) bwd_q_kernel(bf16 *dQ, const bf16 *Q, const bf16 *K,
+                                                        const bf16 *V, const bf16 *dO, const float *lse,
+                                                        const float *Dsum, int T, int NH, int group,
+                                                        int ldi, int ldo, int ldg, float scale,
+                                                        float scale_log2) {
+    constexpr int LD = HS + 8, TILE = 64 * LD, BR = 16 * NW, NT = 32 * NW;
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16 *sQ = (bf16 *)smem, *sdO = sQ + TILE, *sK = sdO + TILE, *sV = sK + 2 * TILE;
+    bf16 *sQ = (bf16 *)smem, *sdO = sQ + BR * LD, *sK = sdO + BR * LD, *sV = sK + 2 * TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int qt = (int)gridDim.x - 1 - (int)blockIdx.x;
-    const int q0 = qt * 64;
+    const int q0 = qt * BR;
     const long long head = head_off((int)blockIdx.y, NH, T, ldi, HS), hr = (long long)blockIdx.y * T;
     const long long kvh = kv_head_off((int)blockIdx.y, NH, group, T, ldi, HS); /* GQA: shared kv */
     const bf16 *Kh = K + kvh, *Vh = V + kvh;
-    tile_async<HS>(sQ, Q + head, q0, T, ldi);
-    tile_async<HS>(sdO, dO + head_off((int)blockIdx.y, NH, T, ldo, HS), q0, T, ldo);
-    tile_async<HS>(sK, Kh, 0, T, ldi);
-    tile_async<HS>(sV, Vh, 0, T, ldi);
+    tile_async<HS, BR, NT>(sQ, Q + head, q0, T, ldi);
+    tile_async<HS, BR, NT>(sdO, dO + head_off((int)blockIdx.y, NH, T, ldo, HS), q0, T, ldo);
+    tile_async<HS, 64, NT>(sK, Kh, 0, T, ldi);
+    tile_async<HS, 64, NT>(sV, Vh, 0, T, ldi);
     cp_commit();
-    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    const int w0 = q0 + warp * 16; /* the warp's first row */
+    const int row0 = w0 + g, row1 = row0 + 8;
     const float L0 = row0 < T ? lse[hr + row0] * LOG2E : 0.f, L1 = row1 < T ? lse[hr + row1] * LOG2E : 0.f;
     const float D0 = row0 < T ? Dsum[hr + row0] : 0.f, D1 = row1 < T ? Dsum[hr + row1] : 0.f;
 
@@ -407,12 +418,13 @@ __global__ void __launch_bounds__(128) bwd_q_kernel(bf16 *dQ, const bf16 *Q, con
     float dq[HS / 8][4];
 #pragma unroll
     for (int d = 0; d < HS / 8; d++) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
-    const int nkt = qt + 1;
+    /* key tiles up to the one holding the block's last row (or T's last key) */
+    const int nkt = min((q0 + BR - 1) / 64, (T - 1) / 64) + 1;
     for (int kt = 0; kt < nkt; kt++) {
         const int buf = kt & 1;
         if (kt + 1 < nkt) {
-            tile_async<HS>(sK + (buf ^ 1) * TILE, Kh, (kt + 1) * 64, T, ldi);
-            tile_async<HS>(sV + (buf ^ 1) * TILE, Vh, (kt + 1) * 64, T, ldi);
+            tile_async<HS, 64, NT>(sK + (buf ^ 1) * TILE, Kh, (kt + 1) * 64, T, ldi);
+            tile_async<HS, 64, NT>(sV + (buf ^ 1) * TILE, Vh, (kt + 1) * 64, T, ldi);
             cp_commit();
             cp_wait<1>();
         } else {
@@ -423,6 +435,10 @@ __global__ void __launch_bounds__(128) bwd_q_kernel(bf16 *dQ, const bf16 *Q, con
             load_a<HS>(qf, sQ + warp * 16 * LD, lane);
             load_a<HS>(of, sdO + warp * 16 * LD, lane);
         }
+        if (kt * 64 > w0 + 15) { /* every key of the tile is after every row of this warp */
+            __syncthreads();
+            continue;
+        }
         const bf16 *k_s = sK + buf * TILE, *v_s = sV + buf * TILE;
         float s[8][4], dp[8][4];
 #pragma unroll
@@ -431,7 +447,7 @@ __global__ void __launch_bounds__(128) bwd_q_kernel(bf16 *dQ, const bf16 *Q, con
             for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.f;
         mma_abt<HS>(s, qf, k_s, lane);
         mma_abt<HS>(dp, of, v_s, lane);
-        const bool mask = kt == nkt - 1;
+        const bool mask = kt * 64 + 63 > w0; /* the warp's diagonal */
 #pragma unroll
         for (int j = 0; j < 8; j++) {
 #pragma unroll
@@ -473,22 +489,42 @@ static cudaError_t bwd_v1(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, const bf
     return cudaGetLastError();
 }
 
+template <int HS, int NW>
+static cudaError_t bwd_kv_fa2(cudaStream_t s, bf16 *dk, bf16 *dv, int ldg, const bf16 *q,
+                              const bf16 *k, const bf16 *v, int ldi, const bf16 *dO, int ldo,
+                              const float *lse, const float *D, int B, int NH, int NKV, int T,
+                              float scale) {
+    const size_t sm = fa2::bwd_kv_smem<HS, NW>();
+    cudaError_t e = cudaFuncSetAttribute(fa2::bwd_kv_kernel<HS, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    if (e != cudaSuccess) return e;
+    dim3 grid((unsigned)((T + 16 * NW - 1) / (16 * NW)), (unsigned)(B * NKV));
+    fa2::bwd_kv_kernel<HS, NW><<<grid, 32 * NW, sm, s>>>(dk, dv, q, k, v, dO, lse, D, T, NH, NH / NKV, ldi, ldo, ldg, scale, scale * fa2::LOG2E);
+    return cudaGetLastError();
+}
+
+template <int HS, int NW>
+static cudaError_t bwd_q_fa2(cudaStream_t s, bf16 *dq, int ldg, const bf16 *q, const bf16 *k,
+                             const bf16 *v, int ldi, const bf16 *dO, int ldo, const float *lse,
+                             const float *D, int B, int NH, int NKV, int T, float scale) {
+    const size_t sm = fa2::bwd_q_smem<HS, NW>();
+    cudaError_t e = cudaFuncSetAttribute(fa2::bwd_q_kernel<HS, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    if (e != cudaSuccess) return e;
+    dim3 grid((unsigned)((T + 16 * NW - 1) / (16 * NW)), (unsigned)(B * NH));
+    fa2::bwd_q_kernel<HS, NW><<<grid, 32 * NW, sm, s>>>(dq, q, k, v, dO, lse, D, T, NH, NH / NKV, ldi, ldo, ldg, scale, scale * fa2::LOG2E);
+    return cudaGetLastError();
+}
+
 template <int HS>
 static cudaError_t bwd_fa2(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, int ldg, const bf16 *q,
                            const bf16 *k, const bf16 *v, int ldi, const bf16 *dO, int ldo,
                            const float *lse, const float *D, int B, int NH, int NKV, int T,
                            float scale) {
-    const size_t smkv = fa2::bwd_kv_smem<HS>(), smq = fa2::bwd_q_smem<HS>();
-    cudaError_t e = cudaFuncSetAttribute(fa2::bwd_kv_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smkv);
-    if (e == cudaSuccess) e = cudaFuncSetAttribute(fa2::bwd_q_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smq);
+    const td_flash_warps w = td_flash_get_warps();
+    cudaError_t e = w.kv == 8 ? bwd_kv_fa2<HS, 8>(s, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, NKV, T, scale)
+                              : bwd_kv_fa2<HS, 4>(s, dk, dv, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, NKV, T, scale);
     if (e != cudaSuccess) return e;
-    const int group = NH / NKV;
-    dim3 grid_kv((unsigned)((T + 63) / 64), (unsigned)(B * NKV)), grid_q((unsigned)((T + 63) / 64), (unsigned)(B * NH));
-    fa2::bwd_kv_kernel<HS><<<grid_kv, 128, smkv, s>>>(dk, dv, q, k, v, dO, lse, D, T, NH, group, ldi, ldo, ldg, scale, scale * fa2::LOG2E);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-    fa2::bwd_q_kernel<HS><<<grid_q, 128, smq, s>>>(dq, q, k, v, dO, lse, D, T, NH, group, ldi, ldo, ldg, scale, scale * fa2::LOG2E);
-    return cudaGetLastError();
+    return w.q == 8 ? bwd_q_fa2<HS, 8>(s, dq, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, NKV, T, scale)
+                    : bwd_q_fa2<HS, 4>(s, dq, ldg, q, k, v, ldi, dO, ldo, lse, D, B, NH, NKV, T, scale);
 }
 
 cudaError_t td_k_flash_backward_gqa(cudaStream_t s, bf16 *dq, bf16 *dk, bf16 *dv, int ldg,

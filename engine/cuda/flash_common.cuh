@@ -130,15 +130,15 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
-/* rows [r0, r0 + 64) of a head (T rows of HS, ld elements apart in global memory) into shared
- * memory (row stride HS + 8), zeros past T */
-template <int HS>
+/* rows [r0, r0 + ROWS) of a head (T rows of HS, ld elements apart in global memory) into shared
+ * memory (row stride HS + 8), zeros past T, by the NT threads of the block */
+template <int HS, int ROWS = 64, int NT = 128>
 __device__ __forceinline__ void tile_async(bf16 *s, const bf16 *g, int r0, int T, int ld) {
-    constexpr int LD = HS + 8, V8 = HS / 8, N = 64 * V8;
+    constexpr int LD = HS + 8, V8 = HS / 8, N = ROWS * V8;
 #pragma unroll
-    for (int it = 0; it < (N + 127) / 128; it++) {
-        const int i = threadIdx.x + it * 128;
-        if (N % 128 == 0 || i < N) {
+    for (int it = 0; it < (N + NT - 1) / NT; it++) {
+        const int i = threadIdx.x + it * NT;
+        if (N % NT == 0 || i < N) {
             const int r = i / V8, c = (i % V8) * 8;
             const bool ok = r0 + r < T;
             cp16(s + r * LD + c, g + (long long)(ok ? r0 + r : 0) * ld + c, ok);

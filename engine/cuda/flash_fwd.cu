@@ -115,26 +115,27 @@ __global__ void __launch_bounds__(128) flash_forward_kernel(bf16 *O, float *lse,
 
 namespace fa2 {
 
-template <int HS>
-constexpr size_t fwd_smem() { return (size_t)5 * 64 * (HS + 8) * sizeof(bf16); }
+/* NW warps of 16 query rows each: a block of 16 NW queries; key tiles of 64 */
+template <int HS, int NW>
+constexpr size_t fwd_smem() { return (size_t)(16 * NW + 4 * 64) * (HS + 8) * sizeof(bf16); }
 
-template <int HS>
-__global__ void __launch_bounds__(128) fwd_kernel(bf16 *O, float *lse, const bf16 *Q, const bf16 *K,
-                                                  const bf16 *V, int T, int NH, int group, int ldi,
-                                                  int ldo, float scale, float scale_log2) {
-    constexpr int LD = HS + 8, TILE = 64 * LD;
+template <int HS, int NW>
+__global__ void __launch_bounds__(32 * NW) fwd_kernel(bf16 *O, float *lse, const bf16 *Q, const bf16 *K,
+                                                      const bf16 *V, int T, int NH, int group, int ldi,
+                                                      int ldo, float scale, float scale_log2) {
+    constexpr int LD = HS + 8, TILE = 64 * LD, BR = 16 * NW, NT = 32 * NW;
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16 *sQ = (bf16 *)smem, *sK = sQ + TILE, *sV = sK + 2 * TILE; /* sK, sV: two stages each */
+    bf16 *sQ = (bf16 *)smem, *sK = sQ + BR * LD, *sV = sK + 2 * TILE; /* sK, sV: two stages each */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int qt = (int)gridDim.x - 1 - (int)blockIdx.x; /* the longest rows first */
-    const int q0 = qt * 64;
+    const int q0 = qt * BR;
     const long long head = head_off((int)blockIdx.y, NH, T, ldi, HS);
     const long long kvh = kv_head_off((int)blockIdx.y, NH, group, T, ldi, HS); /* GQA: shared kv */
     const bf16 *Kh = K + kvh, *Vh = V + kvh;
     bf16 *Oh = O + head_off((int)blockIdx.y, NH, T, ldo, HS);
-    tile_async<HS>(sQ, Q + head, q0, T, ldi);
-    tile_async<HS>(sK, Kh, 0, T, ldi);
-    tile_async<HS>(sV, Vh, 0, T, ldi);
+    tile_async<HS, BR, NT>(sQ, Q + head, q0, T, ldi);
+    tile_async<HS, 64, NT>(sK, Kh, 0, T, ldi);
+    tile_async<HS, 64, NT>(sV, Vh, 0, T, ldi);
     cp_commit();
 
     uint32_t qf[HS / 16][4];
@@ -142,13 +143,15 @@ __global__ void __launch_bounds__(128) fwd_kernel(bf16 *O, float *lse, const bf1
 #pragma unroll
     for (int d = 0; d < HS / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f; /* rows g, g + 8 (raw score units) */
-    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
-    const int nkt = qt + 1; /* key tiles 0..qt; tile qt is the diagonal */
+    const int w0 = q0 + warp * 16; /* the warp's first row */
+    const int row0 = w0 + g, row1 = row0 + 8;
+    /* key tiles up to the one holding the block's last row (or T's last key) */
+    const int nkt = min((q0 + BR - 1) / 64, (T - 1) / 64) + 1;
     for (int kt = 0; kt < nkt; kt++) {
         const int buf = kt & 1;
         if (kt + 1 < nkt) {
-            tile_async<HS>(sK + (buf ^ 1) * TILE, Kh, (kt + 1) * 64, T, ldi);
-            tile_async<HS>(sV + (buf ^ 1) * TILE, Vh, (kt + 1) * 64, T, ldi);
+            tile_async<HS, 64, NT>(sK + (buf ^ 1) * TILE, Kh, (kt + 1) * 64, T, ldi);
+            tile_async<HS, 64, NT>(sV + (buf ^ 1) * TILE, Vh, (kt + 1) * 64, T, ldi);
             cp_commit();
             cp_wait<1>();
         } else {
@@ -156,11 +159,15 @@ __global__ void __launch_bounds__(128) fwd_kernel(bf16 *O, float *lse, const bf1
         }
         __syncthreads();
         if (kt == 0) load_a<HS>(qf, sQ + warp * 16 * LD, lane);
+        if (kt * 64 > w0 + 15) { /* every key of the tile is after every row of this warp */
+            __syncthreads();
+            continue;
+        }
         float s[8][4];
 #pragma unroll
         for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
         mma_abt<HS>(s, qf, sK + buf * TILE, lane);
-        if (kt == nkt - 1) { /* diagonal: key > query -> -inf (keys >= T are > every query < T) */
+        if (kt * 64 + 63 > w0) { /* the warp's diagonal: key > query -> -inf (keys >= T are > every query < T) */
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 const int key = kt * 64 + j * 8 + 2 * t;
@@ -224,6 +231,18 @@ __global__ void __launch_bounds__(128) fwd_kernel(bf16 *O, float *lse, const bf1
 
 /* ---- launchers ---------------------------------------------------------------------------- */
 
+static td_flash_warps g_flash_warps = {8, 8, 8};
+
+td_flash_warps td_flash_get_warps(void) { return g_flash_warps; }
+
+cudaError_t td_flash_set_warps(td_flash_warps w) {
+    const int v[3] = {w.fwd, w.kv, w.q};
+    for (int i = 0; i < 3; i++)
+        if (v[i] != 4 && v[i] != 8) return cudaErrorInvalidValue;
+    g_flash_warps = w;
+    return cudaSuccess;
+}
+
 int td_flash_supported(int HS) { return HS % 16 == 0 && HS >= 16 && HS <= 128; }
 int td_flash_fa2(int HS) { return HS == 16 || HS == 32 || HS == 48 || HS == 64; }
 
@@ -238,15 +257,24 @@ static cudaError_t fwd_v1(cudaStream_t s, bf16 *O, float *lse, const bf16 *q, co
     return cudaGetLastError();
 }
 
+template <int HS, int NW>
+static cudaError_t fwd_fa2_nw(cudaStream_t s, bf16 *O, int ldo, float *lse, const bf16 *q,
+                              const bf16 *k, const bf16 *v, int ldi, int B, int NH, int NKV, int T,
+                              float scale) {
+    const size_t sm = fa2::fwd_smem<HS, NW>();
+    cudaError_t e = cudaFuncSetAttribute(fa2::fwd_kernel<HS, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    if (e != cudaSuccess) return e;
+    dim3 grid((unsigned)((T + 16 * NW - 1) / (16 * NW)), (unsigned)(B * NH));
+    fa2::fwd_kernel<HS, NW><<<grid, 32 * NW, sm, s>>>(O, lse, q, k, v, T, NH, NH / NKV, ldi, ldo, scale, scale * fa2::LOG2E);
+    return cudaGetLastError();
+}
+
 template <int HS>
 static cudaError_t fwd_fa2(cudaStream_t s, bf16 *O, int ldo, float *lse, const bf16 *q, const bf16 *k,
                            const bf16 *v, int ldi, int B, int NH, int NKV, int T, float scale) {
-    const size_t sm = fa2::fwd_smem<HS>();
-    cudaError_t e = cudaFuncSetAttribute(fa2::fwd_kernel<HS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-    if (e != cudaSuccess) return e;
-    dim3 grid((unsigned)((T + 63) / 64), (unsigned)(B * NH));
-    fa2::fwd_kernel<HS><<<grid, 128, sm, s>>>(O, lse, q, k, v, T, NH, NH / NKV, ldi, ldo, scale, scale * fa2::LOG2E);
-    return cudaGetLastError();
+    if (td_flash_get_warps().fwd == 8)
+        return fwd_fa2_nw<HS, 8>(s, O, ldo, lse, q, k, v, ldi, B, NH, NKV, T, scale);
+    return fwd_fa2_nw<HS, 4>(s, O, ldo, lse, q, k, v, ldi, B, NH, NKV, T, scale);
 }
 
 cudaError_t td_k_flash_forward_gqa(cudaStream_t s, bf16 *O, int ldo, float *lse, const bf16 *q,
