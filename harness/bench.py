@@ -87,8 +87,9 @@ METHOD = {
            "ranks sharing one GPU: x 1)",
     "bubble": "engine: harness.timeline.measured_bubble per timed step, median per job; theory "
               "bubble: harness.schedule.theoretical_bubble (equal stage times) as a share of the "
-              "step; theory bubble_sim: harness.schedule.simulate with the job's mean F/B/W "
-              "durations",
+              "step; theory bubble_sim: harness.schedule.simulate replaying the schedule with the "
+              "job's own mean F/B/W durations per virtual stage (harness.bench_sides."
+              "stage_durations; no communication cost)",
 }
 
 # ---- case selection ----------------------------------------------------------------------------

@@ -331,9 +331,30 @@ class JobResult:
     mps: str = ""  # harness.mps: what the job ran under ("" for CPU ranks)
 
 
+def stage_durations(d, n_stages: int) -> tuple[list[float], list[float], list[float]]:
+    """Mean F, B and W durations per virtual stage (0 .. n_stages-1) of timeline rows `d`: what
+    the schedule simulator needs to replay a job with its own stage imbalance (the last stage
+    holds the LM head, the first the embedding). A fused BW counts half to B and half to W; a
+    stage without rows of a kind takes that kind's mean over every stage (0 if none ran)."""
+    dur = d["end_us"] - d["start_us"]
+    by_stage = dur.groupby([d["kind"], d["stage"]]).mean()
+    overall = dur.groupby(d["kind"]).mean()
+
+    def per_stage(kind):
+        mean = float(overall.get(kind, 0.0))
+        return [float(by_stage.get((kind, s), mean)) for s in range(n_stages)]
+
+    f = per_stage("F")
+    if "BW" in overall and "B" not in overall:
+        b = [x / 2.0 for x in per_stage("BW")]
+        return f, b, list(b)
+    return f, per_stage("B"), per_stage("W")
+
+
 def _timed_bubble(timeline_dir: Path, case: CaseConfig, first_timed: int):
-    """(median measured bubble over the timed steps, simulated bubble from the mean F/B/W
-    durations of those steps, the timeline DataFrame)."""
+    """(median measured bubble over the timed steps, simulated bubble: the schedule replayed by
+    harness.schedule.simulate with those steps' mean F/B/W durations per virtual stage, the
+    timeline DataFrame)."""
     from harness import schedule as sched
     from harness.timeline import load_timelines, measured_bubble
 
@@ -342,16 +363,10 @@ def _timed_bubble(timeline_dir: Path, case: CaseConfig, first_timed: int):
     if not steps:
         raise DataError(f"{timeline_dir}: no timed steps (>= {first_timed}) in the timeline")
     bubble = statistics.median(measured_bubble(df, step=int(s)) for s in steps)
-    d = df[df["step"] >= first_timed]
-    dur = (d["end_us"] - d["start_us"]).groupby(d["kind"]).mean()
-    f = float(dur.get("F", 0.0))
-    if "BW" in dur:
-        b = w = float(dur["BW"]) / 2.0
-    else:
-        b, w = float(dur.get("B", 0.0)), float(dur.get("W", 0.0))
     p = case.pipeline
-    sim = sched.simulate(sched.generate(p.schedule, p.stages, p.microbatches, p.chunks),
-                         f=f, b=b, w=w).bubble
+    s = sched.generate(p.schedule, p.stages, p.microbatches, p.chunks)
+    f, b, w = stage_durations(df[df["step"] >= first_timed], s.stages)
+    sim = sched.simulate(s, f=f, b=b, w=w).bubble
     return float(bubble), float(sim), df
 
 

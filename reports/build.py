@@ -217,8 +217,10 @@ def _pipeline_section(summary: pd.DataFrame, res: Results, fig: Path, out: Path)
     if p:
         s.blocks.append(Figure(_rel(p, out), "Bubble per schedule",
                                "Measured = 1 − Σ busy compute ÷ (ranks × step wall time) from the "
-                               "engine's timelines (median over repeats, whiskers 25–75%); theory "
-                               "= the schedule simulator with equal stage times (GPipe/1F1B: "
+                               "engine's timelines (median over repeats, whiskers 25–75%); "
+                               "simulated = the schedule replayed by the event simulator with the "
+                               "job's own mean F/B/W durations per stage (the gap to measured is "
+                               "what the runtime adds); theory = equal stage times (GPipe/1F1B: "
                                "(p−1)/(m+p−1) of the step). Grouped by schedule."))
     else:
         s.blocks.append(Note("no bubble rows (metric bubble, side engine or theory).", "missing"))

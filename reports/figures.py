@@ -31,9 +31,9 @@ THEME = dict(context="notebook", style="whitegrid", palette="colorblind", font_s
                  "figure.titleweight": "bold", "legend.frameon": False, "axes.spines.top": False,
                  "axes.spines.right": False, "grid.color": "#e3e6ea", "savefig.facecolor": "white"})
 _C = sns.color_palette("colorblind")
-SIDE = {"engine": _C[0], "jax": _C[1], "theory": "#9aa0a6", "ratio": _C[0]}
-SIDE_NAME = {"engine": "engine (Tandem)", "jax": "JAX", "theory": "theory (simulator)",
-             "measured": "measured (engine)"}
+SIDE = {"engine": _C[0], "jax": _C[1], "theory": "#9aa0a6", "ratio": _C[0], "simulated": _C[4]}
+SIDE_NAME = {"engine": "engine (Tandem)", "jax": "JAX", "theory": "theory (equal stages)",
+             "measured": "measured (engine)", "simulated": "simulated (the job's F/B/W)"}
 VERDICT = {"fail": _C[3], "pass": _C[2], "regression": _C[3], "improved": _C[2], "same": "#9aa0a6"}
 # Timeline kinds: compute fills the row, communication is a thin strip under it, waiting is
 # hatched (it is the bubble), optimizer and all-reduce fill the row in their own colours.
@@ -336,13 +336,16 @@ def scaling(summary: pd.DataFrame, var: str, path: Path) -> Path | None:
 
 
 def bubble(summary: pd.DataFrame, path: Path) -> Path | None:
-    """Measured (engine timeline) vs theoretical (simulator) bubble per pipelined case, grouped
-    by schedule; percent of step time."""
+    """Measured (engine timeline), simulated (the schedule replayed with the job's own F/B/W
+    durations) and theoretical (equal stages) bubble per pipelined case, grouped by schedule;
+    percent of step time."""
     d = pick(summary, "bubble")
     d = d[d["side"].isin(["engine", "theory"])] if len(d) else d
     if d.empty:
         return None
-    d = d.copy()
+    sim = pick(summary, "bubble_sim")
+    sim = sim[sim["side"] == "theory"].assign(side="simulated")
+    d = pd.concat([d, sim], ignore_index=True) if len(sim) else d.copy()
     for c in ("value", "spread_lo", "spread_hi"):
         d[c] = percent(d[c], d["unit"])
     meta = d.drop_duplicates("label").sort_values(["schedule", "stages", "microbatches", "chunks"],
@@ -361,7 +364,8 @@ def bubble(summary: pd.DataFrame, path: Path) -> Path | None:
     with theme():
         fig, ax = plt.subplots(figsize=(WIDTH, _bar_height(len(labels) * 1.4)))
         series = []
-        for side, name in (("engine", SIDE_NAME["measured"]), ("theory", SIDE_NAME["theory"])):
+        for side, name in (("engine", SIDE_NAME["measured"]), ("simulated", SIDE_NAME["simulated"]),
+                           ("theory", SIDE_NAME["theory"])):
             s = d[d["side"] == side].assign(label=lambda f: f["label2"])
             if len(s):
                 series.append((name, s, SIDE[side]))
@@ -376,7 +380,7 @@ def bubble(summary: pd.DataFrame, path: Path) -> Path | None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
         ax.set_xlabel("pipeline bubble (% of step time idle across ranks)")
         ax.set_ylabel("schedule · stages p · micro-batches m")
-        ax.set_title("Pipeline bubble per schedule: measured vs theoretical")
+        ax.set_title("Pipeline bubble per schedule: measured, simulated, theoretical")
         _legend_right(ax)
         return _save(fig, path)
 

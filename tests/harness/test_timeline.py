@@ -132,3 +132,50 @@ def test_opt_and_allreduce_do_not_count():
             (1, 0, "F", 1, 0, 10, 20), (1, 0, "ALLREDUCE", -1, -1, 20, 5000)]
     df = pd.DataFrame(rows, columns=tl.COLUMNS)
     assert tl.measured_bubble(df) == pytest.approx(1 - 20 / (2 * 20))
+
+
+def _replayed_timeline(name, P, M, f, b, w):
+    """The timeline a runtime that adds nothing to the schedule would write: the simulator's own
+    intervals (per-stage durations f, b, w), one step."""
+    from harness import schedule as sched
+
+    s = sched.generate(name, P, M)
+    sim = sched.simulate(s, f=f, b=b, w=w)
+    rows = [dict(rank=r, step=0, kind=iv.kind, stage=iv.stage, microbatch=iv.microbatch,
+                 start_us=iv.start, end_us=iv.end)
+            for r, ivs in enumerate(sim.intervals) for iv in ivs]
+    return s, sim, pd.DataFrame(rows, columns=tl.COLUMNS)
+
+
+@pytest.mark.parametrize("name", ["zb-h1", "1f1b"])
+def test_stage_durations_replay_the_measured_bubble(name):
+    """Fed the per-stage means of a timeline, the simulator gives back that timeline's bubble
+    exactly; the equal-stage mean (what the bench simulated before) misses an unequal last stage
+    (the LM head) by far."""
+    from harness import schedule as sched
+    from harness.bench_sides import stage_durations
+
+    f, b, w = [100.0, 100.0, 100.0, 180.0], [120.0, 120.0, 120.0, 200.0], [80.0, 80, 80, 90]
+    s, sim, df = _replayed_timeline(name, 4, 8, f, b, w)
+    fs, bs, ws = stage_durations(df, s.stages)
+    if name == "zb-h1":
+        assert (fs, bs, ws) == (f, b, w)
+    else:  # a fused BW: half to B, half to W
+        assert fs == f and bs == ws == [(x + y) / 2 for x, y in zip(b, w)]
+    measured = tl.measured_bubble(df, step=0)
+    assert sched.simulate(s, f=fs, b=bs, w=ws).bubble == pytest.approx(measured, abs=1e-12)
+    assert measured == pytest.approx(sim.bubble, abs=1e-12)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    flat = sched.simulate(s, f=mean(fs), b=mean(bs), w=mean(ws)).bubble
+    assert measured - flat > 0.05, (measured, flat)
+
+
+def test_stage_durations_fill_a_missing_stage_with_the_kind_mean():
+    from harness.bench_sides import stage_durations
+
+    df = pd.DataFrame([dict(rank=0, step=1, kind="F", stage=0, microbatch=0, start_us=0.0,
+                            end_us=10.0),
+                       dict(rank=1, step=1, kind="F", stage=1, microbatch=0, start_us=10.0,
+                            end_us=40.0)], columns=tl.COLUMNS)
+    f, b, w = stage_durations(df, 3)
+    assert f == [10.0, 30.0, 20.0] and b == w == [0.0, 0.0, 0.0]

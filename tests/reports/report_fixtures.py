@@ -101,6 +101,8 @@ def bench_rows(cases: list[dict], *, device, backend, dtype, peak, peak_source, 
         if c["stages"] > 1:
             th = bubble_theory(c["schedule"], c["stages"], c["microbatches"], c["chunks"])
             rows += _rows(rng, base, "theory", "bubble", "fraction", th, 1, 0.0, summaries)
+            rows += _rows(rng, base, "theory", "bubble_sim", "fraction", th + 0.0125, repeats,
+                          0.0, summaries)
             rows += _rows(rng, base, "engine", "bubble", "fraction", c.get("bubble", th + 0.025),
                           repeats, 0.08, summaries)
     return pd.DataFrame(rows, columns=RECORD_COLUMNS)

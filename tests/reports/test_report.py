@@ -90,6 +90,18 @@ def test_tables_carry_environment_bench_and_parity(report):
     assert re.search(r'<tr class="bad"><td[^>]*>tiny-1f1b-p2-m4</td>', html)
 
 
+def test_bubble_table_gives_measured_simulated_and_theory(report):
+    md = (report / "report.md").read_text()
+    lines = md.splitlines()
+    at = next(i for i, l in enumerate(lines) if l.startswith("| case | device | bubble measured"))
+    assert lines[at].split("|")[3:6] == [" bubble measured ", " bubble simulated ",
+                                         " bubble theory "]
+    row = next(l for l in lines[at:] if l.startswith("| gpt2-1.5b-zbh1-p4-m8 |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    # the fixture: theory (p-1)/(m+p-1)/3 = 9.1%, simulated 1.25 points above it
+    assert cells[3] == "10.3%" and cells[4] == "9.1%", cells
+
+
 def test_headline_and_loss_facts(report):
     html = (report / "index.html").read_text()
     assert "115/116" in html  # parity tensors within tolerance
