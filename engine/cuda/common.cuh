@@ -200,6 +200,8 @@ td_status td_cuda_loss_sum(td_cuda_dev *d, double *out_sum, int32_t *out_count);
  * (BT, V) logits to the host as fp32 (synchronises); the slot's per-row losses to the pinned
  * ring (summed into *out_loss at once when out_loss is not NULL) */
 int td_cuda_build_buckets(int *csr, int *cnt, const int32_t *tok, int BT, int V);
+td_status td_cuda_stage_tokens(td_cuda_dev *d, td_cuda_slot *S, const td_slot *hs, int BT, int V,
+                               int with_targets);
 td_status td_cuda_logits_to_host(td_cuda_dev *d, const td_cuda_slot *S, float *logits_out, int BT);
 td_status td_cuda_loss_to_ring(td_cuda_dev *d, const td_cuda_slot *S, int BT, double *out_loss);
 

@@ -223,20 +223,7 @@ static td_status forward_impl(td_cuda_dev *d, int slot, float *logits_out, doubl
     S->B = B, S->T = T;
     with_targets = with_targets && m->has_head;
 
-    /* tokens (first stage) and targets (last stage) through this slot's pinned staging, as
-     * passes.cu does (the previous upload from it must be done first) */
-    if (m->has_embed || with_targets) {
-        TD_CK(cudaEventSynchronize(S->staged));
-        size_t ints = 0;
-        if (m->has_embed) memcpy(S->h_tok, hs->tokens, sizeof(int) * (size_t)BT), ints = BT;
-        if (with_targets) memcpy(S->h_tok + BT, hs->targets, sizeof(int) * (size_t)BT), ints = 2 * (size_t)BT;
-        TD_CK(cudaMemcpyAsync(S->tok, S->h_tok, sizeof(int) * ints, cudaMemcpyHostToDevice, st));
-        if (m->has_embed) {
-            S->n_uniq = td_cuda_build_buckets(S->h_csr, d->h_count, hs->tokens, BT, V);
-            TD_CK(cudaMemcpyAsync(S->csr, S->h_csr, sizeof(int) * (size_t)(3 * BT + 1), cudaMemcpyHostToDevice, st));
-        }
-        TD_CK(cudaEventRecord(S->staged, st));
-    }
+    TD_TRY(td_cuda_stage_tokens(d, S, hs, BT, V, with_targets));
 
     E *x0 = (E *)S->input;
     if (m->has_embed) {
