@@ -117,7 +117,8 @@ def _fmt_si(x: float) -> str:
 
 def format_table(records, cases: list[CaseConfig], run: dict) -> str:
     """The final table: case, engine tok/s, JAX tok/s, speedup median [p25, p75], MFU
-    engine / JAX, bubble measured / theory; failed or partial cases say so."""
+    engine / JAX, bubble measured / simulated (the schedule replayed with the job's own stage
+    durations) / theory; failed or partial cases say so."""
     import pandas as pd
 
     s = records[records["repeat"] == -1] if len(records) else pd.DataFrame(columns=RECORD_COLUMNS)
@@ -127,7 +128,7 @@ def format_table(records, cases: list[CaseConfig], run: dict) -> str:
         return m.iloc[0] if len(m) else None
 
     head = ["case", "engine tok/s", "JAX tok/s", "speedup [p25, p75]", "MFU engine / JAX",
-            "bubble meas. / theory"]
+            "bubble meas. / sim. / theory"]
     body = []
     for c in cases:
         name = case_id(c)
@@ -139,6 +140,7 @@ def format_table(records, cases: list[CaseConfig], run: dict) -> str:
         sp = get(name, "ratio", "speedup")
         me, mj = get(name, "engine", "mfu"), get(name, "jax", "mfu")
         bm, bt = get(name, "engine", "bubble"), get(name, "theory", "bubble")
+        bs = get(name, "theory", "bubble_sim")
         pct = lambda r: f"{100 * r['value']:.1f}%" if r is not None else "-"  # noqa: E731
         body.append([
             name,
@@ -149,7 +151,7 @@ def format_table(records, cases: list[CaseConfig], run: dict) -> str:
             f"{sp['value']:.2f}x [{sp['spread_lo']:.2f}, {sp['spread_hi']:.2f}]"
             if sp is not None else "-",
             f"{pct(me)} / {pct(mj)}",
-            f"{pct(bm)} / {pct(bt)}" if bt is not None else "-",
+            f"{pct(bm)} / {pct(bs)} / {pct(bt)}" if bt is not None else "-",
         ])
     widths = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
     lines = ["  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -90,8 +91,15 @@ def test_rows_for_every_side_metric_and_case(first_run):
     theory = bubble[(bubble["side"] == "theory") & (bubble["repeat"] == -1)]
     assert theory["value"].iloc[0] == pytest.approx(1 / 3)  # (P-1)/(M+P-1), P = M = 2
     assert (bubble["value"].between(0, 1)).all()
-    # the final table names both cases and the CPU-pipeline caveat
+    # the simulated bubble (the schedule replayed with the job's own stage durations) per repeat
+    sim = p2[(p2["metric"] == "bubble_sim") & (p2["side"] == "theory")]
+    assert set(sim["repeat"]) == {-1, 0, 1} and sim["value"].between(0, 1).all()
+    # the final table names both cases and the CPU-pipeline caveat, and gives the p2 case's
+    # bubble as measured / simulated / theory
     assert "one" in stdout and "p2" in stdout and "measure the schedule" in stdout
+    assert "bubble meas. / sim. / theory" in stdout
+    p2_line = next(l for l in stdout.splitlines() if l.startswith("p2 "))
+    assert re.search(r"\d+\.\d% / \d+\.\d% / 33\.3%$", p2_line), p2_line
 
 
 def test_summary_rows_carry_median_and_spread(first_run):
