@@ -198,6 +198,19 @@ static td_status cuda_build(td_model *m) {
         return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_ATTENTION=flash needs bf16=1 and a head size n_embd/n_head %s (bf16=%lld, head size %lld). HINT: unset it for the materialised attention", llama ? "of 16, 32, 48 or 64 for llama" : "that is a multiple of 16 up to 128", (long long)m->bf16, (long long)hs);
     d->flash = att_env ? !strcmp(att_env, "flash") : flash_ok && td_flash_fa2((int)(m->n_embd / m->n_head));
 
+    /* warps per block of the FlashAttention-2 forward, dK/dV and dQ kernels ("F,KV,Q", each 4
+     * or 8; unset: the measured defaults of flash_fwd.cu). Bit-identical results either way. */
+    const char *warps_env = getenv("TANDEM_CUDA_FLASH_WARPS");
+    if (warps_env && *warps_env) {
+        td_flash_warps w;
+        char tail = 0;
+        if (sscanf(warps_env, "%d,%d,%d%c", &w.fwd, &w.kv, &w.q, &tail) != 3 ||
+            td_flash_set_warps(w) != cudaSuccess)
+            return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_FLASH_WARPS=%s (expected F,KV,Q with each 4 or 8, e.g. 8,8,4; or unset for the defaults)", warps_env);
+    } else {
+        td_flash_set_warps(td_flash_default_warps());
+    }
+
     const char *tune_env = getenv("TANDEM_CUDA_GEMM_TUNE");
     if (td_cuda_gemm_tune_mode(tune_env, &d->tune))
         return td_fail(m, TD_ERR_CONFIG, "td_model_build: TANDEM_CUDA_GEMM_TUNE=%s (allowed: auto, off, all, or unset for auto)", tune_env);

@@ -14,10 +14,12 @@ int td_flash_fa2(int HS);
  * 64 or 128 queries for the forward and dQ kernels, 64 or 128 keys for the dK / dV kernel). The
  * choice changes only how many warps share a block's shared-memory tiles, never a row's
  * arithmetic: every setting gives bit-identical results (flash_bench.cu checks it). The defaults
- * are the faster setting measured on an H100 (docs/cuda.md); flash_bench.cu times the others. */
+ * are the faster setting measured on an H100 (docs/cuda.md); flash_bench.cu times the others, and
+ * TANDEM_CUDA_FLASH_WARPS=F,KV,Q overrides them for the models built after it is set. */
 typedef struct {
     int fwd, kv, q;
 } td_flash_warps;
+td_flash_warps td_flash_default_warps(void);
 td_flash_warps td_flash_get_warps(void);
 /* cudaErrorInvalidValue (and nothing changed) unless every count is 4 or 8 */
 cudaError_t td_flash_set_warps(td_flash_warps w);

@@ -231,8 +231,10 @@ __global__ void __launch_bounds__(32 * NW) fwd_kernel(bf16 *O, float *lse, const
 
 /* ---- launchers ---------------------------------------------------------------------------- */
 
-static td_flash_warps g_flash_warps = {8, 8, 8};
+static const td_flash_warps k_flash_default_warps = {8, 8, 8};
+static td_flash_warps g_flash_warps = k_flash_default_warps;
 
+td_flash_warps td_flash_default_warps(void) { return k_flash_default_warps; }
 td_flash_warps td_flash_get_warps(void) { return g_flash_warps; }
 
 cudaError_t td_flash_set_warps(td_flash_warps w) {

@@ -422,6 +422,31 @@ def test_flash_reruns_are_bit_identical(cuda_ok):
     assert check_determinism("bf16", "flash", "hs64-t200")[0]["value"] == 1.0
 
 
+@pytest.mark.parametrize("case", ["hs64-t200", "hs48-t130"])
+def test_flash_warps_per_block_give_the_same_bits(cuda_ok, monkeypatch, case):
+    """TANDEM_CUDA_FLASH_WARPS picks 4 or 8 warps a block for each FlashAttention-2 kernel: the
+    blocks share tiles differently, the rows' arithmetic is the same, so loss and every gradient
+    match bit for bit (T = 200 and 130 end inside a 128-row block)."""
+    config = BF16_CASES[case]
+    params = init_params(_table(config), config["n_layer"], seed=4)
+    x, y = tokens_for(config, seed=6)
+    runs = []
+    for warps in ("4,4,4", "8,8,8", "8,4,8", ""):
+        monkeypatch.setenv("TANDEM_CUDA_FLASH_WARPS", warps)
+        with _cuda_model(config, "bf16", "flash") as gpu:
+            gpu.set_params(params)
+            gpu.zero_grad()
+            runs.append((gpu.forward_backward(x, y, 1.0), gpu.grads()))
+    assert all(_same_bits([runs[0], r]) for r in runs[1:])
+
+
+@pytest.mark.parametrize("value", ["5,8,8", "8,8", "8,8,8,8", "eight"])
+def test_bad_flash_warps_is_a_config_error(cuda_ok, monkeypatch, value):
+    monkeypatch.setenv("TANDEM_CUDA_FLASH_WARPS", value)
+    with pytest.raises(EngineError, match=r"TANDEM_CUDA_FLASH_WARPS=.*each 4 or 8"):
+        engine.Model(backend="cuda", dtype="bf16", **BF16_CASES["hs64-t200"])
+
+
 def test_bad_attention_mode_is_a_config_error(cuda_ok, monkeypatch):
     monkeypatch.setenv("TANDEM_CUDA_ATTENTION", "sometimes")
     with pytest.raises(EngineError, match="TANDEM_CUDA_ATTENTION"):
