@@ -13,8 +13,8 @@ int td_flash_fa2(int HS);
 /* Warps per block of the three FlashAttention-2 kernels, 4 or 8 each (16 rows a warp: blocks of
  * 64 or 128 queries for the forward and dQ kernels, 64 or 128 keys for the dK / dV kernel). The
  * choice changes only how many warps share a block's shared-memory tiles, never a row's
- * arithmetic: every setting gives bit-identical results (flash_bench.cu checks it). The defaults
- * are the faster setting measured on an H100 (docs/cuda.md); flash_bench.cu times the others, and
+ * arithmetic: every setting gives bit-identical results (flash_bench.cu checks it). Default: 4
+ * warps each (the measured kernels of docs/cuda.md); flash_bench.cu times every setting, and
  * TANDEM_CUDA_FLASH_WARPS=F,KV,Q overrides them for the models built after it is set. */
 typedef struct {
     int fwd, kv, q;

@@ -72,7 +72,9 @@ __device__ __forceinline__ void load_tile(bf16 *s, const bf16 *g, int r0, int T)
  * come from shared memory by ldmatrix (.trans for the operand whose reduction index runs down the
  * rows: V in P V, dO / Q in the dV / dK products, K in dS K). Shared rows are padded by 8 elements
  * (16 bytes), so the 8 row addresses of an ldmatrix phase fall in 8 different bank groups.
- * Blocks of 4 warps, 64 rows; each warp owns 16 rows (one m16 tile) across the whole head size.
+ * Blocks of 4 warps, 64 rows (or 8 warps, 128 rows: td_flash_set_warps, TANDEM_CUDA_FLASH_WARPS;
+ * more warps share each streamed tile, a warp skips the tiles wholly past its own diagonal, and
+ * every row's arithmetic is unchanged); each warp owns 16 rows (one m16 tile) across the head size.
  * Key / query tiles of 64 stream through shared memory by cp.async, two stages (the next tile is
  * in flight while the current one is multiplied). Causal: only tiles at or below the diagonal are
  * visited, and only the diagonal tile (and the tile crossing T) is masked.

@@ -68,42 +68,10 @@ __global__ void rmsnorm_forward_kernel(E *out, float *rstd, const E *inp, const 
     if (lane == 0) rstd[row] = r;
 }
 
-/* the same with 8-element loads (C % 8 == 0, 16-byte aligned rows): lane l takes the chunks l,
- * l + 32, ... of its row */
-template <typename E>
-__global__ void rmsnorm_forward_vec_kernel(E *out, float *rstd, const E *inp, const E *w, int N,
-                                           int C, float eps) {
-    const int row = (int)((blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32);
-    const int lane = threadIdx.x % 32;
-    if (row >= N) return;
-    const E *x = inp + (long long)row * C;
-    float ss = 0.f;
-    for (int c = lane * 8; c < C; c += 256) {
-        float v[8];
-        ld8(v, x + c);
-#pragma unroll
-        for (int k = 0; k < 8; k++) ss += v[k] * v[k];
-    }
-    const float r = 1.f / sqrtf(warp_sum(ss) / C + eps);
-    E *o = out + (long long)row * C;
-    for (int c = lane * 8; c < C; c += 256) {
-        float v[8], g[8];
-        ld8(v, x + c);
-        ld8(g, w + c);
-#pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = (v[k] * r) * g[k];
-        st8(o + c, v);
-    }
-    if (lane == 0) rstd[row] = r;
-}
-
 template <typename E>
 cudaError_t td_k_rmsnorm_forward(cudaStream_t s, E *out, float *rstd, const E *inp, const E *w,
                                  int N, int C, float eps) {
-    if (vec_ok(C, out, inp, w))
-        rmsnorm_forward_vec_kernel<E><<<blocks_for((long long)N * 32, 256), 256, 0, s>>>(out, rstd, inp, w, N, C, eps);
-    else
-        rmsnorm_forward_kernel<E><<<blocks_for((long long)N * 32, 256), 256, 0, s>>>(out, rstd, inp, w, N, C, eps);
+    rmsnorm_forward_kernel<E><<<blocks_for((long long)N * 32, 256), 256, 0, s>>>(out, rstd, inp, w, N, C, eps);
     return cudaGetLastError();
 }
 
@@ -155,63 +123,10 @@ __global__ void rope_kernel(E *x, int ld, const float *cos_t, const float *sin_t
     v[half] = from_f<E>(x2 * c + x1 * sn);
 }
 
-/* four pairs a thread (half % 4 == 0, ld % 8 == 0, 16-byte aligned x and tables): 8-byte (bf16)
- * or 16-byte (fp32) accesses and a 32-bit index; the same arithmetic per pair */
-__device__ __forceinline__ void ld4(float (&v)[4], const bf16 *p) {
-    const uint2 u = *reinterpret_cast<const uint2 *>(p);
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
-    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
-}
-__device__ __forceinline__ void ld4(float (&v)[4], const float *p) {
-    const float4 a = *reinterpret_cast<const float4 *>(p);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
-}
-__device__ __forceinline__ void st4(bf16 *p, const float (&v)[4]) {
-    __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
-    uint2 u;
-    u.x = *reinterpret_cast<uint32_t *>(&a);
-    u.y = *reinterpret_cast<uint32_t *>(&b);
-    *reinterpret_cast<uint2 *>(p) = u;
-}
-__device__ __forceinline__ void st4(float *p, const float (&v)[4]) {
-    *reinterpret_cast<float4 *>(p) = make_float4(v[0], v[1], v[2], v[3]);
-}
-
-template <typename E>
-__global__ void rope_vec_kernel(E *x, int ld, const float *cos_t, const float *sin_t, int n4, int T,
-                                int nh, int HS, float sign) {
-    const int half = HS / 2, h4 = half / 4;
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n4) return;
-    const int p = (i % h4) * 4, rh = i / h4, j = rh % nh, row = rh / nh, t = row % T;
-    float c[4], sn[4], x1[4], x2[4];
-    ld4(c, cos_t + (long long)t * half + p);
-    ld4(sn, sin_t + (long long)t * half + p);
-    E *v = x + (long long)row * ld + (long long)j * HS + p;
-    ld4(x1, v);
-    ld4(x2, v + half);
-    float o1[4], o2[4];
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        const float sk = sign * sn[k];
-        o1[k] = x1[k] * c[k] - x2[k] * sk;
-        o2[k] = x2[k] * c[k] + x1[k] * sk;
-    }
-    st4(v, o1);
-    st4(v + half, o2);
-}
-
 template <typename E>
 cudaError_t td_k_rope(cudaStream_t s, E *x, int ld, const float *cos_t, const float *sin_t,
                       int N, int T, int nh, int HS, int sign) {
     const long long n = (long long)N * nh * (HS / 2);
-    if ((HS / 2) % 4 == 0 && ld % 8 == 0 && n / 4 <= 0x7fffffffLL && aligned16(x) &&
-        aligned16(cos_t) && aligned16(sin_t)) {
-        rope_vec_kernel<E><<<blocks_for(n / 4, 256), 256, 0, s>>>(x, ld, cos_t, sin_t, (int)(n / 4), T, nh,
-                                                                  HS, (float)sign);
-        return cudaGetLastError();
-    }
     rope_kernel<E><<<blocks_for(n, 256), 256, 0, s>>>(x, ld, cos_t, sin_t, N, T, nh, HS, (float)sign);
     return cudaGetLastError();
 }
@@ -240,49 +155,9 @@ __global__ void swiglu_backward_kernel(E *dgu, const E *dh, const E *gu, int F, 
     dgu[row * 2 * F + F + c] = from_f<E>((g * sig) * d);
 }
 
-/* eight elements a thread (F % 8 == 0, 16-byte aligned buffers), a 32-bit index: the same
- * arithmetic per element as the kernels above */
-template <typename E>
-__global__ void swiglu_forward_vec_kernel(E *h, const E *gu, int F8, int n8) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n8) return;
-    const int row = i / F8, c = (i - row * F8) * 8;
-    const long long F = (long long)F8 * 8, base = (long long)row * 2 * F + c;
-    float g[8], u[8], o[8];
-    ld8(g, gu + base);
-    ld8(u, gu + base + F);
-#pragma unroll
-    for (int k = 0; k < 8; k++) o[k] = (g[k] / (1.f + expf(-g[k]))) * u[k];
-    st8(h + (long long)row * F + c, o);
-}
-
-template <typename E>
-__global__ void swiglu_backward_vec_kernel(E *dgu, const E *dh, const E *gu, int F8, int n8) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n8) return;
-    const int row = i / F8, c = (i - row * F8) * 8;
-    const long long F = (long long)F8 * 8, base = (long long)row * 2 * F + c;
-    float g[8], u[8], d[8], dg[8], du[8];
-    ld8(g, gu + base);
-    ld8(u, gu + base + F);
-    ld8(d, dh + (long long)row * F + c);
-#pragma unroll
-    for (int k = 0; k < 8; k++) {
-        const float sig = 1.f / (1.f + expf(-g[k]));
-        dg[k] = (sig * (1.f + g[k] * (1.f - sig))) * u[k] * d[k];
-        du[k] = (g[k] * sig) * d[k];
-    }
-    st8(dgu + base, dg);
-    st8(dgu + base + F, du);
-}
-
 template <typename E>
 cudaError_t td_k_swiglu_forward(cudaStream_t s, E *h, const E *gu, int N, int F) {
     const long long n = (long long)N * F;
-    if (vec_ok(F, h, gu) && n / 8 <= 0x7fffffffLL) {
-        swiglu_forward_vec_kernel<E><<<blocks_for(n / 8, 256), 256, 0, s>>>(h, gu, F / 8, (int)(n / 8));
-        return cudaGetLastError();
-    }
     swiglu_forward_kernel<E><<<blocks_for(n, 256), 256, 0, s>>>(h, gu, F, n);
     return cudaGetLastError();
 }
@@ -290,10 +165,6 @@ cudaError_t td_k_swiglu_forward(cudaStream_t s, E *h, const E *gu, int N, int F)
 template <typename E>
 cudaError_t td_k_swiglu_backward(cudaStream_t s, E *dgu, const E *dh, const E *gu, int N, int F) {
     const long long n = (long long)N * F;
-    if (vec_ok(F, dgu, dh, gu) && n / 8 <= 0x7fffffffLL) {
-        swiglu_backward_vec_kernel<E><<<blocks_for(n / 8, 256), 256, 0, s>>>(dgu, dh, gu, F / 8, (int)(n / 8));
-        return cudaGetLastError();
-    }
     swiglu_backward_kernel<E><<<blocks_for(n, 256), 256, 0, s>>>(dgu, dh, gu, F, n);
     return cudaGetLastError();
 }
