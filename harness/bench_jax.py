@@ -249,7 +249,6 @@ class _Side:
                                    "limit_bytes": limit, "message": msg})
 
     def _make_step_inner(self, cfg, opt, c, example, variant):
-        from reference.llama import LlamaConfig
         from reference.pipeline import make_gpipe_loss_and_grads, make_gpipe_train_step
 
         if variant not in VARIANTS:
@@ -258,9 +257,7 @@ class _Side:
         B = int(example[2].shape[0])
         why = None
         if P > 1 and variant == "plain":
-            if isinstance(cfg, LlamaConfig):
-                why = "the JAX GPipe baseline (reference.pipeline) is GPT-2's only"
-            elif cfg.n_layer % P:
+            if cfg.n_layer % P:
                 why = f"n_layer = {cfg.n_layer} is not divisible by stages = {P}"
             elif len(self.devices) < P:
                 why = (f"{P} stages need {P} devices, JAX sees {len(self.devices)} "

@@ -1,8 +1,10 @@
 """A JAX GPipe baseline for benchmarks: L layers cut into P contiguous stages on P devices with
 `shard_map` + `ppermute`, M micro-batches shifted stage to stage (MaxText-style shifting buffer),
-embeddings on stage 0, final LN / LM head / loss on the last stage, backward by `jax.grad` of
+embeddings on stage 0, final norm / LM head / loss on the last stage, backward by `jax.grad` of
 the whole pipelined loss, then the same AdamW step as the single-device control.
-It is a framework baseline, not the spec: its loss and gradients must equal reference.gpt2's.
+Both model families: GPT-2 (a GPTConfig) and Llama (a LlamaConfig).
+It is a framework baseline, not the spec: its loss and gradients must equal reference.gpt2's
+(reference.llama's).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from . import gpt2, ops
+from . import gpt2, llama, ops
 from .optim import AdamWState, adamw_update
 from .train import as_microbatches
 
@@ -23,7 +25,18 @@ except AttributeError:  # older jax
     from jax.experimental.shard_map import shard_map as _shard_map
 
 AXIS = "stage"
-SHARED_KEYS = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")
+SHARED_KEYS = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")  # GPT-2's
+LLAMA_SHARED_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+def _family(cfg):
+    """What the pipeline needs of cfg's model family: (module, layer-name prefix, the tensors
+    outside the layers, block(p, x), head(shared, x))."""
+    if isinstance(cfg, llama.LlamaConfig):
+        return (llama, "model.layers", LLAMA_SHARED_KEYS, lambda p, x: llama.block(p, x, cfg),
+                lambda sh, x: llama.head(sh, x, cfg))
+    return (gpt2, "h", SHARED_KEYS, lambda p, x: gpt2.block(p, x, cfg.n_head),
+            lambda sh, x: gpt2.head(sh, x))
 
 
 def _make_mesh(stages, devices):
@@ -54,8 +67,9 @@ def make_gpipe_loss_and_grads(cfg, stages, microbatches, devices=None):
     """Jitted `(params, tokens, targets) -> (loss, grads)`, grads keyed like params.
 
     tokens/targets: (M, B/M, T) or (B, T). Layer tensors are restacked to (P, L/P, ...) and
-    sharded over the stage axis; wte, wpe and ln_f are replicated, and the transpose of that
-    replication sums wte's embedding (stage 0) and LM-head (last stage) gradients.
+    sharded over the stage axis; the tensors outside the layers (GPT-2: wte, wpe, ln_f; Llama:
+    the embedding, the final norm, the untied head) are replicated, and the transpose of that
+    replication sums GPT-2's tied wte gradients of embedding (stage 0) and LM head (last stage).
     SPMD costs: every stage computes on every one of the M+P-1 ticks (its bubble ticks on junk),
     and the head/loss runs on every stage, masked to the last: no longer in wall time than the
     last stage alone, but not free in energy or memory.
@@ -65,16 +79,17 @@ def make_gpipe_loss_and_grads(cfg, stages, microbatches, devices=None):
         raise ValueError(f"n_layer={cfg.n_layer} is not divisible by stages={P}")
     mesh = _make_mesh(P, devices)
     shift = [(s, (s + 1) % P) for s in range(P)]
+    fam, prefix, shared_keys, block, head = _family(cfg)
 
     def stage_loss(stacked, shared, tokens_MBT, targets_MBT):
         # Runs on one device; stacked[k] is this stage's (1, L/P, ...) slice.
         stage = lax.axis_index(AXIS)
         local = {k: v[0] for k, v in stacked.items()}
         _, b, T = tokens_MBT.shape
-        emb_MBTC = gpt2.embed(shared, tokens_MBT.reshape(M * b, T)).reshape(M, b, T, -1)
+        emb_MBTC = fam.embed(shared, tokens_MBT.reshape(M * b, T)).reshape(M, b, T, -1)
 
         def run_stage(x_BTC):
-            return lax.scan(lambda x, p: (gpt2.block(p, x, cfg.n_head), None), x_BTC, local)[0]
+            return lax.scan(lambda x, p: (block(p, x), None), x_BTC, local)[0]
 
         def tick(carry, i):
             # Tick i: stage s works on micro-batch i - s; the last stage's result is micro-batch
@@ -89,7 +104,7 @@ def make_gpipe_loss_and_grads(cfg, stages, microbatches, devices=None):
         init = (_varying(jnp.zeros_like(emb_MBTC[0])), _varying(jnp.zeros_like(emb_MBTC)))
         (_, outs_MBTC), _ = lax.scan(tick, init, jnp.arange(M + P - 1))
         losses_M = jax.vmap(lambda x_BTC, y_BT: ops.softmax_cross_entropy(
-            gpt2.head(shared, x_BTC), y_BT))(outs_MBTC, targets_MBT)
+            head(shared, x_BTC), y_BT))(outs_MBTC, targets_MBT)
         loss = jnp.sum(losses_M * (1.0 / M))  # mean of the M micro-batch losses
         return lax.psum(jnp.where(stage == P - 1, loss, 0.0), AXIS)
 
@@ -101,18 +116,18 @@ def make_gpipe_loss_and_grads(cfg, stages, microbatches, devices=None):
     def loss_and_grads(params, tokens, targets):
         tokens_MBT = as_microbatches(tokens, M)
         targets_MBT = as_microbatches(targets, M)
-        L = gpt2.n_layers(params)
+        L = fam.n_layers(params)
         if L % P:
             raise ValueError(f"{L} layers in params are not divisible by stages={P}")
-        stacked = {k: jnp.stack([params[f"h.{i}.{k}"] for i in range(L)]).reshape(
-            (P, L // P) + params[f"h.0.{k}"].shape) for k in gpt2.LAYER_KEYS}
-        shared = {k: params[k] for k in SHARED_KEYS}
+        stacked = {k: jnp.stack([params[f"{prefix}.{i}.{k}"] for i in range(L)]).reshape(
+            (P, L // P) + params[f"{prefix}.0.{k}"].shape) for k in fam.LAYER_KEYS}
+        shared = {k: params[k] for k in shared_keys}
         loss, (g_stacked, g_shared) = jax.value_and_grad(pipelined, argnums=(0, 1))(
             stacked, shared, tokens_MBT, targets_MBT)
         flat = dict(g_shared)
         for k, g in g_stacked.items():
             g = g.reshape((L,) + g.shape[2:])
-            flat.update({f"h.{i}.{k}": g[i] for i in range(L)})
+            flat.update({f"{prefix}.{i}.{k}": g[i] for i in range(L)})
         return loss, {k: flat[k] for k in params}
 
     return jax.jit(loss_and_grads)

@@ -55,10 +55,26 @@ print("GPIPE_OK")
 """
 
 
-def test_gpipe_matches_single_device():
+# The same for the Llama family (untied head, GQA with 2 query heads per kv head): every tensor
+# after one step, the embedding (first stage) and the head (last stage) included.
+_LLAMA_GPIPE_SCRIPT = (_GPIPE_SCRIPT
+    .replace("from reference import (AdamWConfig, GPTConfig, accumulated_loss_and_grads, "
+             "adamw_init,\n                       adamw_update, make_gpipe_train_step, "
+             "param_shapes, set_precision)",
+             "from reference import AdamWConfig, adamw_init, adamw_update, "
+             "make_gpipe_train_step, set_precision\n"
+             "from reference.llama import LlamaConfig, accumulated_loss_and_grads, param_shapes")
+    .replace("cfg = GPTConfig(n_layer=4, n_embd=24, n_head=3, vocab_size=37, n_positions=8)",
+             "cfg = LlamaConfig(n_layer=4, n_embd=24, n_head=4, n_kv_head=2, vocab_size=37, "
+             "ffn_dim=40, n_positions=8)"))
+
+
+@pytest.mark.parametrize("script", [_GPIPE_SCRIPT, _LLAMA_GPIPE_SCRIPT], ids=["gpt2", "llama"])
+def test_gpipe_matches_single_device(script):
+    assert "GPTConfig(" not in script or script is _GPIPE_SCRIPT  # the llama edit took
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_GPIPE_SCRIPT)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "GPIPE_OK" in proc.stdout, proc.stdout + proc.stderr
 
