@@ -361,6 +361,10 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
                 if last_job.stage_bytes:
                     notes["engine"]["rank_device_bytes"] = {
                         str(r): b for r, b in sorted(last_job.stage_bytes.items())}
+                if last_job.rank_bubbles:  # the last job's, rank by rank
+                    notes["engine"]["rank_bubble"] = {
+                        str(r): {"measured": m, "simulated": sm}
+                        for r, (m, sm) in sorted(last_job.rank_bubbles.items())}
 
         def jax_block(run: dict[str, Any]) -> None:
             blk = run["worker"].request({"op": "block"})

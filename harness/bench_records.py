@@ -188,6 +188,11 @@ def _table_notes(cases: list[CaseConfig], run: dict, records=None) -> list[str]:
                     line += (f", engine {r.iloc[0]['value']:.2f}x [{r.iloc[0]['spread_lo']:.2f}, "
                              f"{r.iloc[0]['spread_hi']:.2f}]")
             out.append(line)
+        rb = (info.get("engine") or {}).get("rank_bubble")
+        if rb:
+            out.append(f"{case_id(c)}: bubble per rank, measured / simulated (last job): " +
+                       ", ".join(f"r{r} {100 * v['measured']:.1f}% / {100 * v['simulated']:.1f}%"
+                                 for r, v in sorted(rb.items(), key=lambda kv: int(kv[0]))))
         for n in info.get("notes", []):
             out.append(f"{case_id(c)}: {n}")
         if info.get("status") == "failed":

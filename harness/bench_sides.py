@@ -329,6 +329,8 @@ class JobResult:
     transport: str | None = None
     stage_bytes: dict[int, int] = dataclasses.field(default_factory=dict)  # rank -> device bytes
     mps: str = ""  # harness.mps: what the job ran under ("" for CPU ranks)
+    # rank -> (measured idle share, median over the timed steps; simulated idle share)
+    rank_bubbles: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
 
 def stage_durations(d, n_stages: int) -> tuple[list[float], list[float], list[float]]:
@@ -354,9 +356,9 @@ def stage_durations(d, n_stages: int) -> tuple[list[float], list[float], list[fl
 def _timed_bubble(timeline_dir: Path, case: CaseConfig, first_timed: int):
     """(median measured bubble over the timed steps, simulated bubble: the schedule replayed by
     harness.schedule.simulate with those steps' mean F/B/W durations per virtual stage, the
-    timeline DataFrame)."""
+    timeline DataFrame, {rank: (measured, simulated) idle share of that rank})."""
     from harness import schedule as sched
-    from harness.timeline import load_timelines, measured_bubble
+    from harness.timeline import bubble_per_rank, load_timelines, measured_bubble
 
     df = load_timelines(timeline_dir)
     steps = sorted(s for s in df["step"].unique() if s >= first_timed)
@@ -365,9 +367,14 @@ def _timed_bubble(timeline_dir: Path, case: CaseConfig, first_timed: int):
     bubble = statistics.median(measured_bubble(df, step=int(s)) for s in steps)
     p = case.pipeline
     s = sched.generate(p.schedule, p.stages, p.microbatches, p.chunks)
-    f, b, w = stage_durations(df[df["step"] >= first_timed], s.stages)
-    sim = sched.simulate(s, f=f, b=b, w=w).bubble
-    return float(bubble), float(sim), df
+    timed = df[df["step"] >= first_timed]
+    f, b, w = stage_durations(timed, s.stages)
+    run = sched.simulate(s, f=f, b=b, w=w)
+    per_rank = bubble_per_rank(timed).median()
+    ranks = {int(r): (float(per_rank[r]),
+                      1.0 - run.busy[int(r)] / run.makespan if run.makespan > 0 else 0.0)
+             for r in per_rank.index if 0 <= int(r) < len(run.busy)}
+    return float(bubble), float(run.bubble), df, ranks
 
 
 def jax_memory_fraction(job: JobResult, env: dict) -> tuple[float | None, str]:
@@ -404,7 +411,7 @@ def run_pipeline_job(case: CaseConfig, weights: Path, x_SBT, y_SBT, order: list[
         res = run_pipeline(case, weights, x_SBT[order], y_SBT[order], workdir, timeout=timeout,
                            threads=threads, mps=mps)
     step_s = [float(s) for s in res.step_s[warmup:]]
-    bubble, sim, _ = _timed_bubble(res.timeline_dir, case, warmup)
+    bubble, sim, _, rank_bubbles = _timed_bubble(res.timeline_dir, case, warmup)
     stage_bytes = {int(r["rank"]): int(r["device_bytes"]) for r in res.ranks}
     if gpu:
         # device memory: what nvidia-smi saw each rank hold (context, cuBLAS workspace and the
@@ -417,4 +424,4 @@ def run_pipeline_job(case: CaseConfig, weights: Path, x_SBT, y_SBT, order: list[
         source = f"sum over {len(peaks)} ranks of VmHWM (sampled every {RANK_SAMPLE_S} s)"
     return JobResult(step_s, bubble, sim, int(sum(peaks)), int(max(peaks, default=0)),
                      len(peaks), res.timeline_dir, source, res.devices, res.transport,
-                     stage_bytes, res.mps)
+                     stage_bytes, res.mps, rank_bubbles)

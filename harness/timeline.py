@@ -127,6 +127,22 @@ def bubble_per_step(df: pd.DataFrame) -> pd.Series:
     return pd.Series(values, name="bubble", dtype=float).rename_axis("step")
 
 
+def bubble_per_rank(df: pd.DataFrame) -> pd.DataFrame:
+    """Each rank's idle share of every step (index: step, columns: rank): 1 − the rank's busy
+    compute ÷ the step's wall time (the same window as `bubble_per_step`, whose value is the mean
+    of these over the ranks)."""
+    window = df[df["kind"].isin(COMPUTE_KINDS + COMM_KINDS)]
+    ranks = sorted(int(r) for r in df["rank"].unique())
+    rows = {}
+    for step, g in window.groupby("step", sort=True):
+        wall = float(g["end_us"].max() - g["start_us"].min())
+        compute = g[g["kind"].isin(COMPUTE_KINDS)]
+        busy = (compute["end_us"] - compute["start_us"]).groupby(compute["rank"]).sum()
+        rows[int(step)] = {r: (1.0 - float(busy.get(r, 0.0)) / wall if wall > 0 else float("nan"))
+                           for r in ranks}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=ranks).rename_axis("step")
+
+
 def measured_bubble(df: pd.DataFrame, step: int | None = None) -> float:
     """1 − Σ_ranks busy compute time ÷ (ranks × step wall time).
 

@@ -100,6 +100,12 @@ def test_rows_for_every_side_metric_and_case(first_run):
     assert "bubble meas. / sim. / theory" in stdout
     p2_line = next(l for l in stdout.splitlines() if l.startswith("p2 "))
     assert re.search(r"\d+\.\d% / \d+\.\d% / 33\.3%$", p2_line), p2_line
+    # and rank by rank (the last job), in the notes and in run.json
+    assert re.search(r"p2: bubble per rank, measured / simulated \(last job\): "
+                     r"r0 \d+\.\d% / \d+\.\d%, r1 \d+\.\d% / \d+\.\d%", stdout), stdout
+    rb = json.loads((out / "run.json").read_text())["cases"]["p2"]["engine"]["rank_bubble"]
+    assert sorted(rb) == ["0", "1"]
+    assert all(0 <= v[k] < 1 for v in rb.values() for k in ("measured", "simulated"))
 
 
 def test_summary_rows_carry_median_and_spread(first_run):

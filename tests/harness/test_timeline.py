@@ -179,3 +179,52 @@ def test_stage_durations_fill_a_missing_stage_with_the_kind_mean():
                             end_us=40.0)], columns=tl.COLUMNS)
     f, b, w = stage_durations(df, 3)
     assert f == [10.0, 30.0, 20.0] and b == w == [0.0, 0.0, 0.0]
+
+
+def test_bubble_per_rank_by_hand_and_its_mean_is_the_step_bubble():
+    rows = [(0, 1, "F", 0, 0, 0.0, 4.0), (1, 1, "F", 1, 0, 4.0, 6.0),
+            (1, 1, "WAIT", 1, 0, 0.0, 4.0), (0, 1, "WAIT", 0, 0, 4.0, 8.0),
+            (1, 1, "B", 1, 0, 6.0, 8.0)]
+    df = pd.DataFrame(rows, columns=tl.COLUMNS)
+    per = tl.bubble_per_rank(df)
+    # wall 8: rank 0 busy 4 -> 50% idle, rank 1 busy 4 -> 50% idle
+    assert per.loc[1].tolist() == [0.5, 0.5]
+    df.loc[4, "end_us"] = 7.0  # rank 1 busy 3 of the 8
+    per = tl.bubble_per_rank(df)
+    assert per.loc[1, 1] == pytest.approx(5 / 8)
+    assert per.loc[1].mean() == pytest.approx(tl.bubble_per_step(df)[1])
+
+
+@pytest.mark.parametrize("name", ["zb-h1", "gpipe"])
+def test_replayed_timeline_per_rank_bubble_is_the_simulated_one(name):
+    f, b, w = [100.0, 100.0, 100.0, 180.0], [120.0, 120.0, 120.0, 200.0], [80.0, 80, 80, 90]
+    s, sim, df = _replayed_timeline(name, 4, 8, f, b, w)
+    per = tl.bubble_per_rank(df).loc[0]
+    want = [1.0 - busy / sim.makespan for busy in sim.busy]
+    assert per.tolist() == pytest.approx(want, abs=1e-12)
+    assert want[-1] < want[0]  # the heavy last stage idles least
+
+
+def test_timed_bubble_replays_a_perfect_runtime_rank_by_rank(tmp_path):
+    """bench's _timed_bubble on the timeline files a runtime adding nothing would write: measured
+    and simulated agree, overall and for every rank (steps before first_timed left out)."""
+    from types import SimpleNamespace
+
+    from harness.bench_sides import _timed_bubble
+
+    f, b, w = [100.0, 100.0, 100.0, 180.0], [120.0, 120.0, 120.0, 200.0], [80.0, 80, 80, 90]
+    s, sim, df = _replayed_timeline("zb-h1", 4, 8, f, b, w)
+    warm = df.assign(step=0, end_us=df["start_us"] + 3 * (df["end_us"] - df["start_us"]))
+    timed = df.assign(step=1)
+    for r in range(4):
+        pd.concat([warm, timed])[lambda d: d["rank"] == r].to_csv(
+            tmp_path / f"timeline_rank{r}.csv", index=False)
+    case = SimpleNamespace(pipeline=SimpleNamespace(schedule="zb-h1", stages=4, microbatches=8,
+                                                    chunks=1))
+    bubble, simulated, _, ranks = _timed_bubble(tmp_path, case, first_timed=1)
+    assert bubble == pytest.approx(sim.bubble, abs=1e-12)
+    assert simulated == pytest.approx(sim.bubble, abs=1e-12)
+    assert sorted(ranks) == [0, 1, 2, 3]
+    for r, (measured, simulated_r) in ranks.items():
+        assert measured == pytest.approx(1.0 - sim.busy[r] / sim.makespan, abs=1e-12)
+        assert simulated_r == pytest.approx(measured, abs=1e-12)
