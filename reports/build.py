@@ -224,6 +224,9 @@ def _pipeline_section(summary: pd.DataFrame, res: Results, fig: Path, out: Path)
                                "(p−1)/(m+p−1) of the step). Grouped by schedule."))
     else:
         s.blocks.append(Note("no bubble rows (metric bubble, side engine or theory).", "missing"))
+    per_rank = tables.rank_bubbles(res.runs)
+    if per_rank is not None:
+        s.blocks.append(per_rank)
     if not res.timelines:
         s.blocks.append(Note("no timelines (timelines/<case>/timeline_rank*.csv): no pipeline "
                              "Gantt charts.", "missing"))

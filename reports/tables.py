@@ -246,6 +246,36 @@ def bench(summary: pd.DataFrame) -> list[Table]:
     return [t1, t2]
 
 
+def rank_bubbles(runs: dict[str, dict]) -> Table | None:
+    """One row per (case, rank) of the pipelined cases whose run.json carries the last job's
+    bubble rank by rank (engine.rank_bubble): measured and simulated idle share, the gap in
+    points. None when no case has them."""
+    rows = []
+    for _source, run in runs.items():
+        cases = run.get("cases")
+        if not isinstance(cases, dict):  # a parity run lists its cases
+            continue
+        for case, info in cases.items():
+            eng = info.get("engine") if isinstance(info, dict) else None
+            rb = (eng.get("rank_bubble") if isinstance(eng, dict) else None) or {}
+            for r, v in sorted(rb.items(), key=lambda kv: str(kv[0]).zfill(8)):
+                try:
+                    m, sm = float(v["measured"]), float(v["simulated"])
+                except (KeyError, TypeError, ValueError):
+                    continue  # not what the bench writes: leave the row out
+                rows.append([case, str(r), f"{100 * m:.1f}%", f"{100 * sm:.1f}%",
+                             f"{100 * (m - sm):+.1f}"])
+    if not rows:
+        return None
+    note = ("The last timed job of each case: a rank's idle share of the step (1 − its busy "
+            "compute ÷ the step's wall time), measured from its timeline and simulated by "
+            "replaying the schedule with the job's own per-stage F/B/W durations; the mean "
+            "over the ranks is the case's bubble.")
+    return Table("Bubble per rank", ["case", "rank", "measured", "simulated",
+                                     "measured − simulated (points)"], rows, [], note,
+                 [False, True, True, True, True], nowrap=True)
+
+
 def parity_cases(parity: pd.DataFrame) -> Table:
     """One row per case: tiers run, tensors passed/failed, the worst tensor and its share."""
     rows, flags = [], []

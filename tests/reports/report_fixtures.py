@@ -358,7 +358,10 @@ def write_cpu_dir(path: Path) -> Path:
              versions={"python": "3.11.7", "jax": "0.10.2", "numpy": "2.1.3", "openmpi": "5.0.6",
                        "tandem": "0.1.0"},
              peaks={"fp32": {"flops": 1.95e11, "source": "measured fp32 GEMM 2048²"}},
-             command="tandem run --out results/cpu")
+             command="tandem run --out results/cpu",
+             cases={"tiny-1f1b-p2-m4": {"engine": {"rank_bubble": {
+                 "0": {"measured": 0.212, "simulated": 0.2},
+                 "1": {"measured": 0.19, "simulated": 0.185}}}}})
     return path
 
 

@@ -102,6 +102,15 @@ def test_bubble_table_gives_measured_simulated_and_theory(report):
     assert cells[3] == "10.3%" and cells[4] == "9.1%", cells
 
 
+def test_bubble_per_rank_table_from_run_json(report):
+    md = (report / "report.md").read_text()
+    assert "Bubble per rank" in md
+    rows = [l for l in md.splitlines() if l.startswith("| tiny-1f1b-p2-m4 | ")]
+    cells = [[c.strip() for c in l.split("|")[1:-1]] for l in rows]
+    assert ["tiny-1f1b-p2-m4", "0", "21.2%", "20.0%", "+1.2"] in cells, cells
+    assert ["tiny-1f1b-p2-m4", "1", "19.0%", "18.5%", "+0.5"] in cells, cells
+
+
 def test_headline_and_loss_facts(report):
     html = (report / "index.html").read_text()
     assert "115/116" in html  # parity tensors within tolerance
