@@ -254,79 +254,66 @@ static float median(std::vector<float> v) {
     return v[v.size() / 2];
 }
 
+/* median forward and backward times (ms) of (f, g) over reps runs, after a warm-up one */
+static void time_pair(fwd_fn f, bwd_fn g, Bufs &b, int BH, int T, int HS, float scale, int reps,
+                      float *fwd_ms, float *bwd_ms) {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    run_impl(f, g, b, BH, T, HS, scale); /* warm-up (+ attribute setting) */
+    std::vector<float> tf, tb;
+    for (int r = 0; r < reps; r++) {
+        float ms;
+        CK(cudaEventRecord(e0));
+        CK(f(0, b.O, b.lse, b.q, b.k, b.v, BH, T, HS, scale));
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        tf.push_back(ms);
+        CK(cudaEventRecord(e0));
+        CK(g(0, b.dq, b.dk, b.dv, b.q, b.k, b.v, b.dO, b.lse, b.D, BH, T, HS, scale));
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        tb.push_back(ms);
+    }
+    *fwd_ms = median(tf);
+    *bwd_ms = median(tb);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+}
+
 /* the FlashAttention-2 kernels at each warps-per-block setting: forward at 4 and 8 warps, the
  * backward's dK/dV and dQ kernels at each pair (the defaults restored afterwards) */
 static void timing_warps(const char *label, int BH, int T, int HS, int reps) {
     const float scale = 1.f / sqrtf((float)HS);
     Bufs b = alloc_bufs(BH, T, HS);
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     const double fwd_flop = 4.0 * BH * HS * (double)T * (T + 1) / 2;
     const td_flash_warps keep = td_flash_get_warps();
     for (int f = 4; f <= 8; f += 4)
         for (int kv = 4; kv <= 8; kv += 4)
             for (int q = 4; q <= 8; q += 4) {
                 CK(td_flash_set_warps(td_flash_warps{f, kv, q}));
-                run_impl(td_k_flash_forward, td_k_flash_backward, b, BH, T, HS, scale);
-                std::vector<float> tf, tb;
-                for (int r = 0; r < reps; r++) {
-                    float ms;
-                    CK(cudaEventRecord(e0));
-                    CK(td_k_flash_forward(0, b.O, b.lse, b.q, b.k, b.v, BH, T, HS, scale));
-                    CK(cudaEventRecord(e1));
-                    CK(cudaEventSynchronize(e1));
-                    CK(cudaEventElapsedTime(&ms, e0, e1));
-                    tf.push_back(ms);
-                    CK(cudaEventRecord(e0));
-                    CK(td_k_flash_backward(0, b.dq, b.dk, b.dv, b.q, b.k, b.v, b.dO, b.lse, b.D, BH, T, HS, scale));
-                    CK(cudaEventRecord(e1));
-                    CK(cudaEventSynchronize(e1));
-                    CK(cudaEventElapsedTime(&ms, e0, e1));
-                    tb.push_back(ms);
-                }
-                const float mf = median(tf), mb = median(tb);
+                float mf, mb;
+                time_pair(td_k_flash_forward, td_k_flash_backward, b, BH, T, HS, scale, reps, &mf, &mb);
                 printf("WARPS | %s | BH=%d T=%d HS=%d | fwd %d kv %d q %d | fwd %.3f ms (%.0f TFLOP/s) | bwd %.3f ms (%.0f TFLOP/s at 2.5x fwd) |%s\n",
                        label, BH, T, HS, f, kv, q, mf, fwd_flop / mf / 1e9, mb, 2.5 * fwd_flop / mb / 1e9,
                        f == keep.fwd && kv == keep.kv && q == keep.q ? " default" : "");
             }
     CK(td_flash_set_warps(keep));
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
     free_bufs(b);
 }
 
 static void timing(const char *label, int BH, int T, int HS, int reps) {
     const float scale = 1.f / sqrtf((float)HS);
     Bufs b = alloc_bufs(BH, T, HS);
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     const double fwd_flop = 4.0 * BH * HS * (double)T * (T + 1) / 2; /* causal, 2 products */
     const char *names[2] = {"fa2", "v1"};
     fwd_fn fs[2] = {td_k_flash_forward, td_k_flash_forward_v1};
     bwd_fn gs[2] = {td_k_flash_backward, td_k_flash_backward_v1};
     float res[2][2];
     for (int which = 0; which < 2; which++) {
-        run_impl(fs[which], gs[which], b, BH, T, HS, scale); /* warm-up (+ attribute setting) */
-        std::vector<float> tf, tb;
-        for (int r = 0; r < reps; r++) {
-            float ms;
-            CK(cudaEventRecord(e0));
-            CK(fs[which](0, b.O, b.lse, b.q, b.k, b.v, BH, T, HS, scale));
-            CK(cudaEventRecord(e1));
-            CK(cudaEventSynchronize(e1));
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            tf.push_back(ms);
-            CK(cudaEventRecord(e0));
-            CK(gs[which](0, b.dq, b.dk, b.dv, b.q, b.k, b.v, b.dO, b.lse, b.D, BH, T, HS, scale));
-            CK(cudaEventRecord(e1));
-            CK(cudaEventSynchronize(e1));
-            CK(cudaEventElapsedTime(&ms, e0, e1));
-            tb.push_back(ms);
-        }
-        res[which][0] = median(tf);
-        res[which][1] = median(tb);
+        time_pair(fs[which], gs[which], b, BH, T, HS, scale, reps, &res[which][0], &res[which][1]);
         printf("time %-5s BH=%d T=%d HS=%d %-4s fwd %.3f ms (%.0f TFLOP/s)  bwd %.3f ms (%.0f TFLOP/s at 2.5x fwd, "
                "%.0f at the 3.5x it computes)\n",
                label, BH, T, HS, names[which], res[which][0], fwd_flop / res[which][0] / 1e9, res[which][1],
@@ -334,8 +321,6 @@ static void timing(const char *label, int BH, int T, int HS, int reps) {
     }
     printf("TABLE | %s | BH=%d T=%d HS=%d | fwd %.3f -> %.3f ms (%.1fx) | bwd %.3f -> %.3f ms (%.1fx) |\n", label, BH, T, HS,
            res[1][0], res[0][0], res[1][0] / res[0][0], res[1][1], res[0][1], res[1][1] / res[0][1]);
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
     free_bufs(b);
 }
 
