@@ -55,54 +55,103 @@ static void kernel_c_4x16(int kc, const float *Ap, const float *Bp, float *C, in
 }
 
 #ifdef TD_X86
+#define TD_AVX512_ROW(i, r0, r1)                                                                   \
+    do {                                                                                           \
+        const __m512 ai = _mm512_set1_ps(a[i]);                                                    \
+        r0 = _mm512_fmadd_ps(ai, b0, r0);                                                          \
+        r1 = _mm512_fmadd_ps(ai, b1, r1);                                                          \
+    } while (0)
+#define TD_AVX512_STORE(i, r0, r1)                                                                 \
+    do {                                                                                           \
+        float *ci = C + (size_t)(i) * ldc;                                                         \
+        if (!overwrite) {                                                                          \
+            r0 = _mm512_add_ps(r0, _mm512_loadu_ps(ci));                                           \
+            r1 = _mm512_add_ps(r1, _mm512_loadu_ps(ci + 16));                                      \
+        }                                                                                          \
+        _mm512_storeu_ps(ci, r0);                                                                  \
+        _mm512_storeu_ps(ci + 16, r1);                                                             \
+    } while (0)
+
+/* 24 accumulators as named variables (see the AVX2 kernel below for why not an array). */
 __attribute__((target("avx512f"))) static void kernel_avx512_12x32(int kc, const float *Ap,
                                                                     const float *Bp, float *C,
                                                                     int ldc, int overwrite) {
-    __m512 c[12][2];
-    for (int i = 0; i < 12; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+           c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00,
+           c70 = c00, c71 = c00, c80 = c00, c81 = c00, c90 = c00, c91 = c00, ca0 = c00, ca1 = c00,
+           cb0 = c00, cb1 = c00;
     for (int k = 0; k < kc; k++) {
-        __m512 b0 = _mm512_loadu_ps(Bp + k * 32), b1 = _mm512_loadu_ps(Bp + k * 32 + 16);
+        const __m512 b0 = _mm512_loadu_ps(Bp + k * 32), b1 = _mm512_loadu_ps(Bp + k * 32 + 16);
         const float *a = Ap + k * 12;
-        for (int i = 0; i < 12; i++) {
-            __m512 ai = _mm512_set1_ps(a[i]);
-            c[i][0] = _mm512_fmadd_ps(ai, b0, c[i][0]);
-            c[i][1] = _mm512_fmadd_ps(ai, b1, c[i][1]);
-        }
+        TD_AVX512_ROW(0, c00, c01);
+        TD_AVX512_ROW(1, c10, c11);
+        TD_AVX512_ROW(2, c20, c21);
+        TD_AVX512_ROW(3, c30, c31);
+        TD_AVX512_ROW(4, c40, c41);
+        TD_AVX512_ROW(5, c50, c51);
+        TD_AVX512_ROW(6, c60, c61);
+        TD_AVX512_ROW(7, c70, c71);
+        TD_AVX512_ROW(8, c80, c81);
+        TD_AVX512_ROW(9, c90, c91);
+        TD_AVX512_ROW(10, ca0, ca1);
+        TD_AVX512_ROW(11, cb0, cb1);
     }
-    for (int i = 0; i < 12; i++) {
-        float *ci = C + (size_t)i * ldc;
-        if (!overwrite) {
-            c[i][0] = _mm512_add_ps(c[i][0], _mm512_loadu_ps(ci));
-            c[i][1] = _mm512_add_ps(c[i][1], _mm512_loadu_ps(ci + 16));
-        }
-        _mm512_storeu_ps(ci, c[i][0]);
-        _mm512_storeu_ps(ci + 16, c[i][1]);
-    }
+    TD_AVX512_STORE(0, c00, c01);
+    TD_AVX512_STORE(1, c10, c11);
+    TD_AVX512_STORE(2, c20, c21);
+    TD_AVX512_STORE(3, c30, c31);
+    TD_AVX512_STORE(4, c40, c41);
+    TD_AVX512_STORE(5, c50, c51);
+    TD_AVX512_STORE(6, c60, c61);
+    TD_AVX512_STORE(7, c70, c71);
+    TD_AVX512_STORE(8, c80, c81);
+    TD_AVX512_STORE(9, c90, c91);
+    TD_AVX512_STORE(10, ca0, ca1);
+    TD_AVX512_STORE(11, cb0, cb1);
 }
+
+/* The accumulators are named variables, not an array: with `__m256 c[6][2]` GCC 12 kept the
+ * array's stack copy up to date inside the k loop (ten 32-byte stores per k step beside the twelve
+ * FMAs), which made the stores, not the FMA pipes, the bottleneck. Each accumulator still sums
+ * over k in order, so the results are the same bits. */
+#define TD_AVX2_ROW(i, r0, r1)                                                                     \
+    do {                                                                                           \
+        const __m256 ai = _mm256_broadcast_ss(a + (i));                                            \
+        r0 = _mm256_fmadd_ps(ai, b0, r0);                                                          \
+        r1 = _mm256_fmadd_ps(ai, b1, r1);                                                          \
+    } while (0)
+#define TD_AVX2_STORE(i, r0, r1)                                                                   \
+    do {                                                                                           \
+        float *ci = C + (size_t)(i) * ldc;                                                         \
+        if (!overwrite) {                                                                          \
+            r0 = _mm256_add_ps(r0, _mm256_loadu_ps(ci));                                           \
+            r1 = _mm256_add_ps(r1, _mm256_loadu_ps(ci + 8));                                       \
+        }                                                                                          \
+        _mm256_storeu_ps(ci, r0);                                                                  \
+        _mm256_storeu_ps(ci + 8, r1);                                                              \
+    } while (0)
 
 __attribute__((target("avx2,fma"))) static void kernel_avx2_6x16(int kc, const float *Ap,
                                                                   const float *Bp, float *C,
                                                                   int ldc, int overwrite) {
-    __m256 c[6][2];
-    for (int i = 0; i < 6; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+           c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int k = 0; k < kc; k++) {
-        __m256 b0 = _mm256_loadu_ps(Bp + k * 16), b1 = _mm256_loadu_ps(Bp + k * 16 + 8);
+        const __m256 b0 = _mm256_loadu_ps(Bp + k * 16), b1 = _mm256_loadu_ps(Bp + k * 16 + 8);
         const float *a = Ap + k * 6;
-        for (int i = 0; i < 6; i++) {
-            __m256 ai = _mm256_broadcast_ss(a + i);
-            c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);
-            c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
-        }
+        TD_AVX2_ROW(0, c00, c01);
+        TD_AVX2_ROW(1, c10, c11);
+        TD_AVX2_ROW(2, c20, c21);
+        TD_AVX2_ROW(3, c30, c31);
+        TD_AVX2_ROW(4, c40, c41);
+        TD_AVX2_ROW(5, c50, c51);
     }
-    for (int i = 0; i < 6; i++) {
-        float *ci = C + (size_t)i * ldc;
-        if (!overwrite) {
-            c[i][0] = _mm256_add_ps(c[i][0], _mm256_loadu_ps(ci));
-            c[i][1] = _mm256_add_ps(c[i][1], _mm256_loadu_ps(ci + 8));
-        }
-        _mm256_storeu_ps(ci, c[i][0]);
-        _mm256_storeu_ps(ci + 8, c[i][1]);
-    }
+    TD_AVX2_STORE(0, c00, c01);
+    TD_AVX2_STORE(1, c10, c11);
+    TD_AVX2_STORE(2, c20, c21);
+    TD_AVX2_STORE(3, c30, c31);
+    TD_AVX2_STORE(4, c40, c41);
+    TD_AVX2_STORE(5, c50, c51);
 }
 #endif
 
