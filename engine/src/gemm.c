@@ -159,10 +159,11 @@ typedef struct {
     int mr, nr;
     microkernel_fn fn;
     const char *name;
+    int simd; /* the CPU has AVX2: packing moves 8 x 8 blocks (pack_rows_avx2) */
 } kernel_desc;
 
 static kernel_desc pick_kernel(void) {
-    kernel_desc k = {4, 16, kernel_c_4x16, "c-4x16"};
+    kernel_desc k = {4, 16, kernel_c_4x16, "c-4x16", 0};
 #ifdef TD_X86
     const char *force = getenv("TANDEM_GEMM_KERNEL"); /* "avx512", "avx2", "c": for tests */
     __builtin_cpu_init();
@@ -170,8 +171,8 @@ static kernel_desc pick_kernel(void) {
                                                             __builtin_cpu_supports("fma");
     if (force && !strcmp(force, "c")) return k;
     if (avx512 && !(force && !strcmp(force, "avx2")))
-        return (kernel_desc){12, 32, kernel_avx512_12x32, "avx512-12x32"};
-    if (avx2) return (kernel_desc){6, 16, kernel_avx2_6x16, "avx2-6x16"};
+        return (kernel_desc){12, 32, kernel_avx512_12x32, "avx512-12x32", avx2};
+    if (avx2) return (kernel_desc){6, 16, kernel_avx2_6x16, "avx2-6x16", 1};
 #endif
     return k;
 }
@@ -180,9 +181,100 @@ const char *td_gemm_kernel_name(void) { return pick_kernel().name; }
 
 /* ---- packing ------------------------------------------------------------------------------ */
 
+/* One panel from rows that run along k: dst[k * R + r] = src[r * lds + k] for r < valid, and 0
+ * for valid <= r < R (the zero padding past the matrix's edge), k < kc. This is the panel of a
+ * non-transposed A and of a transposed B. Element by element it writes with a stride of R floats,
+ * and it was a quarter of a 256 x 768 x 2304 product's time; the AVX2 path moves 8 x 8 blocks
+ * through registers instead. Pure data movement: either path gives the same panel. */
+static void pack_rows_scalar(float *dst, int R, const float *src, size_t lds, int valid, int kc) {
+    for (int r = 0; r < R; r++) {
+        if (r >= valid) {
+            for (int k = 0; k < kc; k++) dst[k * R + r] = 0.0f;
+            continue;
+        }
+        const float *row = src + (size_t)r * lds;
+        for (int k = 0; k < kc; k++) dst[k * R + r] = row[k];
+    }
+}
+
+#ifdef TD_X86
+/* 8 rows x 8 k of src (rows past `valid` read as zero) to 8 k x `lanes` of dst (row stride R). */
+__attribute__((target("avx2"))) static void pack_rows_avx2(float *dst, int R, const float *src,
+                                                           size_t lds, int valid, int kc) {
+    for (int r0 = 0; r0 < R; r0 += 8) {
+        const int lanes = R - r0 < 8 ? R - r0 : 8;
+        int nv = valid - r0;
+        nv = nv < 0 ? 0 : nv > lanes ? lanes : nv;
+        const __m256i mask =
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const float *s = src + (size_t)r0 * lds;
+        float *d = dst + r0;
+        int k = 0;
+        for (; k + 8 <= kc; k += 8) {
+            const __m256 z = _mm256_setzero_ps();
+#define TD_LD(i) ((i) < nv ? _mm256_loadu_ps(s + (size_t)(i) * lds + k) : z)
+            const __m256 x0 = TD_LD(0), x1 = TD_LD(1), x2 = TD_LD(2), x3 = TD_LD(3), x4 = TD_LD(4),
+                         x5 = TD_LD(5), x6 = TD_LD(6), x7 = TD_LD(7);
+#undef TD_LD
+            const __m256 t0 = _mm256_unpacklo_ps(x0, x1), t1 = _mm256_unpackhi_ps(x0, x1),
+                         t2 = _mm256_unpacklo_ps(x2, x3), t3 = _mm256_unpackhi_ps(x2, x3),
+                         t4 = _mm256_unpacklo_ps(x4, x5), t5 = _mm256_unpackhi_ps(x4, x5),
+                         t6 = _mm256_unpacklo_ps(x6, x7), t7 = _mm256_unpackhi_ps(x6, x7);
+            const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                         u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                         u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                         u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            const __m256 y0 = _mm256_permute2f128_ps(u0, u4, 0x20),
+                         y1 = _mm256_permute2f128_ps(u1, u5, 0x20),
+                         y2 = _mm256_permute2f128_ps(u2, u6, 0x20),
+                         y3 = _mm256_permute2f128_ps(u3, u7, 0x20),
+                         y4 = _mm256_permute2f128_ps(u0, u4, 0x31),
+                         y5 = _mm256_permute2f128_ps(u1, u5, 0x31),
+                         y6 = _mm256_permute2f128_ps(u2, u6, 0x31),
+                         y7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+            float *dk = d + (size_t)k * R;
+            if (lanes == 8) {
+                _mm256_storeu_ps(dk, y0);
+                _mm256_storeu_ps(dk + R, y1);
+                _mm256_storeu_ps(dk + 2 * R, y2);
+                _mm256_storeu_ps(dk + 3 * R, y3);
+                _mm256_storeu_ps(dk + 4 * R, y4);
+                _mm256_storeu_ps(dk + 5 * R, y5);
+                _mm256_storeu_ps(dk + 6 * R, y6);
+                _mm256_storeu_ps(dk + 7 * R, y7);
+            } else {
+                _mm256_maskstore_ps(dk, mask, y0);
+                _mm256_maskstore_ps(dk + R, mask, y1);
+                _mm256_maskstore_ps(dk + 2 * R, mask, y2);
+                _mm256_maskstore_ps(dk + 3 * R, mask, y3);
+                _mm256_maskstore_ps(dk + 4 * R, mask, y4);
+                _mm256_maskstore_ps(dk + 5 * R, mask, y5);
+                _mm256_maskstore_ps(dk + 6 * R, mask, y6);
+                _mm256_maskstore_ps(dk + 7 * R, mask, y7);
+            }
+        }
+        for (; k < kc; k++)
+            for (int r = 0; r < lanes; r++)
+                d[(size_t)k * R + r] = r < nv ? s[(size_t)r * lds + k] : 0.0f;
+    }
+}
+#endif
+
+static void pack_rows(float *dst, int R, const float *src, size_t lds, int valid, int kc,
+                      int simd) {
+#ifdef TD_X86
+    if (simd) {
+        pack_rows_avx2(dst, R, src, lds, valid, kc);
+        return;
+    }
+#endif
+    (void)simd;
+    pack_rows_scalar(dst, R, src, lds, valid, kc);
+}
+
 /* Ap: ceil(m / MR) panels, each kc x MR (k-major), zero-padded past m. */
 static void pack_A(float *Ap, const float *A, int M, int K, int transA, int i0, int m, int p0,
-                   int kc, int MR) {
+                   int kc, int MR, int simd) {
     int panels = (m + MR - 1) / MR;
     for (int p = 0; p < panels; p++) {
         float *dst = Ap + (size_t)p * kc * MR;
@@ -194,21 +286,14 @@ static void pack_A(float *Ap, const float *A, int M, int K, int transA, int i0, 
                 for (int ii = rows; ii < MR; ii++) dst[k * MR + ii] = 0.0f;
             }
         } else {
-            for (int ii = 0; ii < MR; ii++) {
-                if (ii >= rows) {
-                    for (int k = 0; k < kc; k++) dst[k * MR + ii] = 0.0f;
-                    continue;
-                }
-                const float *src = A + (size_t)(i0 + p * MR + ii) * K + p0;
-                for (int k = 0; k < kc; k++) dst[k * MR + ii] = src[k];
-            }
+            pack_rows(dst, MR, A + (size_t)(i0 + p * MR) * K + p0, (size_t)K, rows, kc, simd);
         }
     }
 }
 
 /* Bp: ceil(n / NR) panels, each kc x NR (k-major), zero-padded past n. */
 static void pack_B(float *Bp, const float *B, int N, int K, int transB, int j0, int n, int p0,
-                   int kc, int NR) {
+                   int kc, int NR, int simd) {
     int panels = (n + NR - 1) / NR;
     for (int p = 0; p < panels; p++) {
         float *dst = Bp + (size_t)p * kc * NR;
@@ -220,14 +305,7 @@ static void pack_B(float *Bp, const float *B, int N, int K, int transB, int j0, 
                 for (int jj = jn; jj < NR; jj++) dst[k * NR + jj] = 0.0f;
             }
         } else {
-            for (int jj = 0; jj < NR; jj++) {
-                if (jj >= jn) {
-                    for (int k = 0; k < kc; k++) dst[k * NR + jj] = 0.0f;
-                    continue;
-                }
-                const float *src = B + (size_t)(j0 + p * NR + jj) * K + p0;
-                for (int k = 0; k < kc; k++) dst[k * NR + jj] = src[k];
-            }
+            pack_rows(dst, NR, B + (size_t)(j0 + p * NR) * K + p0, (size_t)K, jn, kc, simd);
         }
     }
 }
@@ -264,11 +342,11 @@ static int gemm_block(const kernel_desc *kd, float *C, const float *A, const flo
         for (int p0 = 0; p0 < K; p0 += KC) {
             const int kc = K - p0 < KC ? K - p0 : KC;
             const int overwrite = p0 == 0 && !accumulate;
-            pack_B(Bp, B, N, K, transB, j0, n, p0, kc, NR);
+            pack_B(Bp, B, N, K, transB, j0, n, p0, kc, NR, kd->simd);
             for (int i0 = m0; i0 < m1; i0 += MC) {
                 const int m = m1 - i0 < MC ? m1 - i0 : MC;
                 const int mpanels = (m + MR - 1) / MR;
-                pack_A(Ap, A, M, K, transA, i0, m, p0, kc, MR);
+                pack_A(Ap, A, M, K, transA, i0, m, p0, kc, MR, kd->simd);
                 for (int jp = 0; jp < npanels; jp++) {
                     const int j = j0 + jp * NR, nn = N - j < NR ? N - j : NR;
                     const float *b = Bp + (size_t)jp * kc * NR;
