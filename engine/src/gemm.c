@@ -17,6 +17,18 @@
 
 #include "gemm.h"
 
+#ifndef TD_FLOAT64
+#include <stdatomic.h>
+
+static int in_parallel(void) {
+#ifdef _OPENMP
+    return omp_in_parallel();
+#else
+    return 0;
+#endif
+}
+#endif
+
 #ifdef TD_FLOAT64
 
 void td_gemm(td_real *C, const td_real *A, const td_real *B, int M, int N, int K, int transA,
@@ -380,12 +392,18 @@ void td_gemm(float *C, const float *A, const float *B, int M, int N, int K, int 
             for (int i = 0; i < M; i++) memset(C + (size_t)i * N, 0, sizeof(float) * (size_t)N);
         return;
     }
-    static kernel_desc kd; /* chosen once; the CPU does not change under us */
-    static int kd_ready = 0;
-    if (!kd_ready) {
-        kd = pick_kernel();
-        kd_ready = 1;
+    /* chosen once (the CPU does not change under us), thread-safely: attention calls td_gemm
+     * from inside its own parallel loop, so the first calls may race here */
+    static kernel_desc kd_once;
+    static _Atomic int kd_ready = 0;
+    if (!atomic_load_explicit(&kd_ready, memory_order_acquire)) {
+#pragma omp critical(td_gemm_pick_kernel)
+        if (!atomic_load_explicit(&kd_ready, memory_order_relaxed)) {
+            kd_once = pick_kernel();
+            atomic_store_explicit(&kd_ready, 1, memory_order_release);
+        }
     }
+    const kernel_desc kd = kd_once;
     /* small problems: packing costs more than it saves */
     if ((double)M * N * K < 4096.0 * 16) {
         td_gemm_reference(C, A, B, M, N, K, transA, transB, accumulate);
@@ -395,8 +413,10 @@ void td_gemm(float *C, const float *A, const float *B, int M, int N, int K, int 
     const int mpanels = (M + MR - 1) / MR, npanels = (N + NR - 1) / NR;
     int failed = 0;
     /* one thread below ~1M multiply-adds (tens of microseconds on one core): waking the pool
-     * would cost as much; every thread count gives the same bits, so this changes none */
-#pragma omp parallel reduction(| : failed) if ((double)M * N * K >= 1048576.0)
+     * would cost as much; every thread count gives the same bits, so this changes none. One
+     * thread too when called from inside an active parallel region (attention's loop over
+     * heads): the caller's threads are the parallelism, and nesting would oversubscribe. */
+#pragma omp parallel reduction(| : failed) if ((double)M * N * K >= 1048576.0 && !in_parallel())
     {
         int nt = 1, t = 0;
 #ifdef _OPENMP

@@ -228,99 +228,258 @@ void td_linear_backward_weight(td_real *dw, td_real *dbias, const td_real *dout,
 
 /* ---- attention ------------------------------------------------------------------------------- */
 
+/* One row t of the scores (a[u] for u <= t holds q_t . k_u on entry) becomes its probabilities:
+ * scaled, the row maximum subtracted, softmax_exp, normalised; a[u] = 0 past t up to n. Both
+ * paths below (the per-row loops and the per-head GEMMs) go through this and the backward's
+ * softmax_row_backward, so they round alike. */
+static inline void softmax_row_forward(td_real *a, int t, int n, td_real scale) {
+    td_real maxv = -INFINITY;
+    for (int u = 0; u <= t; u++) {
+        td_real s = a[u];
+        s *= scale;
+        a[u] = s;
+        if (s > maxv) maxv = s;
+    }
+    td_real sum = 0;
+    for (int u = 0; u <= t; u++) {
+        a[u] = softmax_exp(a[u] - maxv);
+        sum += a[u];
+    }
+    td_real inv = (td_real)1 / sum;
+    for (int u = 0; u <= t; u++) a[u] *= inv;
+    for (int u = t + 1; u < n; u++) a[u] = 0;
+}
+
+/* Through the softmax of one row: on entry da[u] = dL/da[u] (u <= t), on exit the score
+ * gradient dpre[u] = a[u] (da[u] - sum_w a[w] da[w]) * scale. */
+static inline void softmax_row_backward(const td_real *a, td_real *da, int t, td_real scale) {
+    td_real dot = 0;
+    for (int u = 0; u <= t; u++) dot += a[u] * da[u];
+    for (int u = 0; u <= t; u++) {
+        td_real dpre = a[u] * (da[u] - dot) * scale;
+        da[u] = dpre;
+    }
+}
+
+/* The per-row loops: one (b, t, h) of the forward, one (b, h) of the backward. They are the
+ * path for small heads (where a GEMM's packing costs more than it saves) and the fallback when
+ * the GEMM path's scratch cannot be allocated. */
+static void attention_forward_row(td_real *out, td_real *att, const td_real *qkv, int b, int t,
+                                  int h, int T, int C, int NH, td_real scale) {
+    const int hs = C / NH;
+    const int64_t C3 = 3 * (int64_t)C;
+    const td_real *q = qkv + (int64_t)b * T * C3 + (int64_t)t * C3 + h * hs;
+    td_real *a = att + (((int64_t)b * NH + h) * T + t) * T;
+    for (int u = 0; u <= t; u++) {
+        const td_real *k = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + C + h * hs;
+        td_real s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < hs; i++) s += q[i] * k[i];
+        a[u] = s;
+    }
+    softmax_row_forward(a, t, T, scale);
+    td_real *o = out + (int64_t)b * T * C + (int64_t)t * C + h * hs;
+    for (int i = 0; i < hs; i++) o[i] = 0;
+    for (int u = 0; u <= t; u++) {
+        const td_real *v = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + 2 * C + h * hs;
+        const td_real au = a[u];
+#pragma omp simd
+        for (int i = 0; i < hs; i++) o[i] += au * v[i];
+    }
+}
+
+static void attention_backward_head(td_real *dqkv, td_real *datt, const td_real *dout,
+                                    const td_real *qkv, const td_real *att, int b, int h, int T,
+                                    int C, int NH, td_real scale) {
+    const int hs = C / NH;
+    const int64_t C3 = 3 * (int64_t)C;
+    td_real *base = dqkv + (int64_t)b * T * C3;
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < 3; j++)
+            memset(base + (int64_t)t * C3 + j * C + h * hs, 0, sizeof(td_real) * hs);
+    for (int t = 0; t < T; t++) {
+        const td_real *a = att + (((int64_t)b * NH + h) * T + t) * T;
+        td_real *da = datt + (((int64_t)b * NH + h) * T + t) * T;
+        const td_real *d = dout + (int64_t)b * T * C + (int64_t)t * C + h * hs;
+        const td_real *q = qkv + (int64_t)b * T * C3 + (int64_t)t * C3 + h * hs;
+        td_real *dq = base + (int64_t)t * C3 + h * hs;
+        /* through o = sum_u a[u] v[u] */
+        for (int u = 0; u <= t; u++) {
+            const td_real *v = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + 2 * C + h * hs;
+            td_real *dv = base + (int64_t)u * C3 + 2 * C + h * hs;
+            td_real s = 0;
+            const td_real au = a[u];
+#pragma omp simd reduction(+ : s)
+            for (int i = 0; i < hs; i++) {
+                s += v[i] * d[i];
+                dv[i] += au * d[i];
+            }
+            da[u] = s;
+        }
+        softmax_row_backward(a, da, t, scale); /* da[u] is now dpre[u] */
+        for (int u = 0; u <= t; u++) {
+            const td_real dpre = da[u];
+            const td_real *k = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + C + h * hs;
+            td_real *dk = base + (int64_t)u * C3 + C + h * hs;
+#pragma omp simd
+            for (int i = 0; i < hs; i++) {
+                dq[i] += k[i] * dpre;
+                dk[i] += q[i] * dpre;
+            }
+        }
+    }
+}
+
+/* ---- the GEMM path: one (b, h) per iteration, its q, k, v (and dout) packed contiguous, the
+ * products through td_gemm (single-threaded inside the parallel loop: td_gemm does not fork
+ * when called from an active parallel region). Rows go in blocks of ATT_ROWS: block [r0, r1)
+ * needs only the scores of columns [0, r1), so the products skip most of the masked triangle
+ * (T = 128: 3/4 of the full T x T work). 64 keeps each block's products above td_gemm's own
+ * small-problem cutoff for head sizes >= 16 (32-row blocks fall below it at head size 32 and
+ * measured slower there; at head size 64 the two tie). */
+#define ATT_ROWS 64
+
+/* Below this many multiply-adds of q k^T per head (T^2 hs) the per-row loops are used: at
+ * T = 32, head size 16 (smoke's tiny model) the packing and the small GEMMs cost more than
+ * they save. */
+#define ATT_GEMM_MIN_WORK (64 * 64 * 32)
+
+static int attention_use_gemm(int T, int hs) {
+    return (int64_t)T * T * hs >= ATT_GEMM_MIN_WORK;
+}
+
+/* Per thread, grown on demand and kept (OpenMP keeps its pool threads), so a steady-state step
+ * allocates nothing; NULL when out of memory, and the caller takes the loops instead. */
+static _Thread_local td_real *att_scratch;
+static _Thread_local size_t att_scratch_cap;
+
+static td_real *attention_scratch(size_t n) {
+    if (n > att_scratch_cap) {
+        free(att_scratch);
+        att_scratch = malloc(sizeof(td_real) * n);
+        att_scratch_cap = att_scratch ? n : 0;
+    }
+    return att_scratch;
+}
+
+/* dst[T, hs] <- the hs columns at src (rows ld apart) */
+static void gather_head(td_real *dst, const td_real *src, int T, int hs, int64_t ld) {
+    for (int t = 0; t < T; t++) memcpy(dst + (int64_t)t * hs, src + t * ld, sizeof(td_real) * hs);
+}
+
+static void scatter_head(td_real *dst, const td_real *src, int T, int hs, int64_t ld) {
+    for (int t = 0; t < T; t++) memcpy(dst + t * ld, src + (int64_t)t * hs, sizeof(td_real) * hs);
+}
+
+/* Returns 0 (having written nothing) when its scratch cannot be allocated. */
+static int attention_forward_head_gemm(td_real *out, td_real *att, const td_real *qkv, int b,
+                                       int h, int T, int C, int NH, td_real scale) {
+    const int hs = C / NH;
+    const int64_t C3 = 3 * (int64_t)C, Ths = (int64_t)T * hs;
+    const int R = ATT_ROWS < T ? ATT_ROWS : T;
+    td_real *w = attention_scratch((size_t)(4 * Ths + (int64_t)R * T));
+    if (!w) return 0;
+    td_real *Q = w, *K = Q + Ths, *V = K + Ths, *O = V + Ths, *S = O + Ths;
+    const td_real *src = qkv + (int64_t)b * T * C3 + h * hs;
+    gather_head(Q, src, T, hs, C3);
+    gather_head(K, src + C, T, hs, C3);
+    gather_head(V, src + 2 * C, T, hs, C3);
+    td_real *A = att + ((int64_t)b * NH + h) * T * T;
+    for (int r0 = 0; r0 < T; r0 += R) {
+        const int r1 = r0 + R < T ? r0 + R : T, m = r1 - r0;
+        /* S[m, r1] = Q[r0:r1] K[0:r1]^T: the scores this block's rows can see */
+        td_gemm(S, Q + (int64_t)r0 * hs, K, m, r1, hs, 0, 1, 0);
+        for (int i = 0; i < m; i++) {
+            td_real *s = S + (int64_t)i * r1;
+            softmax_row_forward(s, r0 + i, r1, scale);
+            td_real *a = A + (int64_t)(r0 + i) * T;
+            memcpy(a, s, sizeof(td_real) * r1);
+            for (int u = r1; u < T; u++) a[u] = 0;
+        }
+        /* O[r0:r1] = P[m, r1] V[0:r1] */
+        td_gemm(O + (int64_t)r0 * hs, S, V, m, hs, r1, 0, 0, 0);
+    }
+    scatter_head(out + (int64_t)b * T * C + h * hs, O, T, hs, C);
+    return 1;
+}
+
+static int attention_backward_head_gemm(td_real *dqkv, td_real *datt, const td_real *dout,
+                                        const td_real *qkv, const td_real *att, int b, int h,
+                                        int T, int C, int NH, td_real scale) {
+    const int hs = C / NH;
+    const int64_t C3 = 3 * (int64_t)C, Ths = (int64_t)T * hs;
+    const int R = ATT_ROWS < T ? ATT_ROWS : T;
+    td_real *w = attention_scratch((size_t)(7 * Ths + 2 * (int64_t)R * T));
+    if (!w) return 0;
+    td_real *Q = w, *K = Q + Ths, *V = K + Ths, *dO = V + Ths, *dQ = dO + Ths, *dK = dQ + Ths,
+            *dV = dK + Ths, *P = dV + Ths, *dP = P + (int64_t)R * T;
+    const td_real *src = qkv + (int64_t)b * T * C3 + h * hs;
+    gather_head(Q, src, T, hs, C3);
+    gather_head(K, src + C, T, hs, C3);
+    gather_head(V, src + 2 * C, T, hs, C3);
+    gather_head(dO, dout + (int64_t)b * T * C + h * hs, T, hs, C);
+    memset(dK, 0, sizeof(td_real) * Ths);
+    memset(dV, 0, sizeof(td_real) * Ths);
+    const td_real *A = att + ((int64_t)b * NH + h) * T * T;
+    td_real *dA = datt + ((int64_t)b * NH + h) * T * T;
+    for (int r0 = 0; r0 < T; r0 += R) {
+        const int r1 = r0 + R < T ? r0 + R : T, m = r1 - r0;
+        for (int i = 0; i < m; i++)
+            memcpy(P + (int64_t)i * r1, A + (int64_t)(r0 + i) * T, sizeof(td_real) * r1);
+        /* dV[0:r1] += P^T dO[r0:r1]; dP[m, r1] = dO[r0:r1] V[0:r1]^T */
+        td_gemm(dV, P, dO + (int64_t)r0 * hs, r1, hs, m, 1, 0, 1);
+        td_gemm(dP, dO + (int64_t)r0 * hs, V, m, r1, hs, 0, 1, 0);
+        for (int i = 0; i < m; i++) {
+            td_real *dp = dP + (int64_t)i * r1;
+            softmax_row_backward(P + (int64_t)i * r1, dp, r0 + i, scale);
+            for (int u = r0 + i + 1; u < r1; u++) dp[u] = 0; /* masked: no gradient */
+            memcpy(dA + (int64_t)(r0 + i) * T, dp, sizeof(td_real) * r1);
+        }
+        /* dQ[r0:r1] = dS K[0:r1]; dK[0:r1] += dS^T Q[r0:r1] */
+        td_gemm(dQ + (int64_t)r0 * hs, dP, K, m, hs, r1, 0, 0, 0);
+        td_gemm(dK, dP, Q + (int64_t)r0 * hs, r1, hs, m, 1, 0, 1);
+    }
+    td_real *dst = dqkv + (int64_t)b * T * C3 + h * hs;
+    scatter_head(dst, dQ, T, hs, C3);
+    scatter_head(dst + C, dK, T, hs, C3);
+    scatter_head(dst + 2 * C, dV, T, hs, C3);
+    return 1;
+}
+
 void td_attention_forward(td_real *out, td_real *att, const td_real *qkv, int B, int T, int C,
                           int NH) {
     const int hs = C / NH;
     const td_real scale = (td_real)(1.0 / sqrt((double)hs));
-    const int64_t C3 = 3 * (int64_t)C;
-#pragma omp parallel for collapse(3) schedule(static) PAR_IF((int64_t)B * NH * T * T * hs / 2)
-    for (int b = 0; b < B; b++) {
-        for (int t = 0; t < T; t++) {
-            for (int h = 0; h < NH; h++) {
-                const td_real *q = qkv + (int64_t)b * T * C3 + (int64_t)t * C3 + h * hs;
-                td_real *a = att + (((int64_t)b * NH + h) * T + t) * T;
-                td_real maxv = -INFINITY;
-                for (int u = 0; u <= t; u++) {
-                    const td_real *k = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + C + h * hs;
-                    td_real s = 0;
-#pragma omp simd reduction(+ : s)
-                    for (int i = 0; i < hs; i++) s += q[i] * k[i];
-                    s *= scale;
-                    a[u] = s;
-                    if (s > maxv) maxv = s;
-                }
-                td_real sum = 0;
-                for (int u = 0; u <= t; u++) {
-                    a[u] = softmax_exp(a[u] - maxv);
-                    sum += a[u];
-                }
-                td_real inv = (td_real)1 / sum;
-                for (int u = 0; u <= t; u++) a[u] *= inv;
-                for (int u = t + 1; u < T; u++) a[u] = 0;
-                td_real *o = out + (int64_t)b * T * C + (int64_t)t * C + h * hs;
-                for (int i = 0; i < hs; i++) o[i] = 0;
-                for (int u = 0; u <= t; u++) {
-                    const td_real *v =
-                        qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + 2 * C + h * hs;
-                    const td_real au = a[u];
-#pragma omp simd
-                    for (int i = 0; i < hs; i++) o[i] += au * v[i];
-                }
-            }
-        }
+    if (attention_use_gemm(T, hs)) {
+#pragma omp parallel for collapse(2) schedule(static) PAR_IF((int64_t)B * NH * T * T * hs / 2)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < NH; h++)
+                if (!attention_forward_head_gemm(out, att, qkv, b, h, T, C, NH, scale))
+                    for (int t = 0; t < T; t++)
+                        attention_forward_row(out, att, qkv, b, t, h, T, C, NH, scale);
+        return;
     }
+#pragma omp parallel for collapse(3) schedule(static) PAR_IF((int64_t)B * NH * T * T * hs / 2)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < NH; h++)
+                attention_forward_row(out, att, qkv, b, t, h, T, C, NH, scale);
 }
 
 void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, const td_real *qkv,
                            const td_real *att, int B, int T, int C, int NH) {
     const int hs = C / NH;
     const td_real scale = (td_real)(1.0 / sqrt((double)hs));
-    const int64_t C3 = 3 * (int64_t)C;
+    const int gemm = attention_use_gemm(T, hs);
     /* One (b, h) per iteration: it owns its columns of dq, dk, dv, so no two threads write the
      * same element and the order of the adds over t is fixed. */
 #pragma omp parallel for collapse(2) schedule(static) PAR_IF((int64_t)B * NH * T * T * hs)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            td_real *base = dqkv + (int64_t)b * T * C3;
-            for (int t = 0; t < T; t++)
-                for (int j = 0; j < 3; j++)
-                    memset(base + (int64_t)t * C3 + j * C + h * hs, 0, sizeof(td_real) * hs);
-            for (int t = 0; t < T; t++) {
-                const td_real *a = att + (((int64_t)b * NH + h) * T + t) * T;
-                td_real *da = datt + (((int64_t)b * NH + h) * T + t) * T;
-                const td_real *d = dout + (int64_t)b * T * C + (int64_t)t * C + h * hs;
-                const td_real *q = qkv + (int64_t)b * T * C3 + (int64_t)t * C3 + h * hs;
-                td_real *dq = base + (int64_t)t * C3 + h * hs;
-                /* through o = sum_u a[u] v[u] */
-                for (int u = 0; u <= t; u++) {
-                    const td_real *v = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + 2 * C + h * hs;
-                    td_real *dv = base + (int64_t)u * C3 + 2 * C + h * hs;
-                    td_real s = 0;
-                    const td_real au = a[u];
-#pragma omp simd reduction(+ : s)
-                    for (int i = 0; i < hs; i++) {
-                        s += v[i] * d[i];
-                        dv[i] += au * d[i];
-                    }
-                    da[u] = s;
-                }
-                /* through the softmax: dpre[u] = a[u] (da[u] - sum_w a[w] da[w]) */
-                td_real dot = 0;
-                for (int u = 0; u <= t; u++) dot += a[u] * da[u];
-                for (int u = 0; u <= t; u++) {
-                    td_real dpre = a[u] * (da[u] - dot) * scale;
-                    const td_real *k = qkv + (int64_t)b * T * C3 + (int64_t)u * C3 + C + h * hs;
-                    td_real *dk = base + (int64_t)u * C3 + C + h * hs;
-#pragma omp simd
-                    for (int i = 0; i < hs; i++) {
-                        dq[i] += k[i] * dpre;
-                        dk[i] += q[i] * dpre;
-                    }
-                }
-            }
-        }
-    }
-    apply_fault("attention_backward", dqkv, (int64_t)B * T * C3);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            if (!gemm || !attention_backward_head_gemm(dqkv, datt, dout, qkv, att, b, h, T, C, NH,
+                                                      scale))
+                attention_backward_head(dqkv, datt, dout, qkv, att, b, h, T, C, NH, scale);
+    apply_fault("attention_backward", dqkv, (int64_t)B * T * 3 * (int64_t)C);
 }
 
 /* ---- GELU, residual -------------------------------------------------------------------------- */
