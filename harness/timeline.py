@@ -114,6 +114,26 @@ def write_chrome_trace(df: pd.DataFrame, path) -> Path:
     return path
 
 
+def _busy_us(compute: pd.DataFrame) -> pd.Series:
+    """Each rank's busy time (index: rank): the length of the union of its compute intervals, so
+    that two actions of one rank overlapping in time (two stages' streams on one GPU) are not
+    counted twice, which would make the bubble negative."""
+    busy = {}
+    for rank, g in compute.groupby("rank", sort=True):
+        total, cur_start, cur_end = 0.0, None, None
+        for start, end in sorted(zip(g["start_us"].astype(float), g["end_us"].astype(float))):
+            if cur_end is None or start > cur_end:
+                if cur_end is not None:
+                    total += cur_end - cur_start
+                cur_start, cur_end = start, end
+            elif end > cur_end:
+                cur_end = end
+        if cur_end is not None:
+            total += cur_end - cur_start
+        busy[int(rank)] = total
+    return pd.Series(busy, dtype=float)
+
+
 def bubble_per_step(df: pd.DataFrame) -> pd.Series:
     """Measured bubble of every step (index: step), see `measured_bubble` for the definition."""
     ranks = df["rank"].nunique()
@@ -122,7 +142,7 @@ def bubble_per_step(df: pd.DataFrame) -> pd.Series:
     for step, g in window.groupby("step", sort=True):
         wall = float(g["end_us"].max() - g["start_us"].min())
         compute = g[g["kind"].isin(COMPUTE_KINDS)]
-        busy = float((compute["end_us"] - compute["start_us"]).sum())
+        busy = float(_busy_us(compute).sum())
         values[int(step)] = 1.0 - busy / (ranks * wall) if wall > 0 else float("nan")
     return pd.Series(values, name="bubble", dtype=float).rename_axis("step")
 
@@ -137,7 +157,7 @@ def bubble_per_rank(df: pd.DataFrame) -> pd.DataFrame:
     for step, g in window.groupby("step", sort=True):
         wall = float(g["end_us"].max() - g["start_us"].min())
         compute = g[g["kind"].isin(COMPUTE_KINDS)]
-        busy = (compute["end_us"] - compute["start_us"]).groupby(compute["rank"]).sum()
+        busy = _busy_us(compute)
         rows[int(step)] = {r: (1.0 - float(busy.get(r, 0.0)) / wall if wall > 0 else float("nan"))
                            for r in ranks}
     return pd.DataFrame.from_dict(rows, orient="index", columns=ranks).rename_axis("step")
@@ -146,7 +166,8 @@ def bubble_per_rank(df: pd.DataFrame) -> pd.DataFrame:
 def measured_bubble(df: pd.DataFrame, step: int | None = None) -> float:
     """1 − Σ_ranks busy compute time ÷ (ranks × step wall time).
 
-    Busy time is the duration of F, B, W and BW actions. The step wall time runs from the
+    Busy time is the time a rank spends in F, B, W and BW actions (the union of their intervals:
+    overlapping actions of one rank count once). The step wall time runs from the
     earliest start to the latest end of that step's compute and communication actions (F, B, W,
     BW, SEND, RECV, WAIT) across all ranks; OPT and ALLREDUCE (optimizer step, gradient
     reduction) are excluded from both sides, so this is the pipeline's own bubble. `ranks` is

@@ -50,6 +50,10 @@ struct td_comm {
      * done, and starts a new set */
     td_status (*mark)(td_comm *c, void *stream, int *out_id);
     td_status (*marks_read)(td_comm *c, double *out_s, int n);
+    /* work queued on `after` from now on runs after the work queued on `before` so far (a rank
+     * that holds several stages runs their actions in the schedule's order, one at a time, as the
+     * CPU runtime and the schedule simulator do); nothing for CPU ranks */
+    td_status (*follow)(td_comm *c, void *before, void *after);
     /* end every rank now with this exit code (after the caller printed its message) */
     void (*abort)(td_comm *c, int code);
 };

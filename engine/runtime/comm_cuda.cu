@@ -102,6 +102,16 @@ static td_status cu_mark(td_comm *c, void *stream, int *out_id) {
     return TD_OK;
 }
 
+/* One event serves every call: cudaStreamWaitEvent takes the work recorded so far, and a later
+ * record does not change what an earlier wait waits for. */
+static td_status cu_follow(td_comm *c, void *before, void *after) {
+    cuda_impl *im = IMPL(c);
+    if (!before || !after || before == after) return TD_OK;
+    CK(cudaEventRecord(im->order_ev, (cudaStream_t)before));
+    CK(cudaStreamWaitEvent((cudaStream_t)after, im->order_ev, 0));
+    return TD_OK;
+}
+
 /* Each mark's time: a reference event recorded now on an idle stream, waited for, and read on the
  * host clock; a mark's time is that minus the device time from the mark to the reference. */
 static td_status cu_marks_read(td_comm *c, double *out, int n) {
@@ -286,6 +296,7 @@ extern "C" td_status td_comm_cuda_init(td_comm *c) {
     c->impl = im;
     CK(cudaStreamCreateWithFlags(&im->clock_stream, cudaStreamNonBlocking));
     CK(cudaEventCreate(&im->ref));
+    CK(cudaEventCreateWithFlags(&im->order_ev, cudaEventDisableTiming));
 
     int use_nccl = shared < 0 && c->size > 1 && strcmp(want, "ipc");
 #ifdef TD_WITH_NCCL
@@ -311,6 +322,7 @@ extern "C" td_status td_comm_cuda_init(td_comm *c) {
     c->add = cu_add;
     c->mark = cu_mark;
     c->marks_read = cu_marks_read;
+    c->follow = cu_follow;
     if (use_nccl) {
 #ifdef TD_WITH_NCCL
         c->name = "nccl";

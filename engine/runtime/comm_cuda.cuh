@@ -95,6 +95,7 @@ typedef struct {
     cudaEvent_t *marks;
     int nmarks, cap_marks;
     cudaEvent_t ref;
+    cudaEvent_t order_ev; /* cu_follow's: orders one stage's stream after another's */
     cudaStream_t clock_stream;
     link_t links[4]; /* to and from the previous and the next rank */
     int nlinks;

@@ -91,6 +91,11 @@ static td_status mpi_barrier(td_comm *c) {
 
 static double mpi_now(td_comm *c) { (void)c; return MPI_Wtime(); }
 
+static td_status mpi_follow(td_comm *c, void *before, void *after) {
+    (void)c, (void)before, (void)after; /* CPU ranks run their actions in order already */
+    return TD_OK;
+}
+
 static td_status mpi_mark(td_comm *c, void *stream, int *out_id) {
     (void)stream;
     mpi_impl *im = (mpi_impl *)c->impl;
@@ -142,6 +147,7 @@ td_status td_comm_mpi_init(td_comm *c, int *argc, char ***argv) {
     c->now = mpi_now;
     c->mark = mpi_mark;
     c->marks_read = mpi_marks_read;
+    c->follow = mpi_follow;
     c->abort = mpi_abort;
     return TD_OK;
 }

@@ -368,6 +368,7 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
                                  tag_of(1, a->stage, a->microbatch, S, M), ch->stream, &ch->recv_grad[a->microbatch]);
             if (st) return FAIL(st, "%s", comm->err);
         }
+        void *prev_stream = NULL; /* the stream of this rank's previous action */
         for (int32_t i = 0; i < plan->count; i++) {
             const td_action *a = &plan->actions[i];
             const int c = local_chunk(chunks, nchunks, a->stage);
@@ -376,6 +377,13 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
             const int mb = a->microbatch, s = a->stage;
             const int is_first = s == 0, is_last = s == S - 1;
             int m_wait, m0, m1;
+            /* each stage has its own stream: without this, an interleaved rank's two stages ran
+             * their actions concurrently on one GPU, out of the schedule's order (and their
+             * timeline intervals overlapped, so the measured bubble went negative) */
+            if (prev_stream && prev_stream != ch->stream &&
+                (st = comm->follow(comm, prev_stream, ch->stream)))
+                return FAIL(st, "%s", comm->err);
+            prev_stream = ch->stream;
             MARK(ch->stream, m_wait);
             if (a->kind == ACT_F) {
                 if (!is_first) {

@@ -195,6 +195,21 @@ def test_bubble_per_rank_by_hand_and_its_mean_is_the_step_bubble():
     assert per.loc[1].mean() == pytest.approx(tl.bubble_per_step(df)[1])
 
 
+def test_overlapping_actions_of_one_rank_count_once():
+    # two stages of one rank ran at the same time (separate streams): F of stage 1 at 2-6
+    # overlaps F of stage 5 at 4-9; busy is the union 2-9 = 7 of the window 0-10, not 4 + 5 = 9
+    rows = [(0, 1, "WAIT", 1, 0, 0.0, 2.0), (0, 1, "F", 1, 0, 2.0, 6.0),
+            (0, 1, "F", 5, 0, 4.0, 9.0), (0, 1, "SEND", 5, 0, 9.0, 10.0)]
+    df = pd.DataFrame(rows, columns=tl.COLUMNS)
+    assert tl.bubble_per_rank(df).loc[1, 0] == pytest.approx(0.3)
+    assert tl.bubble_per_step(df)[1] == pytest.approx(0.3)
+    # an action nested inside another adds nothing; disjoint ones add up
+    df.loc[len(df)] = (0, 1, "W", 5, 0, 3.0, 5.0)
+    assert tl.bubble_per_step(df)[1] == pytest.approx(0.3)
+    df.loc[2, ["start_us", "end_us"]] = (7.0, 9.0)
+    assert tl.bubble_per_step(df)[1] == pytest.approx(1 - 6 / 10)
+
+
 @pytest.mark.parametrize("name", ["zb-h1", "gpipe"])
 def test_replayed_timeline_per_rank_bubble_is_the_simulated_one(name):
     f, b, w = [100.0, 100.0, 100.0, 180.0], [120.0, 120.0, 120.0, 200.0], [80.0, 80, 80, 90]
