@@ -231,9 +231,11 @@ __global__ void __launch_bounds__(32 * NW) fwd_kernel(bf16 *O, float *lse, const
 
 /* ---- launchers ---------------------------------------------------------------------------- */
 
-/* 4 warps each: the configuration every measurement in docs/cuda.md used; 8 is opt-in
- * (TANDEM_CUDA_FLASH_WARPS) until flash_bench.cu has timed it on a GPU */
-static const td_flash_warps k_flash_default_warps = {4, 4, 4};
+/* forward 8 warps, backward kernels 4: flash_bench.cu on an H100 (2026-12-07,
+ * results/gpu/flash_bench-warps-h100.txt) timed all eight settings at the GPT-2 and Llama
+ * shapes; 8 warps in the forward was 2.5-5% faster at every shape, 8 in either backward kernel
+ * slower. Every setting gives the same bits (tests/engine/test_cuda.py). */
+static const td_flash_warps k_flash_default_warps = {8, 4, 4};
 static td_flash_warps g_flash_warps = k_flash_default_warps;
 
 td_flash_warps td_flash_default_warps(void) { return k_flash_default_warps; }
