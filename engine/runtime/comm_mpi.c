@@ -5,10 +5,12 @@
  * takes the whole job down with MPI_Abort. comm_cuda.cu reuses the collective, clock and abort
  * functions for GPU ranks.
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, CLOCK_MONOTONIC under -std=c11 */
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "comm.h"
 
@@ -89,7 +91,17 @@ static td_status mpi_barrier(td_comm *c) {
     return rc == MPI_SUCCESS ? TD_OK : mpi_fail(c, rc, "MPI_Barrier");
 }
 
-static double mpi_now(td_comm *c) { (void)c; return MPI_Wtime(); }
+/* CLOCK_MONOTONIC, not MPI_Wtime: Open MPI 5's MPI_Wtime counts from an epoch each process
+ * sets for itself at start-up, so two ranks' timelines were milliseconds apart (a rank's F
+ * appeared to run before the F it received from) and every cross-rank figure (step wall time,
+ * bubble per rank) was wrong. The monotonic clock is one clock for every process of a host. */
+static double host_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static double mpi_now(td_comm *c) { (void)c; return host_now(); }
 
 static td_status mpi_follow(td_comm *c, void *before, void *after) {
     (void)c, (void)before, (void)after; /* CPU ranks run their actions in order already */
@@ -105,7 +117,7 @@ static td_status mpi_mark(td_comm *c, void *stream, int *out_id) {
         if (!p) return snprintf(c->err, sizeof c->err, "out of memory for time marks"), TD_ERR_NOMEM;
         im->marks = p, im->cap = cap;
     }
-    im->marks[im->nmarks] = MPI_Wtime();
+    im->marks[im->nmarks] = host_now();
     *out_id = im->nmarks++;
     return TD_OK;
 }

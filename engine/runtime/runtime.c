@@ -329,8 +329,18 @@ td_status td_run_pipeline(const td_run_config *cfg, const td_rank_plan *plan, td
         if (!(lossf = fopen(path, "w"))) return FAIL(TD_ERR_IO, "cannot write '%s'", path);
         fprintf(lossf, "step,loss,grad_norm,step_s,skipped\n");
     }
+    /* The timeline's origin is rank 0's clock reading, the same for every rank: each rank
+     * reading its own clock after a barrier left the ranks as far apart as they left the
+     * barrier (milliseconds on a loaded host: a stage's F then appeared to start before the F
+     * it waits for had ended). now() is one clock for the ranks of a host; a rank whose reading
+     * is more than a second from rank 0's is on another host's clock and keeps its own. */
     if ((st = comm->barrier(comm))) return FAIL(st, "%s", comm->err);
-    tl.t0 = comm->now(comm);
+    {
+        const double mine = comm->now(comm);
+        double origin = rank == 0 ? mine : 0.0;
+        if ((st = comm->allreduce_sum(comm, &origin, 1))) return FAIL(st, "%s", comm->err);
+        tl.t0 = fabs(mine - origin) < 1.0 ? origin : mine;
+    }
     row_list rows = {NULL, 0, 0};
     double *mark_s = NULL;
     int mark_cap = 0;

@@ -76,6 +76,33 @@ def test_pipeline_matches_one_stage_engine(setup, tmp_path, layout):
         assert rel < 1e-4 or np.abs(res.grads[name] - g).max() < 1e-9, name
     assert sorted(p.name for p in control.table) == sorted(res.params)
     assert list(res.timeline_dir.glob("timeline_rank*.csv"))
+    _assert_timeline_causal(res.timeline_dir)
+
+
+def _assert_timeline_causal(directory):
+    """The ranks' timelines are on one clock: a stage's F starts after the previous stage's F of
+    the same micro-batch ended (it waits for that activation), and its B after the next stage's
+    B. Ranks whose clocks started apart (Open MPI 5's MPI_Wtime counts from each process's own
+    start) break one of the two by the offset."""
+    from harness.timeline import load_timelines
+
+    df = load_timelines(directory)
+    end = {(int(r.step), r.kind if r.kind == "F" else "B", int(r.stage), int(r.microbatch)):
+           float(r.end_us) for r in df.itertuples() if r.kind in ("F", "B", "BW")}
+    checked = 0
+    for r in df.itertuples():
+        if r.kind == "F" and r.stage > 0:
+            before = end[(int(r.step), "F", int(r.stage) - 1, int(r.microbatch))]
+        elif r.kind in ("B", "BW") and (int(r.step), "B", int(r.stage) + 1,
+                                        int(r.microbatch)) in end:
+            before = end[(int(r.step), "B", int(r.stage) + 1, int(r.microbatch))]
+        else:
+            continue
+        assert float(r.start_us) >= before - 1.0, (
+            f"step {r.step}: {r.kind} of stage {r.stage}, micro-batch {r.microbatch} on rank "
+            f"{r.rank} starts {before - float(r.start_us):.0f} us before what it waits for ends")
+        checked += 1
+    assert checked > 0
 
 
 def test_rank_exit_brings_job_down_with_its_message(setup, tmp_path):
