@@ -249,7 +249,8 @@ def bench(summary: pd.DataFrame) -> list[Table]:
 def rank_bubbles(runs: dict[str, dict]) -> Table | None:
     """One row per (case, rank) of the pipelined cases whose run.json carries the last job's
     bubble rank by rank (engine.rank_bubble): measured and simulated idle share, the gap in
-    points. None when no case has them."""
+    points, and the rank's device memory where the run has it (engine.rank_device_bytes). None
+    when no case has them."""
     rows = []
     for _source, run in runs.items():
         cases = run.get("cases")
@@ -258,22 +259,28 @@ def rank_bubbles(runs: dict[str, dict]) -> Table | None:
         for case, info in cases.items():
             eng = info.get("engine") if isinstance(info, dict) else None
             rb = (eng.get("rank_bubble") if isinstance(eng, dict) else None) or {}
+            mem = (eng.get("rank_device_bytes") if isinstance(eng, dict) else None) or {}
             for r, v in sorted(rb.items(), key=lambda kv: str(kv[0]).zfill(8)):
                 try:
                     m, sm = float(v["measured"]), float(v["simulated"])
                 except (KeyError, TypeError, ValueError):
                     continue  # not what the bench writes: leave the row out
+                try:
+                    dev = f"{float(mem[str(r)]) / 2**20:,.0f}"
+                except (KeyError, TypeError, ValueError):
+                    dev = "—"  # CPU ranks: no device counter
                 rows.append([case, str(r), f"{100 * m:.1f}%", f"{100 * sm:.1f}%",
-                             f"{100 * (m - sm):+.1f}"])
+                             f"{100 * (m - sm):+.1f}", dev])
     if not rows:
         return None
     note = ("The last timed job of each case: a rank's idle share of the step (1 − its busy "
             "compute ÷ the step's wall time), measured from its timeline and simulated by "
             "replaying the schedule with the job's own per-stage F/B/W durations; the mean "
-            "over the ranks is the case's bubble.")
+            "over the ranks is the case's bubble. Device memory: what the engine allocated on "
+            "the rank's GPU (its own counter, engine.rank_device_bytes), for GPU ranks.")
     return Table("Bubble per rank", ["case", "rank", "measured", "simulated",
-                                     "measured − simulated (points)"], rows, [], note,
-                 [False, True, True, True, True], nowrap=True)
+                                     "measured − simulated (points)", "device memory (MiB)"],
+                 rows, [], note, [False, True, True, True, True, True], nowrap=True)
 
 
 def parity_cases(parity: pd.DataFrame) -> Table:

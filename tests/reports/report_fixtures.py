@@ -361,7 +361,8 @@ def write_cpu_dir(path: Path) -> Path:
              command="tandem run --out results/cpu",
              cases={"tiny-1f1b-p2-m4": {"engine": {"rank_bubble": {
                  "0": {"measured": 0.212, "simulated": 0.2},
-                 "1": {"measured": 0.19, "simulated": 0.185}}}}})
+                 "1": {"measured": 0.19, "simulated": 0.185}},
+                 "rank_device_bytes": {"0": 3 * 2**30}}}})
     return path
 
 
