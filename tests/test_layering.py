@@ -143,7 +143,7 @@ C_INCLUDES = {  # the local headers each file may include
     "gemm.c": {"gemm.h"},                 # the GEMM sees nothing of the ops
     "kernels.c": {"kernels.h"},
     "llama_ops.h": {"internal.h"},        # the Llama ops (their GEMMs are td_gemm's)
-    "llama_ops.c": {"llama_ops.h"},
+    "llama_ops.c": {"llama_ops.h", "kernels.h"},  # GQA attention on kernels.c's per-head GEMMs
     "optim.c": {"internal.h"},
     "safetensors.h": {"internal.h"},      # what safetensors.c shares with checkpoint.c
     "safetensors.c": {"internal.h", "safetensors.h"},

@@ -371,20 +371,21 @@ static void scatter_head(td_real *dst, const td_real *src, int T, int hs, int64_
     for (int t = 0; t < T; t++) memcpy(dst + t * ld, src + (int64_t)t * hs, sizeof(td_real) * hs);
 }
 
-/* Returns 0 (having written nothing) when its scratch cannot be allocated. */
-static int attention_forward_head_gemm(td_real *out, td_real *att, const td_real *qkv, int b,
-                                       int h, int T, int C, int NH, td_real scale) {
-    const int hs = C / NH;
-    const int64_t C3 = 3 * (int64_t)C, Ths = (int64_t)T * hs;
+int td_attention_head_gemm_ok(int T, int hs) { return attention_use_gemm(T, hs); }
+
+void td_softmax_row(td_real *a, int t, int n, td_real scale) { softmax_row_forward(a, t, n, scale); }
+
+int td_attention_head_forward_gemm(td_real *out, int64_t ldo, td_real *att, const td_real *q,
+                                   int64_t ldq, const td_real *k, const td_real *v, int64_t ldk,
+                                   int T, int hs, td_real scale) {
+    const int64_t Ths = (int64_t)T * hs;
     const int R = ATT_ROWS < T ? ATT_ROWS : T;
     td_real *w = attention_scratch((size_t)(4 * Ths + (int64_t)R * T));
     if (!w) return 0;
     td_real *Q = w, *K = Q + Ths, *V = K + Ths, *O = V + Ths, *S = O + Ths;
-    const td_real *src = qkv + (int64_t)b * T * C3 + h * hs;
-    gather_head(Q, src, T, hs, C3);
-    gather_head(K, src + C, T, hs, C3);
-    gather_head(V, src + 2 * C, T, hs, C3);
-    td_real *A = att + ((int64_t)b * NH + h) * T * T;
+    gather_head(Q, q, T, hs, ldq);
+    gather_head(K, k, T, hs, ldk);
+    gather_head(V, v, T, hs, ldk);
     for (int r0 = 0; r0 < T; r0 += R) {
         const int r1 = r0 + R < T ? r0 + R : T, m = r1 - r0;
         /* S[m, r1] = Q[r0:r1] K[0:r1]^T: the scores this block's rows can see */
@@ -392,58 +393,82 @@ static int attention_forward_head_gemm(td_real *out, td_real *att, const td_real
         for (int i = 0; i < m; i++) {
             td_real *s = S + (int64_t)i * r1;
             softmax_row_forward(s, r0 + i, r1, scale);
-            td_real *a = A + (int64_t)(r0 + i) * T;
+            td_real *a = att + (int64_t)(r0 + i) * T;
             memcpy(a, s, sizeof(td_real) * r1);
             for (int u = r1; u < T; u++) a[u] = 0;
         }
         /* O[r0:r1] = P[m, r1] V[0:r1] */
         td_gemm(O + (int64_t)r0 * hs, S, V, m, hs, r1, 0, 0, 0);
     }
-    scatter_head(out + (int64_t)b * T * C + h * hs, O, T, hs, C);
+    scatter_head(out, O, T, hs, ldo);
     return 1;
+}
+
+int td_attention_group_backward_gemm(td_real *dq, td_real *dk, td_real *dv, td_real *datt,
+                                     const td_real *dout, int64_t ldo, const td_real *q,
+                                     int64_t ldq, const td_real *k, const td_real *v, int64_t ldk,
+                                     const td_real *att, int group, int T, int hs,
+                                     td_real scale) {
+    const int64_t Ths = (int64_t)T * hs, TT = (int64_t)T * T;
+    const int R = ATT_ROWS < T ? ATT_ROWS : T;
+    td_real *w = attention_scratch((size_t)(7 * Ths + 2 * (int64_t)R * T));
+    if (!w) return 0;
+    td_real *Q = w, *K = Q + Ths, *V = K + Ths, *dO = V + Ths, *dQ = dO + Ths, *dK = dQ + Ths,
+            *dV = dK + Ths, *P = dV + Ths, *dP = P + (int64_t)R * T;
+    gather_head(K, k, T, hs, ldk);
+    gather_head(V, v, T, hs, ldk);
+    memset(dK, 0, sizeof(td_real) * Ths);
+    memset(dV, 0, sizeof(td_real) * Ths);
+    for (int j = 0; j < group; j++) { /* the group's query heads in order: dK, dV add in it */
+        gather_head(Q, q + (int64_t)j * hs, T, hs, ldq);
+        gather_head(dO, dout + (int64_t)j * hs, T, hs, ldo);
+        const td_real *A = att + j * TT;
+        td_real *dA = datt + j * TT;
+        for (int r0 = 0; r0 < T; r0 += R) {
+            const int r1 = r0 + R < T ? r0 + R : T, m = r1 - r0;
+            for (int i = 0; i < m; i++)
+                memcpy(P + (int64_t)i * r1, A + (int64_t)(r0 + i) * T, sizeof(td_real) * r1);
+            /* dV[0:r1] += P^T dO[r0:r1]; dP[m, r1] = dO[r0:r1] V[0:r1]^T */
+            td_gemm(dV, P, dO + (int64_t)r0 * hs, r1, hs, m, 1, 0, 1);
+            td_gemm(dP, dO + (int64_t)r0 * hs, V, m, r1, hs, 0, 1, 0);
+            for (int i = 0; i < m; i++) {
+                td_real *dp = dP + (int64_t)i * r1;
+                softmax_row_backward(P + (int64_t)i * r1, dp, r0 + i, scale);
+                for (int u = r0 + i + 1; u < r1; u++) dp[u] = 0; /* masked: no gradient */
+                memcpy(dA + (int64_t)(r0 + i) * T, dp, sizeof(td_real) * r1);
+            }
+            /* dQ[r0:r1] = dS K[0:r1]; dK[0:r1] += dS^T Q[r0:r1] */
+            td_gemm(dQ + (int64_t)r0 * hs, dP, K, m, hs, r1, 0, 0, 0);
+            td_gemm(dK, dP, Q + (int64_t)r0 * hs, r1, hs, m, 1, 0, 1);
+        }
+        scatter_head(dq + (int64_t)j * hs, dQ, T, hs, ldq);
+    }
+    scatter_head(dk, dK, T, hs, ldk);
+    scatter_head(dv, dV, T, hs, ldk);
+    return 1;
+}
+
+/* GPT-2's heads: q, k, v of head h at columns h hs, C + h hs, 2C + h hs of qkv's rows */
+static int attention_forward_head_gemm(td_real *out, td_real *att, const td_real *qkv, int b,
+                                       int h, int T, int C, int NH, td_real scale) {
+    const int hs = C / NH;
+    const int64_t C3 = 3 * (int64_t)C;
+    const td_real *src = qkv + (int64_t)b * T * C3 + h * hs;
+    return td_attention_head_forward_gemm(out + (int64_t)b * T * C + h * hs, C,
+                                          att + ((int64_t)b * NH + h) * T * T, src, C3, src + C,
+                                          src + 2 * C, C3, T, hs, scale);
 }
 
 static int attention_backward_head_gemm(td_real *dqkv, td_real *datt, const td_real *dout,
                                         const td_real *qkv, const td_real *att, int b, int h,
                                         int T, int C, int NH, td_real scale) {
     const int hs = C / NH;
-    const int64_t C3 = 3 * (int64_t)C, Ths = (int64_t)T * hs;
-    const int R = ATT_ROWS < T ? ATT_ROWS : T;
-    td_real *w = attention_scratch((size_t)(7 * Ths + 2 * (int64_t)R * T));
-    if (!w) return 0;
-    td_real *Q = w, *K = Q + Ths, *V = K + Ths, *dO = V + Ths, *dQ = dO + Ths, *dK = dQ + Ths,
-            *dV = dK + Ths, *P = dV + Ths, *dP = P + (int64_t)R * T;
+    const int64_t C3 = 3 * (int64_t)C, at = ((int64_t)b * NH + h) * T * T;
     const td_real *src = qkv + (int64_t)b * T * C3 + h * hs;
-    gather_head(Q, src, T, hs, C3);
-    gather_head(K, src + C, T, hs, C3);
-    gather_head(V, src + 2 * C, T, hs, C3);
-    gather_head(dO, dout + (int64_t)b * T * C + h * hs, T, hs, C);
-    memset(dK, 0, sizeof(td_real) * Ths);
-    memset(dV, 0, sizeof(td_real) * Ths);
-    const td_real *A = att + ((int64_t)b * NH + h) * T * T;
-    td_real *dA = datt + ((int64_t)b * NH + h) * T * T;
-    for (int r0 = 0; r0 < T; r0 += R) {
-        const int r1 = r0 + R < T ? r0 + R : T, m = r1 - r0;
-        for (int i = 0; i < m; i++)
-            memcpy(P + (int64_t)i * r1, A + (int64_t)(r0 + i) * T, sizeof(td_real) * r1);
-        /* dV[0:r1] += P^T dO[r0:r1]; dP[m, r1] = dO[r0:r1] V[0:r1]^T */
-        td_gemm(dV, P, dO + (int64_t)r0 * hs, r1, hs, m, 1, 0, 1);
-        td_gemm(dP, dO + (int64_t)r0 * hs, V, m, r1, hs, 0, 1, 0);
-        for (int i = 0; i < m; i++) {
-            td_real *dp = dP + (int64_t)i * r1;
-            softmax_row_backward(P + (int64_t)i * r1, dp, r0 + i, scale);
-            for (int u = r0 + i + 1; u < r1; u++) dp[u] = 0; /* masked: no gradient */
-            memcpy(dA + (int64_t)(r0 + i) * T, dp, sizeof(td_real) * r1);
-        }
-        /* dQ[r0:r1] = dS K[0:r1]; dK[0:r1] += dS^T Q[r0:r1] */
-        td_gemm(dQ + (int64_t)r0 * hs, dP, K, m, hs, r1, 0, 0, 0);
-        td_gemm(dK, dP, Q + (int64_t)r0 * hs, r1, hs, m, 1, 0, 1);
-    }
     td_real *dst = dqkv + (int64_t)b * T * C3 + h * hs;
-    scatter_head(dst, dQ, T, hs, C3);
-    scatter_head(dst + C, dK, T, hs, C3);
-    scatter_head(dst + 2 * C, dV, T, hs, C3);
-    return 1;
+    return td_attention_group_backward_gemm(dst, dst + C, dst + 2 * C, datt + at,
+                                            dout + (int64_t)b * T * C + h * hs, C, src, C3,
+                                            src + C, src + 2 * C, C3, att + at, 1, T, hs, scale);
 }
 
 void td_attention_forward(td_real *out, td_real *att, const td_real *qkv, int B, int T, int C,

@@ -51,6 +51,26 @@ void td_attention_forward(td_real *out, td_real *att, const td_real *qkv, int B,
 void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, const td_real *qkv,
                            const td_real *att, int B, int T, int C, int NH);
 
+/* The per-head GEMM path of the attention above, for any layout (the Llama family's grouped
+ * heads use it too). td_attention_head_gemm_ok: whether (T, head size hs) takes it (below, the
+ * per-row loops are faster). Rows of q (and dq), of k, v (and dk, dv), of out / dout are ldq,
+ * ldk, ldo apart; att / datt a head's (T, T) probabilities. td_attention_head_forward_gemm: one
+ * head. td_attention_group_backward_gemm: `group` query heads sharing one k, v (query head j at
+ * column j·hs of q, dq, dout, its probabilities at att + j·T·T), dk and dv overwritten with the
+ * sum over the group in order, dq overwritten. Single-threaded (call from inside a parallel loop
+ * over heads); both return 0, having written nothing, when their scratch cannot be allocated.
+ * td_softmax_row: one row of scores to probabilities, as both paths round it. */
+int td_attention_head_gemm_ok(int T, int hs);
+int td_attention_head_forward_gemm(td_real *out, int64_t ldo, td_real *att, const td_real *q,
+                                   int64_t ldq, const td_real *k, const td_real *v, int64_t ldk,
+                                   int T, int hs, td_real scale);
+int td_attention_group_backward_gemm(td_real *dq, td_real *dk, td_real *dv, td_real *datt,
+                                     const td_real *dout, int64_t ldo, const td_real *q,
+                                     int64_t ldq, const td_real *k, const td_real *v, int64_t ldk,
+                                     const td_real *att, int group, int T, int hs,
+                                     td_real scale);
+void td_softmax_row(td_real *a, int t, int n, td_real scale);
+
 /* tanh-approximation GELU, elementwise over n */
 void td_gelu_forward(td_real *out, const td_real *inp, int64_t n);
 /* dinp = gelu'(inp) * dout (overwrite) */

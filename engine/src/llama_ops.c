@@ -8,6 +8,8 @@
  */
 #include "llama_ops.h"
 
+#include "kernels.h" /* the attention's per-head GEMM path and its row softmax */
+
 #include <math.h>
 #include <string.h>
 
@@ -150,46 +152,57 @@ void td_swiglu_backward(td_real *dgate, td_real *dup, const td_real *dout, const
 
 /* ---- grouped-query attention ----------------------------------------------------------------- */
 
+/* One (b, t, h) of the forward by the textbook loops (the path for small heads) */
+static void gqa_forward_row(td_real *out, td_real *att, const td_real *q, const td_real *k,
+                            const td_real *v, int b, int t, int h, int T, int NH, int NKV,
+                            int HS, td_real scale) {
+    const int kvh = h / (NH / NKV); /* consecutive query heads share a kv head */
+    const td_real *qt = q + (((int64_t)b * T + t) * NH + h) * HS;
+    td_real *a = att + (((int64_t)b * NH + h) * T + t) * T;
+    for (int u = 0; u <= t; u++) {
+        const td_real *ku = k + (((int64_t)b * T + u) * NKV + kvh) * HS;
+        td_real s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < HS; i++) s += qt[i] * ku[i];
+        a[u] = s;
+    }
+    td_softmax_row(a, t, T, scale);
+    td_real *o = out + (((int64_t)b * T + t) * NH + h) * HS;
+    for (int i = 0; i < HS; i++) o[i] = 0;
+    for (int u = 0; u <= t; u++) {
+        const td_real *vu = v + (((int64_t)b * T + u) * NKV + kvh) * HS;
+        const td_real au = a[u];
+#pragma omp simd
+        for (int i = 0; i < HS; i++) o[i] += au * vu[i];
+    }
+}
+
 void td_gqa_attention_forward(td_real *out, td_real *att, const td_real *q, const td_real *k,
                               const td_real *v, int B, int T, int NH, int NKV, int HS) {
     const int group = NH / NKV;
     const td_real scale = (td_real)(1.0 / sqrt((double)HS));
-#pragma omp parallel for collapse(3) schedule(static)
-    for (int b = 0; b < B; b++) {
-        for (int t = 0; t < T; t++) {
+    if (td_attention_head_gemm_ok(T, HS)) { /* kernels.c's per-head GEMMs, one (b, h) a task */
+        const int64_t ldq = (int64_t)NH * HS, ldk = (int64_t)NKV * HS;
+#pragma omp parallel for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++) {
             for (int h = 0; h < NH; h++) {
-                const int kvh = h / group; /* consecutive query heads share a kv head */
-                const td_real *qt = q + (((int64_t)b * T + t) * NH + h) * HS;
-                td_real *a = att + (((int64_t)b * NH + h) * T + t) * T;
-                td_real maxv = -INFINITY;
-                for (int u = 0; u <= t; u++) {
-                    const td_real *ku = k + (((int64_t)b * T + u) * NKV + kvh) * HS;
-                    td_real s = 0;
-#pragma omp simd reduction(+ : s)
-                    for (int i = 0; i < HS; i++) s += qt[i] * ku[i];
-                    s *= scale;
-                    a[u] = s;
-                    if (s > maxv) maxv = s;
-                }
-                td_real sum = 0;
-                for (int u = 0; u <= t; u++) {
-                    a[u] = softmax_exp(a[u] - maxv);
-                    sum += a[u];
-                }
-                const td_real inv = (td_real)1 / sum;
-                for (int u = 0; u <= t; u++) a[u] *= inv;
-                for (int u = t + 1; u < T; u++) a[u] = 0;
-                td_real *o = out + (((int64_t)b * T + t) * NH + h) * HS;
-                for (int i = 0; i < HS; i++) o[i] = 0;
-                for (int u = 0; u <= t; u++) {
-                    const td_real *vu = v + (((int64_t)b * T + u) * NKV + kvh) * HS;
-                    const td_real au = a[u];
-#pragma omp simd
-                    for (int i = 0; i < HS; i++) o[i] += au * vu[i];
-                }
+                const int64_t qo = (int64_t)b * T * ldq + (int64_t)h * HS;
+                const int64_t ko = (int64_t)b * T * ldk + (int64_t)(h / group) * HS;
+                td_real *a = att + ((int64_t)b * NH + h) * T * T;
+                if (td_attention_head_forward_gemm(out + qo, ldq, a, q + qo, ldq, k + ko, v + ko,
+                                                   ldk, T, HS, scale))
+                    continue;
+                for (int t = 0; t < T; t++) /* no scratch: this head by the loops below */
+                    gqa_forward_row(out, att, q, k, v, b, t, h, T, NH, NKV, HS, scale);
             }
         }
+        return;
     }
+#pragma omp parallel for collapse(3) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < NH; h++)
+                gqa_forward_row(out, att, q, k, v, b, t, h, T, NH, NKV, HS, scale);
 }
 
 void td_gqa_attention_backward(td_real *dq, td_real *dk, td_real *dv, td_real *datt,
@@ -201,9 +214,20 @@ void td_gqa_attention_backward(td_real *dq, td_real *dk, td_real *dv, td_real *d
     /* One (b, kv head) per iteration: it owns dk and dv of that head and dq of the query heads
      * of its group, so no two threads write one element, and the adds into dk and dv run in a
      * fixed order (query heads of the group in order, then t). */
+    const int gemm = td_attention_head_gemm_ok(T, HS);
+    const int64_t ldq = (int64_t)NH * HS, ldk = (int64_t)NKV * HS;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++) {
         for (int kvh = 0; kvh < NKV; kvh++) {
+            if (gemm) { /* kernels.c's per-head GEMMs over the group; the loops if no scratch */
+                const int64_t qo = (int64_t)b * T * ldq + (int64_t)kvh * group * HS;
+                const int64_t ko = (int64_t)b * T * ldk + (int64_t)kvh * HS;
+                const int64_t ao = ((int64_t)b * NH + (int64_t)kvh * group) * T * T;
+                if (td_attention_group_backward_gemm(dq + qo, dk + ko, dv + ko, datt + ao,
+                                                     dout + qo, ldq, q + qo, ldq, k + ko, v + ko,
+                                                     ldk, att + ao, group, T, HS, scale))
+                    continue;
+            }
             for (int t = 0; t < T; t++) {
                 const int64_t kv_at = (((int64_t)b * T + t) * NKV + kvh) * HS;
                 memset(dk + kv_at, 0, sizeof(td_real) * HS);
