@@ -261,18 +261,42 @@ def bench_suite(suite_arg: str, out: Path | None = None, *, repeats: int | None 
     print(format_table(records, chosen, run))
     for line in _table_notes(chosen, run, records):
         print(f"  {line}")
-    ncpu = os.cpu_count() or 1
-    loads = [v for c in chosen for k in ("loadavg_start", "loadavg_end")
-             if (v := run["cases"].get(case_id(c), {}).get(k)) is not None]
-    if loads and max(loads) > 0.25 * ncpu:
-        print(f"  machine load during the run up to {max(loads):.2f} on {ncpu} cores: other "
-              "processes competed for the CPU; compare the ratios (measured in alternation), "
-              "not absolute figures")
+    for line in _machine_notes(chosen, run):
+        print(f"  {line}")
     peaks = "; ".join(f"{k}: {v['flops'] / 1e9:.1f} GFLOP/s ({v['source']})"
                       for k, v in run["peaks"].items())
     if peaks:
         print(f"  MFU peak: {peaks}")
     return 3 if failed else 0
+
+
+def _machine_notes(chosen: list[CaseConfig], run: dict) -> list[str]:
+    """What else ran on the CPU (measured at each case's start and end, this process's own
+    threads excluded), and how the in-process engine's OpenMP threads waited."""
+    ncpu = os.cpu_count() or 1
+    entries = [run["cases"].get(case_id(c), {}) for c in chosen]
+    lines = []
+    busy = [v for e in entries for k in ("busy_elsewhere_start", "busy_elsewhere_end")
+            if (v := e.get(k)) is not None]
+    loads = [v for e in entries for k in ("loadavg_start", "loadavg_end")
+             if (v := e.get(k)) is not None]
+    if busy and max(busy) > 0.25:
+        lines.append(f"other processes used up to {max(busy):.2f} of {ncpu} cores while cases "
+                     "started or ended: compare the ratios (measured in alternation), not "
+                     "absolute figures")
+    elif not busy and loads and max(loads) > 0.25 * ncpu:
+        lines.append(f"machine load during the run up to {max(loads):.2f} on {ncpu} cores "
+                     "(this run's own work included): compare the ratios (measured in "
+                     "alternation), not absolute figures")
+    waits = {(w.get("GOMP_SPINCOUNT"), w.get("OMP_WAIT_POLICY"), w.get("libgomp_preloaded"))
+             for e in entries if (w := (e.get("engine") or {}).get("omp_wait"))}
+    for spin, policy, preloaded in sorted(waits, key=str):
+        how = (f"GOMP_SPINCOUNT={spin} (a short spin between parallel regions)" if spin
+               else "no spin (passive: cores were busy elsewhere when libgomp loaded)")
+        if preloaded:
+            how += "; libgomp was loaded before the harness could choose"
+        lines.append(f"engine OpenMP threads: OMP_WAIT_POLICY={policy}, {how}")
+    return lines
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:

@@ -27,12 +27,21 @@ from harness.bench_sides import (MAX_STEPS_PER_BLOCK, BenchFailure, InProcessEng
                                  jax_memory_fraction, run_pipeline_job)
 from harness.config import CaseConfig, case_slug
 from harness.errors import ConfigError, EngineError
+from harness.omp_wait import cpu_busy_elsewhere
 from harness.records import Record
 
 # JAX variants tried in order when the case's own step runs out of memory; each that fits is
 # its own labelled baseline (side "jax" for the first, "jax-<variant>" for the others)
 JAX_FALLBACKS = ("remat", "accum")
 ORDERS = ("auto", "alternate", "separate")
+
+
+def _busy_elsewhere() -> float | None:
+    """Cores' worth of CPU other processes used over a short window now (this process and its
+    threads excluded; harness/omp_wait.py), unlike the load average, which counts the bench's
+    own work of the last minute."""
+    v = cpu_busy_elsewhere()
+    return None if v is None else round(v, 2)
 
 
 def _loadavg() -> float | None:
@@ -128,7 +137,8 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
     R, W = settings.repeats, settings.warmup
     P = case.pipeline.stages
     pipelined = P > 1
-    notes.update(slug=slug, notes=[], engine={}, jax={}, loadavg_start=_loadavg())
+    notes.update(slug=slug, notes=[], engine={}, jax={}, loadavg_start=_loadavg(),
+                 busy_elsewhere_start=_busy_elsewhere())
     t_case = time.perf_counter()
 
     # the same tokens for both sides: S = warmup + steps batches; untimed steps cycle over all
@@ -195,7 +205,10 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
         if inproc is not None:
             inproc.load(weights)
             warm = [inproc.step(x_SBT[j], y_SBT[j]) for j in untimed]
+            from harness.engine_lib import WAIT_POLICY  # what libgomp was given when it loaded
+
             notes["engine"] = {"mode": "in-process harness.engine.Model.train_step",
+                               "omp_wait": dict(WAIT_POLICY),
                                "threads": settings.threads, "warmup_step_s": warm,
                                "steps_per_block": [], "base_rss_bytes": inproc.base_rss,
                                "hwm_reset": inproc.reset_ok}
@@ -466,6 +479,7 @@ def run_case(case: CaseConfig, out: Path, settings: Settings, env: dict, peak_of
         notes["notes"].append(f"JAX compiled again during {notes['jax']['recompiled_steps']} "
                               "timed step(s): its timings include compile time")
     notes["loadavg_end"] = _loadavg()
+    notes["busy_elsewhere_end"] = _busy_elsewhere()
     notes["wall_s"] = time.perf_counter() - t_case
     shutil.rmtree(work, ignore_errors=True)
     with contextlib.suppress(OSError):

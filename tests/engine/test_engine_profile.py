@@ -6,6 +6,8 @@ leave the numbers alone; the spin setting must only appear when the threads fit 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,53 @@ def test_pipeline_ranks_spin_only_when_all_fit(monkeypatch):
     monkeypatch.setattr(omp_wait, "_USER_SPINCOUNT", True)
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")
     assert pipeline._mpi_env(1, "cpu", ranks=4)["GOMP_SPINCOUNT"] == "7"
+
+
+def test_busy_elsewhere_excludes_this_process(monkeypatch):
+    # the machine's busy ticks rise by 150 over the window (100 ticks a second assumed), this
+    # process's own threads used 0.5 s of it: 1.0 core's worth was someone else's
+    ticks = iter([(1000, 5000), (1150, 5200)])
+    own = iter([10.0, 10.5])
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr(omp_wait, "_cpu_jiffies", lambda: next(ticks))
+    monkeypatch.setattr(omp_wait, "_own_cpu_s", lambda: next(own))
+    monkeypatch.setattr(omp_wait.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(omp_wait.time, "sleep", lambda s: None)
+    monkeypatch.setattr(omp_wait.os, "sysconf", lambda name: 100)
+    assert omp_wait.cpu_busy_elsewhere() == pytest.approx(1.0)
+
+
+def test_busy_elsewhere_falls_back_to_load_average(monkeypatch):
+    monkeypatch.setattr(omp_wait, "_cpu_jiffies", lambda: None)
+    monkeypatch.setattr(omp_wait.os, "getloadavg", lambda: (1.6, 1.0, 1.0))
+    assert omp_wait.cpu_busy_elsewhere() is None
+    assert omp_wait.cores_busy_elsewhere(samples=0) == 2
+
+
+def test_busy_elsewhere_sees_another_process_not_our_threads():
+    import subprocess
+    import sys
+    import threading
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert omp_wait.cpu_busy_elsewhere(0.3) > 0.5  # a whole core spinning elsewhere
+    finally:
+        spinner.kill()
+        spinner.wait()
+    # this process's own busy thread is not "elsewhere": with it spinning, the measure stays
+    # below what it reads with the thread stopped plus half a core
+    stop = threading.Event()
+    quiet = omp_wait.cpu_busy_elsewhere(0.3)
+
+    def busy():
+        while not stop.is_set():
+            pass
+
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        assert omp_wait.cpu_busy_elsewhere(0.3) < quiet + 0.5
+    finally:
+        stop.set()
+        t.join()
