@@ -124,11 +124,34 @@ def environment(res: Results) -> Table:
     rows.append(["peak used for MFU (records)"] +
                 [peaks_used(res.records[res.records["source"] == s]) if len(res.records) else DASH
                  for s in sources])
+    waits = [_omp_wait(res.runs[s]) for s in sources]
+    if any(w != DASH for w in waits):
+        rows.append(["engine OpenMP wait (in-process cases)"] + waits)
     if any(not res.runs[s] for s in sources):
         rows.append(["run.json"] + ["missing" if not res.runs[s] else "present" for s in sources])
     # the formula once is enough
     rows.append(["FLOPs per token", FLOPS_FORMULA] + [""] * (len(sources) - 1))
     return Table("", ["", *sources], rows, numeric=[False] * (len(sources) + 1))
+
+
+def _omp_wait(run: dict) -> str:
+    """How the in-process engine's OpenMP threads waited between parallel regions (bench's
+    cases.<case>.engine.omp_wait, chosen when libgomp loaded): a short spin or none changes a
+    small model's step by up to ~1.7x on a shared CPU, so the report says which it was."""
+    seen: list[str] = []
+    cases = run.get("cases")
+    for entry in (cases.values() if isinstance(cases, dict) else []):
+        w = (entry.get("engine") or {}).get("omp_wait") if isinstance(entry, dict) else None
+        if not isinstance(w, dict) or not w:
+            continue
+        spin = w.get("GOMP_SPINCOUNT")
+        text = (f"OMP_WAIT_POLICY={w.get('OMP_WAIT_POLICY') or 'unset'}, "
+                f"GOMP_SPINCOUNT={spin if spin else 'unset (no spin)'}")
+        if w.get("libgomp_preloaded"):
+            text += " (libgomp loaded before the harness chose)"
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen) if seen else DASH
 
 
 def peaks_used(records: pd.DataFrame) -> str:

@@ -420,3 +420,27 @@ def test_compare_reports_parity_changes(results, tmp_path):
 def test_compare_of_disjoint_runs_warns(results, tmp_path):
     compare(results["cpu"], results["gpu"], tmp_path / "out")
     assert "nothing could be judged" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_environment_says_how_the_engine_threads_waited(results, tmp_path):
+    """bench records the engine's OpenMP wait per case; the report's environment table shows it
+    (spin or none moves a small model's step by up to ~1.7x), and leaves the row out when no
+    case recorded one."""
+    import json
+
+    bench = tmp_path / "bench"
+    shutil.copytree(results["cpu"], bench)
+    out = tmp_path / "out"
+    build_report([bench], out)
+    assert "engine OpenMP wait" not in (out / "report.md").read_text()
+    run = json.loads((bench / "run.json").read_text())
+    run["cases"] = {"tiny": {"engine": {"omp_wait": {
+        "libgomp_preloaded": False, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}}},
+        "small": {"engine": {"omp_wait": {
+            "libgomp_preloaded": False, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}}}}
+    (bench / "run.json").write_text(json.dumps(run))
+    build_report([bench], out)
+    row = next(line for line in (out / "report.md").read_text().splitlines()
+               if "engine OpenMP wait" in line)
+    assert "OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=1000" in row
+    assert "GOMP_SPINCOUNT=unset (no spin)" in row
