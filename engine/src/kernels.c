@@ -188,13 +188,16 @@ LN_CLONES static void layernorm_backward_input_row(td_real *di, const td_real *d
     }
     dnorm_mean /= C;
     dnorm_xhat_mean /= C;
-#define LN_DINP(c) ((td_real)(((double)w[c] * d[c] - dnorm_mean -                               \
-                               (double)(x[c] - m) * r * dnorm_xhat_mean) * r) * fk)
+#define LN_XHAT(c) ((double)(x[c] - m) * r)
+#define LN_DNORM(c) ((double)w[c] * d[c])
+#define LN_DINP(c) ((td_real)((LN_DNORM(c) - dnorm_mean - LN_XHAT(c) * dnorm_xhat_mean) * r) * fk)
     if (accumulate_dinp) /* two loops, not a branch per element: each vectorizes */
         for (c = 0; c < C; c++) di[c] += LN_DINP(c);
     else
         for (c = 0; c < C; c++) di[c] = LN_DINP(c);
 #undef LN_DINP
+#undef LN_DNORM
+#undef LN_XHAT
 }
 
 void td_layernorm_backward_input(td_real *dinp, const td_real *dout, const td_real *inp,
@@ -273,23 +276,84 @@ void td_linear_backward_weight(td_real *dw, td_real *dbias, const td_real *dout,
 
 /* ---- attention ------------------------------------------------------------------------------- */
 
+#ifndef TD_FLOAT64
+#define TD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+
+/* p[v] = e^(p[v] - maxv) over one row, returning the row's sum: eight partial sums, added in a
+ * fixed order, so the float build vectorizes the polynomial (one clone per vector width, the
+ * same sums in each). The float64 build keeps libm and one sum in order. */
+#ifdef TD_FLOAT64
+static td_real softmax_row_max(const td_real *p, int V) {
+    td_real maxv = -INFINITY;
+    for (int v = 0; v < V; v++) maxv = p[v] > maxv ? p[v] : maxv;
+    return maxv;
+}
+
+static td_real softmax_row_exp(td_real *p, int V, td_real maxv) {
+    td_real sum = 0;
+    for (int v = 0; v < V; v++) {
+        p[v] = softmax_exp(p[v] - maxv);
+        sum += p[v];
+    }
+    return sum;
+}
+#else
+/* the row maximum over eight lanes: a maximum does not depend on the order it is taken in */
+TD_CLONES static float softmax_row_max(const float *p, int V) {
+    float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int v = 0;
+    for (; v + 8 <= V; v += 8)
+        for (int j = 0; j < 8; j++) m[j] = p[v + j] > m[j] ? p[v + j] : m[j];
+    for (; v < V; v++) m[0] = p[v] > m[0] ? p[v] : m[0];
+    for (int j = 1; j < 8; j++) m[0] = m[j] > m[0] ? m[j] : m[0];
+    return m[0];
+}
+
+TD_CLONES static float softmax_row_exp(float *p, int V, float maxv) {
+    float part[8] = {0};
+    int v = 0;
+    for (; v + 8 <= V; v += 8)
+        for (int j = 0; j < 8; j++) {
+            p[v + j] = fast_expf(p[v + j] - maxv);
+            part[j] += p[v + j];
+        }
+    for (; v < V; v++) {
+        p[v] = fast_expf(p[v] - maxv);
+        part[0] += p[v];
+    }
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+#endif
+
+
+/* sum_u a[u] b[u] over n: eight lanes like softmax_row_exp (the float64 build: one sum in
+ * order) */
+#ifdef TD_FLOAT64
+static td_real softmax_row_dot(const td_real *a, const td_real *b, int n) {
+    td_real dot = 0;
+    for (int u = 0; u < n; u++) dot += a[u] * b[u];
+    return dot;
+}
+#else
+TD_CLONES static float softmax_row_dot(const float *a, const float *b, int n) {
+    float part[8] = {0};
+    int u = 0;
+    for (; u + 8 <= n; u += 8)
+        for (int j = 0; j < 8; j++) part[j] += a[u + j] * b[u + j];
+    for (; u < n; u++) part[0] += a[u] * b[u];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+#endif
+
 /* One row t of the scores (a[u] for u <= t holds q_t . k_u on entry) becomes its probabilities:
  * scaled, the row maximum subtracted, softmax_exp, normalised; a[u] = 0 past t up to n. Both
  * paths below (the per-row loops and the per-head GEMMs) go through this and the backward's
  * softmax_row_backward, so they round alike. */
 static inline void softmax_row_forward(td_real *a, int t, int n, td_real scale) {
-    td_real maxv = -INFINITY;
-    for (int u = 0; u <= t; u++) {
-        td_real s = a[u];
-        s *= scale;
-        a[u] = s;
-        if (s > maxv) maxv = s;
-    }
-    td_real sum = 0;
-    for (int u = 0; u <= t; u++) {
-        a[u] = softmax_exp(a[u] - maxv);
-        sum += a[u];
-    }
+    for (int u = 0; u <= t; u++) a[u] *= scale;
+    const td_real maxv = softmax_row_max(a, t + 1);
+    const td_real sum = softmax_row_exp(a, t + 1, maxv); /* eight lanes: no serial chain */
     td_real inv = (td_real)1 / sum;
     for (int u = 0; u <= t; u++) a[u] *= inv;
     for (int u = t + 1; u < n; u++) a[u] = 0;
@@ -298,8 +362,7 @@ static inline void softmax_row_forward(td_real *a, int t, int n, td_real scale) 
 /* Through the softmax of one row: on entry da[u] = dL/da[u] (u <= t), on exit the score
  * gradient dpre[u] = a[u] (da[u] - sum_w a[w] da[w]) * scale. */
 static inline void softmax_row_backward(const td_real *a, td_real *da, int t, td_real scale) {
-    td_real dot = 0;
-    for (int u = 0; u <= t; u++) dot += a[u] * da[u];
+    const td_real dot = softmax_row_dot(a, da, t + 1);
     for (int u = 0; u <= t; u++) {
         td_real dpre = a[u] * (da[u] - dot) * scale;
         da[u] = dpre;
@@ -573,8 +636,6 @@ void td_attention_backward(td_real *dqkv, td_real *datt, const td_real *dout, co
 #define GELU_U(x) ((float)GELU_SCALE * ((x) + 0.044715f * (x) * (x) * (x)))
 #define GELU_CLAMP(u) ((u) < -40.0f ? -40.0f : ((u) > 15.0f ? 15.0f : (u)))
 
-#define TD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-
 TD_CLONES static void gelu_forward_chunk(float *out, const float *inp, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         float x = inp[i], u = GELU_U(x);
@@ -639,52 +700,6 @@ void td_residual_forward(td_real *out, const td_real *a, const td_real *b, int64
 }
 
 /* ---- softmax + cross-entropy ----------------------------------------------------------------- */
-
-/* p[v] = e^(p[v] - maxv) over one row, returning the row's sum: eight partial sums, added in a
- * fixed order, so the float build vectorizes the polynomial (one clone per vector width, the
- * same sums in each). The float64 build keeps libm and one sum in order. */
-#ifdef TD_FLOAT64
-static td_real softmax_row_max(const td_real *p, int V) {
-    td_real maxv = -INFINITY;
-    for (int v = 0; v < V; v++) maxv = p[v] > maxv ? p[v] : maxv;
-    return maxv;
-}
-
-static td_real softmax_row_exp(td_real *p, int V, td_real maxv) {
-    td_real sum = 0;
-    for (int v = 0; v < V; v++) {
-        p[v] = softmax_exp(p[v] - maxv);
-        sum += p[v];
-    }
-    return sum;
-}
-#else
-/* the row maximum over eight lanes: a maximum does not depend on the order it is taken in */
-TD_CLONES static float softmax_row_max(const float *p, int V) {
-    float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    int v = 0;
-    for (; v + 8 <= V; v += 8)
-        for (int j = 0; j < 8; j++) m[j] = p[v + j] > m[j] ? p[v + j] : m[j];
-    for (; v < V; v++) m[0] = p[v] > m[0] ? p[v] : m[0];
-    for (int j = 1; j < 8; j++) m[0] = m[j] > m[0] ? m[j] : m[0];
-    return m[0];
-}
-
-TD_CLONES static float softmax_row_exp(float *p, int V, float maxv) {
-    float part[8] = {0};
-    int v = 0;
-    for (; v + 8 <= V; v += 8)
-        for (int j = 0; j < 8; j++) {
-            p[v + j] = fast_expf(p[v + j] - maxv);
-            part[j] += p[v + j];
-        }
-    for (; v < V; v++) {
-        p[v] = fast_expf(p[v] - maxv);
-        part[0] += p[v];
-    }
-    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-#endif
 
 void td_softmax_crossentropy_forward(td_real *probs_NV, td_real *losses, const int32_t *targets,
                                      int N, int V) {

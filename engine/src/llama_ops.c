@@ -33,18 +33,55 @@ void td_embedding_backward(td_real *dtable, const td_real *dout, const int32_t *
 
 /* ---- RMSNorm --------------------------------------------------------------------------------- */
 
+/* RMSNorm rows: each row's sum in 8 double lanes added in a fixed tree, the tail last, like
+ * kernels.c's LayerNorm rows (one running sum per row is bound by the add's latency); the
+ * rows are cloned per vector width in the float build. */
+#ifndef TD_FLOAT64
+#define RMS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RMS_CLONES
+#endif
+
+static inline double rms_lanes_total(const double *a) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+RMS_CLONES static void rmsnorm_forward_row(td_real *o, td_real *rstd, const td_real *x,
+                                           const td_real *w, int C, double eps) {
+    double acc[8] = {0};
+    int c = 0;
+    for (; c + 8 <= C; c += 8)
+        for (int l = 0; l < 8; l++) acc[l] += (double)x[c + l] * x[c + l];
+    double ss = rms_lanes_total(acc);
+    for (; c < C; c++) ss += (double)x[c] * x[c];
+    const double r = 1.0 / sqrt(ss / C + eps);
+    for (c = 0; c < C; c++) o[c] = (td_real)(x[c] * r) * w[c];
+    *rstd = (td_real)r;
+}
+
 void td_rmsnorm_forward(td_real *out, td_real *rstd, const td_real *inp, const td_real *w, int N,
                         int C, double eps) {
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < N; i++) {
-        const td_real *x = inp + (int64_t)i * C;
-        double ss = 0.0;
-        for (int c = 0; c < C; c++) ss += (double)x[c] * x[c];
-        double r = 1.0 / sqrt(ss / C + eps);
-        td_real *o = out + (int64_t)i * C;
-        for (int c = 0; c < C; c++) o[c] = (td_real)(x[c] * r) * w[c];
-        rstd[i] = (td_real)r;
-    }
+    for (int i = 0; i < N; i++)
+        rmsnorm_forward_row(out + (int64_t)i * C, rstd + i, inp + (int64_t)i * C, w, C, eps);
+}
+
+RMS_CLONES static void rmsnorm_backward_input_row(td_real *di, const td_real *d,
+                                                  const td_real *x, const td_real *w, double r,
+                                                  int C, int accumulate_dinp) {
+    double acc[8] = {0};
+    int c = 0;
+    for (; c + 8 <= C; c += 8)
+        for (int l = 0; l < 8; l++) acc[l] += (double)w[c + l] * d[c + l] * (x[c + l] * r);
+    double dot = rms_lanes_total(acc);
+    for (; c < C; c++) dot += (double)w[c] * d[c] * (x[c] * r);
+    dot /= C;
+#define RMS_DINP(c) ((td_real)(r * ((double)w[c] * d[c] - (x[c] * r) * dot)))
+    if (accumulate_dinp) /* two loops, not a branch per element */
+        for (c = 0; c < C; c++) di[c] += RMS_DINP(c);
+    else
+        for (c = 0; c < C; c++) di[c] = RMS_DINP(c);
+#undef RMS_DINP
 }
 
 void td_rmsnorm_backward_input(td_real *dinp, const td_real *dout, const td_real *inp,
@@ -53,19 +90,9 @@ void td_rmsnorm_backward_input(td_real *dinp, const td_real *dout, const td_real
     /* y = w * x * r, r = (mean(x^2) + eps)^(-1/2), dr/dx_j = -r^3 x_j / C:
      * dx_j = r * (w_j dy_j - xhat_j * mean_i(w_i dy_i xhat_i)), xhat = x * r */
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < N; i++) {
-        const td_real *d = dout + (int64_t)i * C;
-        const td_real *x = inp + (int64_t)i * C;
-        const double r = rstd[i];
-        double dot = 0.0;
-        for (int c = 0; c < C; c++) dot += (double)w[c] * d[c] * (x[c] * r);
-        dot /= C;
-        td_real *di = dinp + (int64_t)i * C;
-        for (int c = 0; c < C; c++) {
-            td_real g = (td_real)(r * ((double)w[c] * d[c] - (x[c] * r) * dot));
-            di[c] = accumulate_dinp ? di[c] + g : g;
-        }
-    }
+    for (int i = 0; i < N; i++)
+        rmsnorm_backward_input_row(dinp + (int64_t)i * C, dout + (int64_t)i * C,
+                                   inp + (int64_t)i * C, w, rstd[i], C, accumulate_dinp);
 }
 
 void td_rmsnorm_backward_weight(td_real *dw, const td_real *dout, const td_real *inp,
