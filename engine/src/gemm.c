@@ -46,7 +46,7 @@ void td_gemm(td_real *C, const td_real *A, const td_real *B, int M, int N, int K
 #define KC 256
 #define NC 3072
 #define MR_MAX 12
-#define NR_MAX 32
+#define NR_MAX 48
 
 typedef void (*microkernel_fn)(int kc, const float *Ap, const float *Bp, float *C, int ldc,
                                int overwrite);
@@ -127,6 +127,66 @@ __attribute__((target("avx512f"))) static void kernel_avx512_12x32(int kc, const
     TD_AVX512_STORE(11, cb0, cb1);
 }
 
+#define TD_AVX512_ROW3(i, r0, r1, r2)                                                              \
+    do {                                                                                           \
+        const __m512 ai = _mm512_set1_ps(a[i]);                                                    \
+        r0 = _mm512_fmadd_ps(ai, b0, r0);                                                          \
+        r1 = _mm512_fmadd_ps(ai, b1, r1);                                                          \
+        r2 = _mm512_fmadd_ps(ai, b2, r2);                                                          \
+    } while (0)
+#define TD_AVX512_STORE3(i, r0, r1, r2)                                                            \
+    do {                                                                                           \
+        float *ci = C + (size_t)(i) * ldc;                                                         \
+        if (!overwrite) {                                                                          \
+            r0 = _mm512_add_ps(r0, _mm512_loadu_ps(ci));                                           \
+            r1 = _mm512_add_ps(r1, _mm512_loadu_ps(ci + 16));                                      \
+            r2 = _mm512_add_ps(r2, _mm512_loadu_ps(ci + 32));                                      \
+        }                                                                                          \
+        _mm512_storeu_ps(ci, r0);                                                                  \
+        _mm512_storeu_ps(ci + 16, r1);                                                             \
+        _mm512_storeu_ps(ci + 32, r2);                                                             \
+    } while (0)
+
+/* 8 rows x 48 columns: the same 24 accumulators as 12x32, but 3 vector loads and 8 broadcasts a
+ * k step instead of 2 and 12, and 8 rows divide the token counts (B x T) and widths the layers'
+ * products have, where 12 leaves a mostly empty last panel (256 = 21 x 12 + 4). Each element of
+ * C still sums over k in order, so it gives the 12x32 kernel's bits. */
+__attribute__((target("avx512f"))) static void kernel_avx512_8x48(int kc, const float *Ap,
+                                                                   const float *Bp, float *C,
+                                                                   int ldc, int overwrite) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00,
+           c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00, c40 = c00, c41 = c00,
+           c42 = c00, c50 = c00, c51 = c00, c52 = c00, c60 = c00, c61 = c00, c62 = c00, c70 = c00,
+           c71 = c00, c72 = c00;
+    for (int i = 0; i < 8; i++) {
+        _mm_prefetch((const char *)(C + (size_t)i * ldc), _MM_HINT_T0);
+        _mm_prefetch((const char *)(C + (size_t)i * ldc + 16), _MM_HINT_T0);
+        _mm_prefetch((const char *)(C + (size_t)i * ldc + 32), _MM_HINT_T0);
+        _mm_prefetch((const char *)(C + (size_t)i * ldc + 47), _MM_HINT_T0);
+    }
+    for (int k = 0; k < kc; k++) {
+        const __m512 b0 = _mm512_loadu_ps(Bp + k * 48), b1 = _mm512_loadu_ps(Bp + k * 48 + 16),
+                     b2 = _mm512_loadu_ps(Bp + k * 48 + 32);
+        const float *a = Ap + k * 8;
+        TD_AVX512_ROW3(0, c00, c01, c02);
+        TD_AVX512_ROW3(1, c10, c11, c12);
+        TD_AVX512_ROW3(2, c20, c21, c22);
+        TD_AVX512_ROW3(3, c30, c31, c32);
+        TD_AVX512_ROW3(4, c40, c41, c42);
+        TD_AVX512_ROW3(5, c50, c51, c52);
+        TD_AVX512_ROW3(6, c60, c61, c62);
+        TD_AVX512_ROW3(7, c70, c71, c72);
+    }
+    TD_AVX512_STORE3(0, c00, c01, c02);
+    TD_AVX512_STORE3(1, c10, c11, c12);
+    TD_AVX512_STORE3(2, c20, c21, c22);
+    TD_AVX512_STORE3(3, c30, c31, c32);
+    TD_AVX512_STORE3(4, c40, c41, c42);
+    TD_AVX512_STORE3(5, c50, c51, c52);
+    TD_AVX512_STORE3(6, c60, c61, c62);
+    TD_AVX512_STORE3(7, c70, c71, c72);
+}
+
 /* The accumulators are named variables, not an array: with `__m256 c[6][2]` GCC 12 kept the
  * array's stack copy up to date inside the k loop (ten 32-byte stores per k step beside the twelve
  * FMAs), which made the stores, not the FMA pipes, the bottleneck. Each accumulator still sums
@@ -186,14 +246,23 @@ typedef struct {
     int simd; /* the CPU has AVX2: packing moves 8 x 8 blocks (pack_rows_avx2) */
 } kernel_desc;
 
+/* TANDEM_GEMM_KERNEL, where set to one kernel (unset, empty or "default": the engine's choice) */
+static const char *forced_kernel(void) {
+    const char *f = getenv("TANDEM_GEMM_KERNEL");
+    return f && *f && strcmp(f, "default") != 0 ? f : NULL;
+}
+
 static kernel_desc pick_kernel(void) {
     kernel_desc k = {4, 16, kernel_c_4x16, "c-4x16", 0};
 #ifdef TD_X86
-    const char *force = getenv("TANDEM_GEMM_KERNEL"); /* "avx512", "avx2", "c": for tests */
+    /* "avx512-8x48", "avx512" (12x32), "avx2", "c": for tests and A/B timing */
+    const char *force = forced_kernel();
     __builtin_cpu_init();
     int avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2") &&
                                                             __builtin_cpu_supports("fma");
     if (force && !strcmp(force, "c")) return k;
+    if (avx512 && force && !strcmp(force, "avx512-8x48"))
+        return (kernel_desc){8, 48, kernel_avx512_8x48, "avx512-8x48", avx2};
     if (avx512 && !(force && !strcmp(force, "avx2")))
         return (kernel_desc){12, 32, kernel_avx512_12x32, "avx512-12x32", avx2};
     if (avx2) return (kernel_desc){6, 16, kernel_avx2_6x16, "avx2-6x16", 1};
@@ -201,7 +270,36 @@ static kernel_desc pick_kernel(void) {
     return k;
 }
 
-const char *td_gemm_kernel_name(void) { return pick_kernel().name; }
+/* The second AVX-512 shape a call may take when no kernel is forced: 8x48 wherever it pads
+ * M and N to no more area than 12x32 does (same bits either way: each element sums over k in
+ * order). Timed in one process, alternating, 2 threads: the products of a GPT-2 124M T64 B4
+ * step 193 -> 201 GFLOP/s; at tiny widths (N = 64, 128) 12x32 wins, which the rule keeps. */
+static int wide_kernel_available(void) {
+#ifdef TD_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && !forced_kernel();
+#else
+    return 0;
+#endif
+}
+
+static kernel_desc wide_kernel(void) {
+#ifdef TD_X86
+    return (kernel_desc){8, 48, kernel_avx512_8x48, "avx512-8x48", 1};
+#else
+    return pick_kernel();
+#endif
+}
+
+static int wide_pads_less(int M, int N) {
+    const double wide = (double)((M + 7) / 8 * 8) * ((N + 47) / 48 * 48);
+    const double base = (double)((M + 11) / 12 * 12) * ((N + 31) / 32 * 32);
+    return wide <= base;
+}
+
+const char *td_gemm_kernel_name(void) {
+    return wide_kernel_available() ? "avx512-12x32+8x48" : pick_kernel().name;
+}
 
 /* ---- packing ------------------------------------------------------------------------------ */
 
@@ -426,16 +524,19 @@ void td_gemm(float *C, const float *A, const float *B, int M, int N, int K, int 
     }
     /* chosen once (the CPU does not change under us), thread-safely: attention calls td_gemm
      * from inside its own parallel loop, so the first calls may race here */
-    static kernel_desc kd_once;
+    static kernel_desc kd_once, kd_wide;
+    static int wide_ok;
     static _Atomic int kd_ready = 0;
     if (!atomic_load_explicit(&kd_ready, memory_order_acquire)) {
 #pragma omp critical(td_gemm_pick_kernel)
         if (!atomic_load_explicit(&kd_ready, memory_order_relaxed)) {
             kd_once = pick_kernel();
+            wide_ok = wide_kernel_available();
+            if (wide_ok) kd_wide = wide_kernel();
             atomic_store_explicit(&kd_ready, 1, memory_order_release);
         }
     }
-    const kernel_desc kd = kd_once;
+    const kernel_desc kd = wide_ok && wide_pads_less(M, N) ? kd_wide : kd_once;
     /* small problems: packing costs more than it saves */
     if ((double)M * N * K < 4096.0 * 16) {
         td_gemm_reference(C, A, B, M, N, K, transA, transB, accumulate);
