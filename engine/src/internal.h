@@ -351,4 +351,10 @@ static inline float fast_expf(float x) {
 #define softmax_exp(x) exp(x)
 #endif
 
+/* The 8 lanes of a row reduction (kernels.c's LayerNorm rows, llama_ops.c's RMSNorm rows) added
+ * in one fixed tree, so the result does not depend on the vector width or thread count. */
+static inline double td_lanes8_total(const double *a) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
 #endif /* TD_INTERNAL_H */

@@ -125,10 +125,6 @@ void td_encoder_backward(td_real *dwte, td_real *dwpe, const td_real *dout, cons
 #define LN_CLONES
 #endif
 
-static inline double ln_lanes_total(const double *acc) {
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
 LN_CLONES static void layernorm_forward_row(td_real *o, td_real *mean, td_real *rstd,
                                             const td_real *x, const td_real *w, const td_real *b,
                                             int C) {
@@ -137,7 +133,7 @@ LN_CLONES static void layernorm_forward_row(td_real *o, td_real *mean, td_real *
     int c = 0;
     for (; c + LN_LANES <= C; c += LN_LANES)
         for (int l = 0; l < LN_LANES; l++) acc[l] += x[c + l];
-    double s = ln_lanes_total(acc);
+    double s = td_lanes8_total(acc);
     for (; c < C; c++) s += x[c];
     const double m = s / C;
     double vacc[LN_LANES] = {0};
@@ -146,7 +142,7 @@ LN_CLONES static void layernorm_forward_row(td_real *o, td_real *mean, td_real *
             const double d = x[c + l] - m;
             vacc[l] += d * d;
         }
-    double v = ln_lanes_total(vacc);
+    double v = td_lanes8_total(vacc);
     for (; c < C; c++) {
         const double d = x[c] - m;
         v += d * d;
@@ -179,7 +175,7 @@ LN_CLONES static void layernorm_backward_input_row(td_real *di, const td_real *d
             am[l] += dnorm;
             ax[l] += dnorm * xhat;
         }
-    double dnorm_mean = ln_lanes_total(am), dnorm_xhat_mean = ln_lanes_total(ax);
+    double dnorm_mean = td_lanes8_total(am), dnorm_xhat_mean = td_lanes8_total(ax);
     for (; c < C; c++) {
         const double xhat = (double)(x[c] - m) * r;
         const double dnorm = (double)w[c] * d[c];

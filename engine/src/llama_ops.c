@@ -42,17 +42,13 @@ void td_embedding_backward(td_real *dtable, const td_real *dout, const int32_t *
 #define RMS_CLONES
 #endif
 
-static inline double rms_lanes_total(const double *a) {
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-}
-
 RMS_CLONES static void rmsnorm_forward_row(td_real *o, td_real *rstd, const td_real *x,
                                            const td_real *w, int C, double eps) {
     double acc[8] = {0};
     int c = 0;
     for (; c + 8 <= C; c += 8)
         for (int l = 0; l < 8; l++) acc[l] += (double)x[c + l] * x[c + l];
-    double ss = rms_lanes_total(acc);
+    double ss = td_lanes8_total(acc);
     for (; c < C; c++) ss += (double)x[c] * x[c];
     const double r = 1.0 / sqrt(ss / C + eps);
     for (c = 0; c < C; c++) o[c] = (td_real)(x[c] * r) * w[c];
@@ -73,7 +69,7 @@ RMS_CLONES static void rmsnorm_backward_input_row(td_real *di, const td_real *d,
     int c = 0;
     for (; c + 8 <= C; c += 8)
         for (int l = 0; l < 8; l++) acc[l] += (double)w[c + l] * d[c + l] * (x[c + l] * r);
-    double dot = rms_lanes_total(acc);
+    double dot = td_lanes8_total(acc);
     for (; c < C; c++) dot += (double)w[c] * d[c] * (x[c] * r);
     dot /= C;
 #define RMS_DINP(c) ((td_real)(r * ((double)w[c] * d[c] - (x[c] * r) * dot)))
