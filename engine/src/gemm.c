@@ -252,6 +252,13 @@ static const char *forced_kernel(void) {
     return f && *f && strcmp(f, "default") != 0 ? f : NULL;
 }
 
+#ifdef TD_X86
+/* every AVX-512 CPU has AVX2, which the packing's 8 x 8 moves need */
+static kernel_desc kernel_8x48(void) {
+    return (kernel_desc){8, 48, kernel_avx512_8x48, "avx512-8x48", 1};
+}
+#endif
+
 static kernel_desc pick_kernel(void) {
     kernel_desc k = {4, 16, kernel_c_4x16, "c-4x16", 0};
 #ifdef TD_X86
@@ -261,8 +268,7 @@ static kernel_desc pick_kernel(void) {
     int avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2") &&
                                                             __builtin_cpu_supports("fma");
     if (force && !strcmp(force, "c")) return k;
-    if (avx512 && force && !strcmp(force, "avx512-8x48"))
-        return (kernel_desc){8, 48, kernel_avx512_8x48, "avx512-8x48", avx2};
+    if (avx512 && force && !strcmp(force, "avx512-8x48")) return kernel_8x48();
     if (avx512 && !(force && !strcmp(force, "avx2")))
         return (kernel_desc){12, 32, kernel_avx512_12x32, "avx512-12x32", avx2};
     if (avx2) return (kernel_desc){6, 16, kernel_avx2_6x16, "avx2-6x16", 1};
@@ -280,14 +286,6 @@ static int wide_kernel_available(void) {
     return __builtin_cpu_supports("avx512f") && !forced_kernel();
 #else
     return 0;
-#endif
-}
-
-static kernel_desc wide_kernel(void) {
-#ifdef TD_X86
-    return (kernel_desc){8, 48, kernel_avx512_8x48, "avx512-8x48", 1};
-#else
-    return pick_kernel();
 #endif
 }
 
@@ -532,7 +530,9 @@ void td_gemm(float *C, const float *A, const float *B, int M, int N, int K, int 
         if (!atomic_load_explicit(&kd_ready, memory_order_relaxed)) {
             kd_once = pick_kernel();
             wide_ok = wide_kernel_available();
-            if (wide_ok) kd_wide = wide_kernel();
+#ifdef TD_X86
+            if (wide_ok) kd_wide = kernel_8x48();
+#endif
             atomic_store_explicit(&kd_ready, 1, memory_order_release);
         }
     }

@@ -353,7 +353,8 @@ static inline float fast_expf(float x) {
 
 /* The 8 lanes of a row reduction (kernels.c's LayerNorm rows, llama_ops.c's RMSNorm rows) added
  * in one fixed tree, so the result does not depend on the vector width or thread count. */
-static inline double td_lanes8_total(const double *a) {
+#define TD_LANES 8
+static inline double td_lanes8_total(const double *a) { /* a[TD_LANES] */
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 

@@ -112,13 +112,12 @@ void td_encoder_backward(td_real *dwte, td_real *dwpe, const td_real *dout, cons
 
 /* ---- LayerNorm ------------------------------------------------------------------------------- */
 
-/* LayerNorm rows. Each row's sums run in LN_LANES double lanes (lane l adds elements l,
- * l + LN_LANES, ... in order; the lanes are then added pairwise in a fixed tree, the tail last):
+/* LayerNorm rows. Each row's sums run in TD_LANES double lanes (lane l adds elements l,
+ * l + TD_LANES, ... in order; the lanes are then added pairwise in a fixed tree, the tail last):
  * one running sum per row is bound by the add's latency (about 4 cycles an element: 0.48 ms of
  * the small case's 1024 x 384 forward on 2 threads). The order is fixed, so the bits do not
  * depend on the thread count; in the float build the rows are cloned per vector width like
  * GELU. */
-#define LN_LANES 8
 #ifndef TD_FLOAT64
 #define LN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -129,16 +128,16 @@ LN_CLONES static void layernorm_forward_row(td_real *o, td_real *mean, td_real *
                                             const td_real *x, const td_real *w, const td_real *b,
                                             int C) {
     const double eps = 1e-5;
-    double acc[LN_LANES] = {0};
+    double acc[TD_LANES] = {0};
     int c = 0;
-    for (; c + LN_LANES <= C; c += LN_LANES)
-        for (int l = 0; l < LN_LANES; l++) acc[l] += x[c + l];
+    for (; c + TD_LANES <= C; c += TD_LANES)
+        for (int l = 0; l < TD_LANES; l++) acc[l] += x[c + l];
     double s = td_lanes8_total(acc);
     for (; c < C; c++) s += x[c];
     const double m = s / C;
-    double vacc[LN_LANES] = {0};
-    for (c = 0; c + LN_LANES <= C; c += LN_LANES)
-        for (int l = 0; l < LN_LANES; l++) {
+    double vacc[TD_LANES] = {0};
+    for (c = 0; c + TD_LANES <= C; c += TD_LANES)
+        for (int l = 0; l < TD_LANES; l++) {
             const double d = x[c + l] - m;
             vacc[l] += d * d;
         }
@@ -166,10 +165,10 @@ LN_CLONES static void layernorm_backward_input_row(td_real *di, const td_real *d
                                                    const td_real *x, const td_real *w, td_real m,
                                                    td_real r, int C, int accumulate_dinp,
                                                    td_real fk) {
-    double am[LN_LANES] = {0}, ax[LN_LANES] = {0};
+    double am[TD_LANES] = {0}, ax[TD_LANES] = {0};
     int c = 0;
-    for (; c + LN_LANES <= C; c += LN_LANES)
-        for (int l = 0; l < LN_LANES; l++) {
+    for (; c + TD_LANES <= C; c += TD_LANES)
+        for (int l = 0; l < TD_LANES; l++) {
             const double xhat = (double)(x[c + l] - m) * r;
             const double dnorm = (double)w[c + l] * d[c + l];
             am[l] += dnorm;

@@ -44,10 +44,10 @@ void td_embedding_backward(td_real *dtable, const td_real *dout, const int32_t *
 
 RMS_CLONES static void rmsnorm_forward_row(td_real *o, td_real *rstd, const td_real *x,
                                            const td_real *w, int C, double eps) {
-    double acc[8] = {0};
+    double acc[TD_LANES] = {0};
     int c = 0;
-    for (; c + 8 <= C; c += 8)
-        for (int l = 0; l < 8; l++) acc[l] += (double)x[c + l] * x[c + l];
+    for (; c + TD_LANES <= C; c += TD_LANES)
+        for (int l = 0; l < TD_LANES; l++) acc[l] += (double)x[c + l] * x[c + l];
     double ss = td_lanes8_total(acc);
     for (; c < C; c++) ss += (double)x[c] * x[c];
     const double r = 1.0 / sqrt(ss / C + eps);
@@ -65,10 +65,10 @@ void td_rmsnorm_forward(td_real *out, td_real *rstd, const td_real *inp, const t
 RMS_CLONES static void rmsnorm_backward_input_row(td_real *di, const td_real *d,
                                                   const td_real *x, const td_real *w, double r,
                                                   int C, int accumulate_dinp) {
-    double acc[8] = {0};
+    double acc[TD_LANES] = {0};
     int c = 0;
-    for (; c + 8 <= C; c += 8)
-        for (int l = 0; l < 8; l++) acc[l] += (double)w[c + l] * d[c + l] * (x[c + l] * r);
+    for (; c + TD_LANES <= C; c += TD_LANES)
+        for (int l = 0; l < TD_LANES; l++) acc[l] += (double)w[c + l] * d[c + l] * (x[c + l] * r);
     double dot = td_lanes8_total(acc);
     for (; c < C; c++) dot += (double)w[c] * d[c] * (x[c] * r);
     dot /= C;
